@@ -1,0 +1,87 @@
+"""The one exception hierarchy of gpuvars.
+
+Every error gpuvars raises on purpose is a :class:`GpuvarsError`; each class also
+derives from the builtin that fits, so ``except ValueError`` keeps working for code
+that does not know gpuvars::
+
+    GpuvarsError(Exception)
+    ├── InvalidArgumentError(ValueError)        bad argument, shape or dtype mismatch
+    ├── UninitializedVariableError(RuntimeError) a read before initialization
+    ├── DevicePlacementError(ValueError)         no such device (soft placement off)
+    ├── TransferGuardError(RuntimeError)         an implicit copy under transfer_guard("disallow")
+    ├── ResourceExhaustedError(MemoryError)      a device ran out of memory
+    ├── BackendError(RuntimeError)               any other failure inside numpy/CuPy/JAX
+    └── CheckpointError                          a missing, damaged or mismatched checkpoint
+        ├── CheckpointNotFoundError(FileNotFoundError)
+        ├── CheckpointCorruptError(ValueError)   header, size or checksum damage
+        └── CheckpointMismatchError(ValueError)  keys, shapes or dtypes differ from the variables
+
+``PlacementWarning(UserWarning)`` is the warning soft placement emits when it falls back.
+Messages name the variable, device, file or key at fault, and say what was expected and
+what was received.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "DevicePlacementError",
+    "GpuvarsError",
+    "InvalidArgumentError",
+    "PlacementWarning",
+    "ResourceExhaustedError",
+    "TransferGuardError",
+    "UninitializedVariableError",
+]
+
+
+class GpuvarsError(Exception):
+    """Base class of every error gpuvars raises on purpose."""
+
+
+class InvalidArgumentError(GpuvarsError, ValueError):
+    """An argument is of the wrong kind, shape or dtype (TF's InvalidArgumentError)."""
+
+
+class UninitializedVariableError(GpuvarsError, RuntimeError):
+    """A variable was read (or used in an expression) before it was initialized."""
+
+
+class DevicePlacementError(GpuvarsError, ValueError):
+    """A device specification names no device of this process and soft placement is off."""
+
+
+class TransferGuardError(GpuvarsError, RuntimeError):
+    """An implicit host-to-device or device-to-device copy under ``transfer_guard("disallow")``."""
+
+
+class ResourceExhaustedError(GpuvarsError, MemoryError):
+    """A device (or the host) ran out of memory while allocating or copying."""
+
+
+class BackendError(GpuvarsError, RuntimeError):
+    """numpy, CuPy or JAX failed in a way gpuvars has no more specific class for."""
+
+
+class CheckpointError(GpuvarsError):
+    """A checkpoint is missing, damaged or does not match the variables; names the file and key."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint exists at the prefix (or one of its files is gone)."""
+
+
+class CheckpointCorruptError(CheckpointError, ValueError):
+    """A checkpoint file's bytes are damaged: bad header, wrong size or failed checksum."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """The checkpoint's keys, shapes or dtypes do not match what the restore asked for."""
+
+
+class PlacementWarning(UserWarning):
+    """Soft placement moved a request for an unavailable device to one that exists."""
