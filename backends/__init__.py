@@ -1,0 +1,123 @@
+"""The array layer: one Backend per library, found lazily; never imports gpuvars.
+
+``import backends`` imports neither cupy nor jax. Whether a library is installed is
+``importlib.util.find_spec``; whether it is *usable* (driver present, devices > 0) is
+probed on first request and cached, with :func:`reset` for tests. "No GPU" is an answer
+(:class:`Probe` with ``count == 0`` and a reason), never an exception at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+import threading
+from typing import Any
+
+from backends._protocol import RANDOM_KINDS, SCATTER_OPS, UPDATE_OPS, Backend
+
+__all__ = [
+    "RANDOM_KINDS",
+    "SCATTER_OPS",
+    "UPDATE_OPS",
+    "Backend",
+    "Probe",
+    "get",
+    "installed",
+    "owner_of",
+    "probe",
+    "reset",
+]
+
+#: (library, platform) -> (module, class); jax serves both platforms.
+_TABLE: dict[tuple[str, str], tuple[str, str]] = {
+    ("numpy", "cpu"): ("backends.numpy", "NumpyBackend"),
+    ("jax", "cpu"): ("backends.jax", "JaxBackend"),
+    ("cupy", "gpu"): ("backends.cupy", "CupyBackend"),
+    ("jax", "gpu"): ("backends.jax", "JaxBackend"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """The answer to "can I use this library on this platform?"."""
+
+    library: str
+    platform: str
+    count: int  #: usable devices (0 when unusable)
+    reason: str  #: why it is unusable ("" when usable)
+    backend: Backend | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.count > 0
+
+
+_lock = threading.Lock()
+_cache: dict[tuple[str, str], Probe] = {}
+
+
+def installed(library: str) -> bool:
+    """Whether ``library`` can be imported, without importing it."""
+    return library in sys.modules or importlib.util.find_spec(library) is not None
+
+
+def probe(library: str, platform: str) -> Probe:
+    """Import ``library`` (first time only), count its ``platform`` devices and cache it."""
+    key = (library, platform)
+    if key not in _TABLE:
+        raise ValueError(
+            f"no backend for library {library!r} on platform {platform!r}; "
+            f"known: {sorted(f'{lib}/{plat}' for lib, plat in _TABLE)}"
+        )
+    with _lock:
+        if key not in _cache:
+            _cache[key] = _probe(library, platform)
+        return _cache[key]
+
+
+def _probe(library: str, platform: str) -> Probe:
+    if not installed(library):
+        return Probe(library, platform, 0, f"{library} is not installed")
+    module, cls_name = _TABLE[(library, platform)]
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+        backend: Any = cls(platform) if library == "jax" else cls()
+        count = int(backend.device_count())
+    except Exception as exc:  # a broken driver or toolkit is "not usable", with the reason
+        return Probe(library, platform, 0, f"{library} failed to start: {type(exc).__name__}: {exc}")
+    if count == 0:
+        why = "no GPU plugin or device" if platform == "gpu" else "no devices"
+        return Probe(library, platform, 0, f"{library} sees {why}")
+    return Probe(library, platform, count, "", backend)
+
+
+def get(library: str, platform: str) -> Backend:
+    """The usable backend for ``library`` on ``platform``; RuntimeError with the reason if none."""
+    p = probe(library, platform)
+    if p.backend is None:
+        raise RuntimeError(f"{library} on {platform} is not usable: {p.reason}")
+    return p.backend
+
+
+def owner_of(array: object) -> Backend | None:
+    """The backend whose library made ``array``, or None for anything else.
+
+    Only libraries already in ``sys.modules`` are asked: an array of a library that
+    was never imported cannot exist, so this never imports anything new.
+    """
+    if type(array).__module__.startswith("numpy"):
+        return probe("numpy", "cpu").backend if hasattr(array, "__array_interface__") else None
+    for library, platform in _TABLE:
+        if library != "numpy" and library in sys.modules:
+            backend = probe(library, platform).backend
+            if backend is not None and backend.owns(array):
+                return backend
+    return None
+
+
+def reset() -> None:
+    """Forget every probe (tests that change the environment call this)."""
+    with _lock:
+        _cache.clear()

@@ -1,0 +1,112 @@
+"""JAX on its CPU or GPU devices; arrays are immutable, so updates rebind storage."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the JAX backend needs jax: pip install 'gpuvars[jax]' (or jax[cuda12] for GPUs)"
+    ) from err
+
+
+class JaxBackend:
+    """Committed single-device jax.Arrays on one platform ("cpu" or "gpu")."""
+
+    name = "jax"
+    inplace = False
+    xp = jnp
+
+    def __init__(self, platform: str) -> None:
+        self.platform = platform
+        try:
+            self._devices = list(jax.devices(platform))
+        except RuntimeError:
+            self._devices = []
+        runtime = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
+        self.oom_errors: tuple[type[BaseException], ...] = ()
+        self.errors: tuple[type[BaseException], ...] = (runtime,)
+        self._scatter = {
+            "update": lambda ref, u: ref.set(u),
+            "add": lambda ref, u: ref.add(u),
+            "sub": lambda ref, u: ref.add(-u),
+            "mul": lambda ref, u: ref.multiply(u),
+            "div": lambda ref, u: ref.divide(u),
+            "min": lambda ref, u: ref.min(u),
+            "max": lambda ref, u: ref.max(u),
+        }
+
+    def device_count(self) -> int:
+        return len(self._devices)
+
+    def owns(self, array: object) -> bool:
+        if not isinstance(array, jax.Array):
+            return False
+        devices = array.devices()
+        return len(devices) == 1 and next(iter(devices)) in self._devices
+
+    def device_of(self, array: Any) -> int | None:
+        dev = next(iter(array.devices()))
+        return self._devices.index(dev) if dev in self._devices else None
+
+    def asarray(self, value: Any, dtype: np.dtype[Any], device: int) -> Any:
+        dev = self._devices[device]
+        if isinstance(value, jax.Array):
+            return jax.device_put(value.astype(dtype), dev)
+        return jax.device_put(np.asarray(value, dtype=dtype), dev)
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any], device: int) -> Any:
+        with jax.default_device(self._devices[device]):
+            return jnp.zeros(shape, dtype=dtype)
+
+    def full(self, shape: tuple[int, ...], fill: Any, dtype: np.dtype[Any], device: int) -> Any:
+        with jax.default_device(self._devices[device]):
+            out = jnp.broadcast_to(jnp.asarray(np.asarray(fill), dtype=dtype), shape)
+            return jax.device_put(jnp.array(out, copy=True), self._devices[device])
+
+    def to_numpy(self, array: Any) -> np.ndarray[Any, Any]:
+        return np.array(array, copy=True)
+
+    def apply(self, op: str, dst: Any, src: Any, device: int) -> Any:
+        if op == "assign":
+            return src if src.dtype == dst.dtype else src.astype(dst.dtype)
+        out = dst + src if op == "add" else dst - src
+        return out.astype(dst.dtype) if out.dtype != dst.dtype else out
+
+    def scatter(self, op: str, dst: Any, indices: Any, updates: Any, device: int) -> Any:
+        out = self._scatter[op](dst.at[indices], updates)
+        return out.astype(dst.dtype) if out.dtype != dst.dtype else out
+
+    def random(
+        self,
+        kind: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        seed: int,
+        device: int,
+        params: Sequence[float],
+    ) -> Any:
+        a, b = params
+        with jax.default_device(self._devices[device]):
+            key = jax.random.key(seed % (2**63))
+            if kind == "uniform":
+                out = jax.random.uniform(key, shape, dtype=dtype, minval=a, maxval=b)
+            elif kind == "normal":
+                out = jax.random.normal(key, shape, dtype=dtype) * b + a
+            elif kind == "truncated_normal":
+                out = jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype=dtype) * b + a
+            else:
+                raise ValueError(f"unknown random kind {kind!r}")
+            return jax.device_put(out.astype(dtype), self._devices[device])
+
+    def synchronize(self, device: int) -> None:
+        # JAX has no per-device barrier; a tiny blocking computation drains the queue in order.
+        jax.block_until_ready(jax.device_put(0, self._devices[device]))
+
+    def from_dlpack(self, obj: Any, device: int) -> Any:
+        return jax.device_put(jnp.from_dlpack(obj), self._devices[device])
