@@ -1,0 +1,504 @@
+"""The safetensors reader/writer of gpuvars, held to the format by the safetensors package."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy as stnp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gpuvars.checkpoint._stformat import (
+    CHECKSUM_ALGORITHM,
+    CHUNK_BYTES,
+    MAX_HEADER_SIZE,
+    SafetensorsReader,
+    SafetensorsWriter,
+    TensorInfo,
+    checksum,
+    layout,
+    new_hasher,
+    np_dtype,
+    st_dtype,
+)
+from gpuvars.errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    InvalidArgumentError,
+)
+
+DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16,
+    "I32": np.int32, "U32": np.uint32, "I64": np.int64, "U64": np.uint64, "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16, "F32": np.float32, "F64": np.float64, "C64": np.complex64,
+    "F8_E5M2": ml_dtypes.float8_e5m2, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+}
+# safetensors' numpy loaders know neither float8 (no numpy.float8_*) nor, in load_file, BF16
+SAFE_OPEN_NP = [k for k in DTYPES if not k.startswith("F8")]
+LOAD_FILE_NP = [k for k in SAFE_OPEN_NP if k != "BF16"]
+
+
+def sample(dtype: Any, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Arbitrary bit patterns (NaNs included) of the dtype."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.random.default_rng(seed).integers(0, 256, size=nbytes, dtype=np.uint8)
+    if np.dtype(dtype) == np.bool_:
+        raw &= 1
+    out: np.ndarray = raw.view(dtype).reshape(shape)
+    return out
+
+
+def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def assert_same_file(ours: bytes, theirs: bytes) -> None:
+    """Byte-identical but for the order of metadata keys (safetensors keeps them in a HashMap)."""
+    assert len(ours) == len(theirs) and ours[:8] == theirs[:8]
+    n = struct.unpack("<Q", ours[:8])[0]
+    mine, other = json.loads(ours[8:8 + n]), json.loads(theirs[8:8 + n])
+    assert mine == other and list(mine) == list(other)
+    assert ours[8 + n:] == theirs[8 + n:]
+
+
+def save(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Any:
+    with SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in tensors.items()], metadata) as w:
+        for name in w.order:
+            w.write(name, tensors[name])
+        return w.commit()
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with SafetensorsReader(path) as r:
+        return {k: r.get_tensor(k) for k in r.keys()}
+
+
+def craft(path: Path, header: Any, data: bytes = b"", *, raw: bytes | None = None) -> Path:
+    """A file from a hand-made header (JSON-encoded unless ``raw``) and data bytes."""
+    text = raw if raw is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def temp_files(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+MIXED = {
+    "w": sample(np.float32, (3, 4)),
+    "scalar": sample(np.float64, (), 1),
+    "empty": sample(np.int16, (0, 5)),
+    "bf": sample(ml_dtypes.bfloat16, (5,), 2),
+    "mask": sample(np.bool_, (7,), 3),
+    "h": sample(np.float16, (2, 3), 4),
+}
+
+
+# ---- dtypes ---------------------------------------------------------------------------
+
+def test_dtype_maps_round_trip() -> None:
+    for name, dtype in DTYPES.items():
+        assert st_dtype(dtype) == name
+        assert np_dtype(name) == np.dtype(dtype)
+    with pytest.raises(InvalidArgumentError, match="'z': dtype complex128"):
+        st_dtype(np.complex128, key="z")
+    for bad in (object, ">f4", "U3"):
+        with pytest.raises(InvalidArgumentError):
+            st_dtype(bad)
+    with pytest.raises(InvalidArgumentError, match="F4"):
+        np_dtype("F4")
+
+
+# ---- round trips and interoperability ---------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (5,), (2, 3, 4)])
+@pytest.mark.parametrize("st_name", list(DTYPES))
+def test_round_trip_every_dtype(tmp_path: Path, st_name: str, shape: tuple[int, ...]) -> None:
+    arr = sample(DTYPES[st_name], shape)
+    path = tmp_path / "t.safetensors"
+    record = save(path, {"x": arr})
+    got = load(path)["x"]
+    assert same_bytes(got, arr)
+    assert path.read_bytes() == stnp.save({"x": arr})  # byte-identical to safetensors' writer
+    assert record.tensors == {"x": checksum(arr.tobytes())}
+    with safetensors.safe_open(str(path), "np") as f:
+        if st_name in SAFE_OPEN_NP:
+            assert same_bytes(f.get_tensor("x"), arr)
+        else:
+            assert f.get_slice("x").get_dtype() == st_name
+
+
+def test_our_file_opens_in_safetensors(tmp_path: Path) -> None:
+    tensors = {**MIXED, **{f"t_{k}": sample(DTYPES[k], (2, 3), i) for i, k in enumerate(LOAD_FILE_NP)}}
+    path = tmp_path / "ours.safetensors"
+    record = save(path, tensors, {"format": "gpuvars", "json": '{"a": [1, 2]}'})
+    assert record.file == "ours.safetensors" and record.size == path.stat().st_size
+    loaded = stnp.load_file(str(path))
+    for name, arr in tensors.items():
+        if arr.dtype != ml_dtypes.bfloat16:
+            assert same_bytes(loaded[name], arr), name
+    with safetensors.safe_open(str(path), "np") as f:
+        assert f.metadata() == {"format": "gpuvars", "json": '{"a": [1, 2]}'}
+        assert set(f.keys()) == set(tensors)
+        for name, arr in tensors.items():
+            assert same_bytes(f.get_tensor(name), arr), name
+    assert_same_file(path.read_bytes(), stnp.save(tensors, metadata={"format": "gpuvars", "json": '{"a": [1, 2]}'}))
+
+
+def test_safetensors_file_read_by_us(tmp_path: Path) -> None:
+    tensors = {**MIXED, **{f"t_{k}": sample(DTYPES[k], (4,), i) for i, k in enumerate(DTYPES)}}
+    path = tmp_path / "theirs.safetensors"
+    stnp.save_file(tensors, str(path), metadata={"k": "v", "ü": "é"})
+    with SafetensorsReader(path) as r:
+        assert r.metadata == {"k": "v", "ü": "é"}
+        assert r.size == path.stat().st_size
+        assert set(r.keys()) == set(tensors)
+        for name, arr in tensors.items():
+            assert same_bytes(r.get_tensor(name), arr), name
+
+
+def test_header_layout_and_alignment(tmp_path: Path) -> None:
+    path = tmp_path / "a.safetensors"
+    save(path, MIXED, {"m": "x"})
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert n % 8 == 0 and blob[8 + n - 1:8 + n] in (b" ", b"}")
+    header = json.loads(blob[8:8 + n])
+    assert list(header)[0] == "__metadata__"
+    with SafetensorsReader(path) as r:
+        itemsizes = [info.dtype.itemsize for info in r.tensors.values()]
+        assert itemsizes == sorted(itemsizes, reverse=True)
+        for name, info in r.tensors.items():
+            assert info.begin % info.dtype.itemsize == 0, name
+            rel = header[name]["data_offsets"]
+            assert (info.begin, info.end) == (8 + n + rel[0], 8 + n + rel[1])
+    prefix, infos = layout([(k, v.dtype, v.shape) for k, v in MIXED.items()], {"m": "x"})
+    assert blob.startswith(prefix) and list(infos) == list(r.tensors)
+
+
+def test_large_tensor_streams_in_chunks(tmp_path: Path) -> None:
+    arr = sample(np.float32, ((CHUNK_BYTES * 5 // 2) // 4 + 3,))
+    path = tmp_path / "big.safetensors"
+    record = save(path, {"big": arr, "small": arr[:3].copy()})
+    assert record.tensors["big"] == checksum(arr.tobytes())
+    hasher = new_hasher()
+    hasher.update(arr.tobytes())
+    assert hasher.hexdigest() == record.tensors["big"] and CHECKSUM_ALGORITHM == "xxh3_64"
+    with SafetensorsReader(path) as r:
+        out = np.empty_like(arr)
+        r.read_into("big", out, expected_checksum=record.tensors["big"])
+        assert same_bytes(out, arr)
+        assert r.header_checksum == record.header_checksum
+        assert r.verify(record.tensors) == []
+
+
+TEXT = st.characters(exclude_categories=["Cs"])  # lone surrogates are not UTF-8
+names = st.text(TEXT, min_size=1, max_size=12).filter(lambda s: s != "__metadata__")
+
+
+@st.composite
+def arrays(draw: st.DrawFn) -> np.ndarray:
+    dtype = DTYPES[draw(st.sampled_from(list(DTYPES)))]
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+    return sample(dtype, shape, draw(st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tensors=st.dictionaries(names, arrays(), max_size=6),
+       metadata=st.none() | st.dictionaries(names, st.text(TEXT), max_size=3))
+def test_property_both_directions(tmp_path: Path, tensors: dict[str, np.ndarray],
+                                  metadata: dict[str, str] | None) -> None:
+    if not tensors and metadata == {}:
+        metadata = None  # safetensors 0.8 writes '{},"__metadata__":{}}' here (its issue #466)
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    save(ours, tensors, metadata)
+    assert_same_file(ours.read_bytes(), stnp.save(tensors, metadata=metadata))
+    stnp.save_file(tensors, str(theirs), metadata=metadata)
+    with SafetensorsReader(theirs) as r:
+        assert r.metadata == (metadata or {})
+        for name, arr in tensors.items():
+            assert same_bytes(r.get_tensor(name), arr), name
+    with safetensors.safe_open(str(ours), "np") as f:
+        assert f.metadata() == metadata or (f.metadata() is None and not metadata)
+        for name, arr in tensors.items():
+            if st_dtype(arr.dtype) in SAFE_OPEN_NP:
+                assert same_bytes(f.get_tensor(name), arr), name
+
+
+# ---- reader validation -------------------------------------------------------------------
+
+def valid(tmp_path: Path) -> tuple[Path, bytes, int]:
+    path = tmp_path / "v.safetensors"
+    save(path, {"a": sample(np.float32, (4,)), "b": sample(np.int16, (3,))})
+    blob = path.read_bytes()
+    return path, blob, struct.unpack("<Q", blob[:8])[0]
+
+
+def corrupt(path: Path, match: str, **kw: Any) -> CheckpointCorruptError:
+    with pytest.raises(CheckpointCorruptError, match=match) as info:
+        SafetensorsReader(path, **kw)
+    assert str(path) in str(info.value)
+    return info.value
+
+
+def test_truncated_and_extended(tmp_path: Path) -> None:
+    path, blob, _ = valid(tmp_path)
+    path.write_bytes(blob[:-1])
+    corrupt(path, "truncated")
+    path.write_bytes(blob + b"\0")
+    corrupt(path, "extended")
+    path.write_bytes(blob[:5])
+    corrupt(path, "truncated: 5 bytes")
+
+
+def test_header_length_bounded_before_reading(tmp_path: Path) -> None:
+    path, blob, n = valid(tmp_path)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob[8:])
+    corrupt(path, "runs past the end")
+    path.write_bytes(struct.pack("<Q", 2**63) + blob[8:])
+    corrupt(path, "exceeds the limit")
+    path.write_bytes(blob)
+    corrupt(path, f"header length {n} exceeds the limit of 16", max_header_size=16)
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b"{not json", "not valid UTF-8 JSON"),
+    (b'{"a": \xff}', "not valid UTF-8 JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"a": NaN}', "not valid UTF-8 JSON"),
+    (b'{"x": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}, '
+     b'"x": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}', "duplicate keys"),
+])
+def test_bad_json(tmp_path: Path, raw: bytes, match: str) -> None:
+    corrupt(craft(tmp_path / "j.safetensors", None, raw=raw), match)
+
+
+def entry(dtype: str, shape: list[Any], begin: Any, end: Any) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("header, data, match", [
+    ({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}, 12, "'b'.*overlaps"),
+    ({"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 12, 20)}, 20, "'b'.*leaves a gap"),
+    ({"a": entry("F32", [2], 4, 12)}, 12, "'a'.*leaves a gap"),
+    ({"a": entry("F32", [3], 0, 8)}, 8, "'a'.*needs 12"),
+    ({"a": entry("F9", [2], 0, 8)}, 8, "'a'.*unknown dtype 'F9'"),
+    ({"a": entry("F32", [2, -1], 0, 8)}, 8, "'a'.*shape"),
+    ({"a": entry("F32", [True], 0, 4)}, 4, "'a'.*shape"),
+    ({"a": entry("F32", [2], 8, 0)}, 8, "'a'.*data_offsets"),
+    ({"a": entry("F32", [2], 0, 8.0)}, 8, "'a'.*data_offsets"),
+    ({"a": {**entry("F32", [2], 0, 8), "extra": 1}}, 8, "'a'.*exactly"),
+    ({"a": [1]}, 0, "'a'.*exactly"),
+    ({"__metadata__": {"n": 1}}, 0, "__metadata__ must map str to str"),
+    ({"__metadata__": ["x"]}, 0, "__metadata__ must map str to str"),
+])
+def test_bad_entries(tmp_path: Path, header: dict[str, Any], data: int, match: str) -> None:
+    corrupt(craft(tmp_path / "e.safetensors", header, b"\0" * data), match)
+
+
+def test_json_whitespace_and_empty_file(tmp_path: Path) -> None:
+    header = {"a": entry("U8", [2], 0, 2), "__metadata__": None}
+    path = craft(tmp_path / "ws.safetensors", None, b"\x01\x02",
+                 raw=b"\n  " + json.dumps(header).encode() + b" " * 4093)
+    with SafetensorsReader(path) as r:
+        assert r.get_tensor("a").tolist() == [1, 2] and r.metadata == {}
+    save(tmp_path / "none.safetensors", {})
+    assert (tmp_path / "none.safetensors").read_bytes() == stnp.save({})
+    assert load(tmp_path / "none.safetensors") == {}
+    save(tmp_path / "meta.safetensors", {}, {})  # valid JSON, unlike safetensors 0.8 (#466)
+    with SafetensorsReader(tmp_path / "meta.safetensors") as r:
+        assert r.metadata == {} and r.keys() == []
+
+
+def test_flipped_byte_caught_by_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "f.safetensors"
+    record = save(path, {"good": sample(np.float32, (64,)), "bad": sample(np.float64, (64,), 1)})
+    with SafetensorsReader(path) as r:
+        at = r.tensors["bad"].begin + 100
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0x10
+    path.write_bytes(bytes(blob))
+    with SafetensorsReader(path) as r:
+        r.get_tensor("bad")  # no checksum asked for: no check
+        r.read_into("good", np.empty(64, np.float32), expected_checksum=record.tensors["good"])
+        with pytest.raises(CheckpointCorruptError, match=f"{path}.*'bad'.*expected "
+                                                         f"{record.tensors['bad']}, computed") as e:
+            r.read_into("bad", np.empty(64, np.float64), expected_checksum=record.tensors["bad"])
+        assert "xxh3_64" in str(e.value)
+        with pytest.raises(CheckpointCorruptError, match="'bad'"):
+            list(r.read_chunks("bad", np.empty(48, np.uint8), expected_checksum=record.tensors["bad"]))
+        assert r.verify(record.tensors) == ["bad"]
+
+
+def test_missing_file_and_unknown_key(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(CheckpointNotFoundError, match="nope.safetensors") as e:
+        SafetensorsReader(missing)
+    assert isinstance(e.value, FileNotFoundError)
+    with pytest.raises(CheckpointNotFoundError, match="not a regular file"):
+        SafetensorsReader(tmp_path)
+    path, _, _ = valid(tmp_path)
+    with SafetensorsReader(path) as r:
+        with pytest.raises(CheckpointMismatchError, match=r"no tensor 'zz'.*holds 2: 'a', 'b'"):
+            r.get_tensor("zz")
+        with pytest.raises(CheckpointMismatchError, match="'zz'"):
+            r.verify({"zz": "0"})
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        r.get_tensor("a")
+
+
+def test_read_into_checks_destination(tmp_path: Path) -> None:
+    path, _, _ = valid(tmp_path)
+    with SafetensorsReader(path) as r:
+        with pytest.raises(InvalidArgumentError, match="'a'.*16 bytes.*received float32\\[5\\]"):
+            r.read_into("a", np.empty(5, np.float32))
+        ro = np.empty(4, np.float32)
+        ro.flags.writeable = False
+        with pytest.raises(InvalidArgumentError, match="'a'.*read-only"):
+            r.read_into("a", ro)
+        with pytest.raises(InvalidArgumentError, match="'a'.*C-contiguous"):
+            r.read_into("a", np.empty((4, 2), np.float32)[:, 0])
+        out = np.empty(16, np.uint8)  # dtype is the caller's concern, bytes are not
+        r.read_into("a", out)
+        assert out.tobytes() == r.get_tensor("a").tobytes()
+
+
+@pytest.mark.parametrize("size", [1, 7, 16, 1000])
+def test_read_chunks_reassembles(tmp_path: Path, size: int) -> None:
+    arr = sample(np.float64, (13,))
+    path = tmp_path / "c.safetensors"
+    record = save(path, {"x": arr, "e": arr[:0].copy()})
+    with SafetensorsReader(path) as r:
+        for buffer in (np.zeros(size, np.uint8), memoryview(bytearray(size))):
+            parts = [bytes(p) for p in r.read_chunks("x", buffer, expected_checksum=record.tensors["x"])]
+            assert b"".join(parts) == arr.tobytes()
+            assert all(len(p) == size for p in parts[:-1])
+        assert list(r.read_chunks("e", np.zeros(size, np.uint8), expected_checksum=record.tensors["e"])) == []
+        with pytest.raises(InvalidArgumentError, match="'x'.*received 0 bytes"):
+            r.read_chunks("x", memoryview(bytearray(0)))
+        with pytest.raises(InvalidArgumentError, match="'x'.*read-only=True"):
+            r.read_chunks("x", memoryview(b"abc"))
+        with pytest.raises(InvalidArgumentError, match="'x'.*read-only=True"):
+            r.read_chunks("x", np.frombuffer(b"abc", np.uint8))
+
+
+# ---- writer ------------------------------------------------------------------------------
+
+def test_layout_validation() -> None:
+    f32 = np.dtype(np.float32)
+    cases: list[tuple[Any, str]] = [
+        ([("a", f32, (1,)), ("a", f32, (2,))], "'a' appears twice"),
+        ([("", f32, (1,))], "''"),
+        ([("__metadata__", f32, (1,))], "__metadata__"),
+        ([("a", f32, (-1,))], "'a'.*negative"),
+        ([("a", f32, (1.5,))], "'a'.*shape"),
+        ([("c", np.complex128, (1,))], "'c'.*complex128"),
+    ]
+    for entries, match in cases:
+        with pytest.raises(InvalidArgumentError, match=match):
+            layout(entries)
+    with pytest.raises(InvalidArgumentError, match="str to str"):
+        layout([("a", f32, (1,))], {"n": 1})  # type: ignore[dict-item]
+    with pytest.raises(InvalidArgumentError, match=f"at most {MAX_HEADER_SIZE}"):
+        layout([], {"big": "x" * MAX_HEADER_SIZE})
+    prefix, infos = layout([("a", f32, (2,)), ("b", np.dtype(np.uint8), (3,)), ("c", np.dtype(np.int64), ())])
+    assert list(infos) == ["c", "a", "b"]
+    assert infos["a"] == TensorInfo("a", f32, (2,), len(prefix) + 8, len(prefix) + 16)
+
+
+def test_abort_leaves_no_temp_and_destination_intact(tmp_path: Path) -> None:
+    path = tmp_path / "d.safetensors"
+    save(path, {"old": sample(np.int32, (3,))})
+    before = path.read_bytes()
+    w = SafetensorsWriter(path, [("new", np.dtype(np.float32), (2,))])
+    assert os.path.basename(w.temp_path).startswith(f".d.safetensors.tmp-{os.getpid()}-")
+    assert temp_files(tmp_path) == [os.path.basename(w.temp_path)]
+    w.write("new", np.ones(2, np.float32))
+    w.abort()
+    w.abort()
+    assert temp_files(tmp_path) == [] and path.read_bytes() == before
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        w.write("new", np.ones(2, np.float32))
+    with pytest.raises(RuntimeError, match="boom"):
+        with SafetensorsWriter(path, [("new", np.dtype(np.float32), (2,))]) as w:
+            w.write("new", np.ones(2, np.float32))
+            raise RuntimeError("boom")
+    with SafetensorsWriter(path, [("new", np.dtype(np.float32), (2,))]) as w:
+        w.write("new", np.ones(2, np.float32))  # body ends without commit
+    assert temp_files(tmp_path) == [] and path.read_bytes() == before
+
+
+def test_commit_with_missing_tensor(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    w = SafetensorsWriter(path, [("a", np.dtype(np.float32), (2,)), ("b", np.dtype(np.uint8), (1,))])
+    w.write("a", np.ones(2, np.float32))
+    with pytest.raises(InvalidArgumentError, match=r"1 tensor\(s\) never written: 'b'"):
+        w.commit()
+    assert not path.exists() and temp_files(tmp_path) == []
+
+
+def test_write_checks_data(tmp_path: Path) -> None:
+    with SafetensorsWriter(tmp_path / "w.safetensors", [("a", np.dtype(np.float32), (2, 2))]) as w:
+        with pytest.raises(InvalidArgumentError, match="'a'.*float32 with 16 bytes.*received float64"):
+            w.write("a", np.ones((2, 2), np.float64))
+        with pytest.raises(InvalidArgumentError, match="'a'.*16 bytes.*received float32 with 12"):
+            w.write("a", np.ones(3, np.float32))
+        with pytest.raises(InvalidArgumentError, match="'a'.*C-contiguous"):
+            w.write("a", np.ones((2, 4), np.float32)[:, ::2])
+        with pytest.raises(InvalidArgumentError, match="'a'.*expected 16 bytes, received 15"):
+            w.write("a", [b"x" * 8, b"y" * 7])
+        with pytest.raises(InvalidArgumentError, match="'a'.*expected 16 bytes, received at least 17"):
+            w.write("a", [b"x" * 8, b"y" * 9])
+        with pytest.raises(InvalidArgumentError, match="'a'.*int"):
+            w.write("a", [1, 2])
+        with pytest.raises(InvalidArgumentError, match="'a'.*received int"):
+            w.write("a", 5)
+        with pytest.raises(InvalidArgumentError, match="'a'.*object array has no raw bytes"):
+            w.write("a", [np.array([None, 1], dtype=object)])
+        with pytest.raises(InvalidArgumentError, match="'zz' was not declared"):
+            w.write("zz", b"")
+        w.write("a", np.ones((2, 2), np.float32))
+        with pytest.raises(InvalidArgumentError, match="'a' was already written"):
+            w.write("a", np.ones((2, 2), np.float32))
+
+
+def test_chunked_iterable_input(tmp_path: Path) -> None:
+    arr = sample(np.float32, (6, 5))
+    raw = arr.tobytes()
+    pieces = (raw[:7], memoryview(raw)[7:40], np.frombuffer(raw[40:64], np.uint8),
+              arr.reshape(-1)[16:20], bytearray(raw[80:]))
+    path = tmp_path / "chunks.safetensors"
+    with SafetensorsWriter(path, [("x", arr.dtype, arr.shape), ("s", np.dtype(np.uint8), (3,))]) as w:
+        w.write("s", b"abc")  # a single buffer is one chunk, and any order works
+        w.write("x", iter(pieces))
+        record = w.commit()
+    assert record.tensors == {"x": checksum(raw), "s": checksum(b"abc")}
+    got = load(path)
+    assert same_bytes(got["x"], arr) and got["s"].tobytes() == b"abc"
+
+
+def test_overwrite_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "o.safetensors"
+    old = {"v": sample(np.float32, (8,))}
+    save(path, old)
+    new = {"v": sample(np.float32, (8,), 9), "w": sample(np.int8, (2,))}
+    with SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in new.items()]) as w:
+        for name in w.order:
+            w.write(name, new[name])
+            assert same_bytes(load(path)["v"], old["v"]) and set(load(path)) == {"v"}
+        record = w.commit()
+    got = load(path)
+    assert same_bytes(got["v"], new["v"]) and same_bytes(got["w"], new["w"])
+    assert temp_files(tmp_path) == [] and record.size == path.stat().st_size
+    with SafetensorsReader(path) as r:
+        assert r.header_checksum == record.header_checksum
