@@ -1,0 +1,205 @@
+"""Rebuild variables from a checkpoint alone (no model code), and read one lazily.
+
+Placement from the checkpoint applies here (and only here: ``Saver.restore`` never moves
+a variable). The saved device map advises and never binds: ``device_map`` remaps it like
+torch's ``map_location``, soft placement falls back, and the result reports what moved.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from gpuvars import devices as _devices
+from gpuvars.checkpoint import _format
+from gpuvars.checkpoint import _stformat as st
+from gpuvars.checkpoint.saver import restore_variables
+from gpuvars.errors import CheckpointMismatchError, InvalidArgumentError, PlacementWarning
+from gpuvars.initializers import Zeros
+from gpuvars.placement import resolve
+from gpuvars.variable import Variable
+
+__all__ = ["CheckpointReader", "LoadedCheckpoint", "load_checkpoint"]
+
+DeviceMap = Mapping[str, str] | Callable[[str], str | None]
+
+
+class LoadedCheckpoint(dict[str, Variable]):
+    """``{checkpoint key: variable}``, plus ``moved``: ``{key: (saved device, actual device)}``
+    for every variable that did not land on the device the checkpoint recorded."""
+
+    moved: dict[str, tuple[str, str]]
+    prefix: str
+
+
+def _remap(saved: str, device_map: DeviceMap | None) -> str:
+    """Apply ``device_map``: exact keys first, then glob patterns (``/gpu:*``) in order."""
+    if device_map is None:
+        return saved
+    if callable(device_map):
+        out = device_map(saved)
+        return saved if out is None else out
+    if saved in device_map:
+        return device_map[saved]
+    for pattern, target in device_map.items():
+        if fnmatch.fnmatchcase(saved, pattern):
+            return target
+    return saved
+
+
+def load_checkpoint(
+    prefix: str | os.PathLike[str],
+    device: str | _devices.DeviceSpec | None = None,
+    device_map: DeviceMap | None = None,
+    *,
+    verify_first: bool = False,
+) -> LoadedCheckpoint:
+    """Create and fill one variable per checkpoint key, from the checkpoint alone.
+
+    Placement: ``device=`` puts every variable there; otherwise, when the checkpoint
+    recorded devices (SAVE_VARIABLE_DEVICES or EXPAND_DISTRIBUTED_VARIABLES), each goes to
+    its saved device after ``device_map`` remapping (soft placement falls back with a
+    warning; with it off a missing device is a DevicePlacementError naming it); otherwise
+    the enclosing ``gv.device`` scope decides. Variables join the current registry (their
+    ``.name`` may be uniquified; the key is stable).
+
+    Args:
+        prefix: the checkpoint prefix (``ckpt/model.ckpt-1000``).
+        device: one device for all variables (overrides the saved map).
+        device_map: ``{"/gpu:3": "/gpu:0", "/gpu:*": "/cpu:0"}`` or a callable ``saved -> device``.
+        verify_first: verify every checksum before creating anything.
+
+    Returns:
+        A :class:`LoadedCheckpoint` (a dict) whose ``moved`` says what did not land where saved.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointCorruptError: as for a restore; no variable is left
+        registered when the load fails.
+
+    Example:
+        >>> import gpuvars as gv, numpy as np, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> with gv.Registry():
+        ...     _ = gv.Variable(np.ones(2, np.float32), name="w")
+        ...     p = gv.Saver().save(os.path.join(d, "m"))
+        >>> with gv.Registry():
+        ...     loaded = gv.load_checkpoint(p)
+        ...     loaded["w"].numpy()
+        array([1., 1.], dtype=float32)
+    """
+    if device_map is not None and not (callable(device_map) or isinstance(device_map, Mapping)):
+        raise InvalidArgumentError(f"device_map must be a dict or a callable, got {type(device_map).__name__}")
+    index = _format.read_index(os.fspath(prefix))
+    saved = _format.read_devices(index) if index.policy.saves_devices() else {}
+    created: dict[str, Variable] = {}
+    moved: dict[str, tuple[str, str]] = {}
+    try:
+        for key, entry in index.variables.items():
+            where: Any = device
+            wanted = None
+            if where is None and key in saved:
+                wanted = _remap(saved[key]["device"], device_map)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PlacementWarning)  # reported once below, as a move
+                    where = resolve(wanted, f"checkpoint key {key!r}").name
+            var = Variable(
+                Zeros(entry.shape, st.np_dtype(entry.dtype)),
+                name=key,
+                trainable=entry.trainable,
+                device=where,
+            )
+            created[key] = var
+            if key in saved and var.device != saved[key]["device"]:
+                moved[key] = (saved[key]["device"], var.device)
+        restore_variables(index.prefix, created, verify_first=verify_first)
+    except BaseException:
+        for var in created.values():  # leave nothing half-loaded in the registry
+            if var._registry is not None:
+                var._registry._release(var.name, var)
+        raise
+    if moved:
+        warnings.warn(
+            f"load_checkpoint({index.prefix!r}): {len(moved)} variable(s) not on their saved devices: "
+            + ", ".join(f"{k!r} {a} -> {b}" for k, (a, b) in list(moved.items())[:10]),
+            PlacementWarning,
+            stacklevel=2,
+        )
+    out = LoadedCheckpoint(created)
+    out.moved = moved
+    out.prefix = index.prefix
+    return out
+
+
+class CheckpointReader:
+    """Lazy read access to a checkpoint: keys, shapes, dtypes and devices without loading data.
+
+    Example:
+        >>> import gpuvars as gv, numpy as np, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> with gv.Registry():
+        ...     _ = gv.Variable(np.zeros((2, 3), np.float32), name="w")
+        ...     p = gv.Saver().save(os.path.join(d, "m"))
+        >>> r = gv.CheckpointReader(p)
+        >>> r.get_variable_to_shape_map()
+        {'w': (2, 3)}
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str]) -> None:
+        self._index = _format.read_index(os.fspath(prefix))
+        self._devices = _format.read_devices(self._index) if self._index.policy.saves_devices() else {}
+
+    @property
+    def prefix(self) -> str:
+        return self._index.prefix
+
+    @property
+    def policy(self) -> str:
+        return self._index.policy.name
+
+    @property
+    def global_step(self) -> int | None:
+        return self._index.global_step
+
+    def keys(self) -> list[str]:
+        """The checkpoint keys, sorted."""
+        return sorted(self._index.variables)
+
+    def has_tensor(self, key: str) -> bool:
+        return key in self._index.variables
+
+    def get_variable_to_shape_map(self) -> dict[str, tuple[int, ...]]:
+        return {k: e.shape for k, e in sorted(self._index.variables.items())}
+
+    def get_variable_to_dtype_map(self) -> dict[str, np.dtype[Any]]:
+        return {k: st.np_dtype(e.dtype) for k, e in sorted(self._index.variables.items())}
+
+    def get_variable_to_device_map(self) -> dict[str, str]:
+        """Saved devices (empty when the policy saved none)."""
+        return {k: v["device"] for k, v in sorted(self._devices.items())}
+
+    def get_tensor(self, key: str) -> np.ndarray[Any, Any]:
+        """Read one tensor into a new host array, checksum-verified."""
+        entry = self._index.variables.get(key)
+        if entry is None:
+            raise CheckpointMismatchError(
+                f"Key {key!r} not found in checkpoint {self.prefix!r}; it has: {', '.join(self.keys()[:10])}"
+            )
+        with st.SafetensorsReader(self._index.path(entry.file)) as reader:
+            return reader.get_tensor(key, expected_checksum=entry.checksum)
+
+    def verify(self) -> list[str]:
+        """Keys whose bytes fail their checksums (empty when the checkpoint is sound)."""
+        bad: list[str] = []
+        by_file: dict[str, dict[str, str]] = {}
+        for key, entry in self._index.variables.items():
+            by_file.setdefault(entry.file, {})[key] = entry.checksum
+        for name, expected in by_file.items():
+            with st.SafetensorsReader(self._index.path(name)) as reader:
+                if reader.header_checksum != self._index.files[name]["checksum"]:
+                    bad.append(f"<header of {name}>")
+                bad.extend(reader.verify(expected))
+        return bad

@@ -1,0 +1,452 @@
+"""gv.Saver: TF's tf.train.Saver on safetensors, with an atomic commit and strict restore.
+
+A save writes ``P.safetensors`` (streamed from storage), the optional ``P.devices.json``
+and, last, ``P.index.json`` — its atomic rename is the commit; a prefix without its index
+does not exist for readers. Saving over an existing prefix first retires its index, so
+the old checkpoint disappears rather than becoming half-valid; distinct prefixes
+(``global_step``) are what make a crash lose nothing. A restore validates everything
+structural before writing a byte, then streams each tensor into the variable's storage
+where it already lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from gpuvars.checkpoint import _files, _format, _transfer
+from gpuvars.checkpoint import _stformat as st
+from gpuvars.checkpoint.policy import SaveOptions, VariablePolicy
+from gpuvars.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    InvalidArgumentError,
+    UninitializedVariableError,
+)
+from gpuvars.registry import current_registry
+from gpuvars.variable import Variable
+
+__all__ = ["CheckpointState", "RestoreResult", "Saver", "get_checkpoint_state", "latest_checkpoint"]
+
+
+def _var_map(var_list: Any, allow_empty: bool) -> dict[str, Variable]:
+    """``{checkpoint key: variable}`` from None (the registry now), a list or a dict."""
+    if var_list is None:
+        items = [(v.name, v) for v in current_registry().variables()]
+    elif isinstance(var_list, Mapping):
+        items = list(var_list.items())
+    elif isinstance(var_list, Variable):
+        items = [(var_list.name, var_list)]
+    else:
+        try:
+            items = [(getattr(v, "name", None), v) for v in var_list]
+        except TypeError:
+            raise InvalidArgumentError(f"var_list must be None, a list or a dict of Variables, got {type(var_list).__name__}") from None
+    out: dict[str, Variable] = {}
+    seen: dict[int, str] = {}
+    for key, var in items:
+        if not isinstance(var, Variable):
+            raise InvalidArgumentError(f"var_list entry {key!r} is a {type(var).__name__}, not a gv.Variable")
+        if not isinstance(key, str) or not key or key == "__metadata__":
+            raise InvalidArgumentError(f"checkpoint key {key!r} for variable '{var.name}' must be a non-empty string")
+        if key in out:
+            raise InvalidArgumentError(f"At least two variables have the same name: {key}")
+        if id(var) in seen:
+            raise InvalidArgumentError(f"variable '{var.name}' appears twice in var_list (as {seen[id(var)]!r} and {key!r})")
+        seen[id(var)] = key
+        out[key] = var
+    if not out and not allow_empty:
+        raise InvalidArgumentError("No variables to save")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+    """What a restore did: the keys it restored and where the saved device map differs.
+
+    ``device_differences`` maps a key to ``(saved device, the variable's device)`` when the
+    checkpoint recorded devices and the variable lives elsewhere (a variable never moves).
+    """
+
+    prefix: str
+    restored: tuple[str, ...]
+    device_differences: dict[str, tuple[str, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointState:
+    """The folder's ``checkpoint`` file: the latest prefix and those kept (oldest first)."""
+
+    model_checkpoint_path: str | None
+    all_model_checkpoint_paths: list[str]
+    all_model_checkpoint_timestamps: list[float]
+    last_preserved_timestamp: float
+
+
+class Saver:
+    """Save and restore variables as safetensors checkpoints (TF's tf.train.Saver).
+
+    Args:
+        var_list: None (every variable alive now in the current registry), a list
+            (keyed by ``v.name``) or a dict ``{checkpoint key: variable}`` (renaming).
+        max_to_keep: how many recent checkpoints to keep (None or 0 keeps all).
+        keep_checkpoint_every_n_hours: additionally keep one checkpoint per this many hours.
+        options: :class:`gpuvars.SaveOptions` (the VariablePolicy).
+        allow_empty: allow a saver with no variables.
+
+    Raises:
+        InvalidArgumentError: a bad var_list (duplicate keys, non-variables, empty).
+
+    Example:
+        >>> import gpuvars as gv, numpy as np, tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> with gv.Registry():
+        ...     w = gv.Variable(np.arange(3.0), name="w")
+        ...     saver = gv.Saver()
+        ...     p = saver.save(os.path.join(d, "model.ckpt"), global_step=10)
+        ...     _ = w.assign([0.0, 0.0, 0.0])
+        ...     _ = saver.restore(p)
+        ...     os.path.basename(p), w.numpy().tolist()
+        ('model.ckpt-10', [0.0, 1.0, 2.0])
+    """
+
+    def __init__(
+        self,
+        var_list: Any = None,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float = 10000.0,
+        options: SaveOptions | None = None,
+        allow_empty: bool = False,
+    ) -> None:
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or isinstance(max_to_keep, bool) or max_to_keep < 0):
+            raise InvalidArgumentError(f"max_to_keep must be None or an int >= 0, got {max_to_keep!r}")
+        if not isinstance(keep_checkpoint_every_n_hours, (int, float)) or keep_checkpoint_every_n_hours <= 0:
+            raise InvalidArgumentError(
+                f"keep_checkpoint_every_n_hours must be a positive number, got {keep_checkpoint_every_n_hours!r}"
+            )
+        if options is not None and not isinstance(options, SaveOptions):
+            raise InvalidArgumentError(f"options must be a gv.SaveOptions, got {type(options).__name__}")
+        self._vars = _var_map(var_list, allow_empty)
+        self._max_to_keep = max_to_keep or None
+        self._keep_every_s = float(keep_checkpoint_every_n_hours) * 3600.0
+        self._options = options or SaveOptions()
+        self._last: list[tuple[str, float]] = []  # (prefix path, timestamp), oldest first
+        self._last_preserved = _files.now()
+
+    @property
+    def last_checkpoints(self) -> list[str]:
+        """The prefixes this saver keeps, oldest first."""
+        return [p for p, _ in self._last]
+
+    @property
+    def var_map(self) -> dict[str, Variable]:
+        """The ``{checkpoint key: variable}`` map this saver saves and restores."""
+        return dict(self._vars)
+
+    # --- save ---------------------------------------------------------------------------------
+
+    def save(self, save_path: str | os.PathLike[str], global_step: Any = None, options: SaveOptions | None = None) -> str:
+        """Write a checkpoint at ``save_path`` (``-<global_step>`` appended) and return its prefix.
+
+        Raises:
+            UninitializedVariableError: a variable has no value (nothing is written).
+            InvalidArgumentError: a bad path, step or a dtype safetensors cannot hold.
+            OSError: the disk failed; the previous checkpoints are untouched.
+        """
+        opts = options if options is not None else self._options
+        if not isinstance(opts, SaveOptions):
+            raise InvalidArgumentError(f"options must be a gv.SaveOptions, got {type(opts).__name__}")
+        folder, base = _files.split_prefix(save_path, "Saver.save")
+        if global_step is not None:
+            step = int(global_step.numpy()) if isinstance(global_step, Variable) else global_step
+            if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
+                raise InvalidArgumentError(f"global_step must be an int or an int Variable, got {global_step!r}")
+            base = f"{base}-{int(step)}"
+            step = int(step)
+        else:
+            step = None
+        prefix = os.path.join(folder, base)
+        write_checkpoint(prefix, self._vars, opts.policy, step)
+        self._after_commit(prefix, folder)
+        return prefix
+
+    def _after_commit(self, prefix: str, folder: str) -> None:
+        """Update the state file, then apply retention (deletes only committed-old prefixes)."""
+        now = _files.now()
+        self._last = [(p, t) for p, t in self._last if p != prefix] + [(prefix, now)]
+        doomed: list[str] = []
+        while self._max_to_keep is not None and len(self._last) > self._max_to_keep:
+            old, ts = self._last.pop(0)
+            if ts - self._last_preserved >= self._keep_every_s:
+                self._last_preserved = ts  # kept for good: leaves the rotation, not the disk
+                continue
+            doomed.append(old)
+        _files.write_state(
+            folder,
+            os.path.basename(prefix),
+            [(os.path.basename(p), t) for p, t in self._last],
+            self._last_preserved,
+        )
+        for old in doomed:
+            delete_checkpoint(old)
+
+    # --- restore ------------------------------------------------------------------------------
+
+    def restore(
+        self,
+        save_path: str | os.PathLike[str],
+        *,
+        verify_first: bool = False,
+        var_list: Any = None,
+    ) -> RestoreResult:
+        """Fill this saver's variables (or ``var_list``, a subset) from ``save_path``, in place.
+
+        Strict: every key must be in the checkpoint with the variable's dtype and a shape the
+        variable accepts; otherwise nothing is written and the error lists each culprit.
+        Initializes uninitialized variables without running their initializers.
+
+        Args:
+            verify_first: check every checksum before writing anything (one extra read);
+                without it a checksum failure marks the variables already written as
+                uninitialized and names them.
+            var_list: restore only these (list or dict, as in the constructor).
+
+        Raises:
+            CheckpointNotFoundError: no committed checkpoint at ``save_path``.
+            CheckpointMismatchError: missing keys, or shape/dtype mismatches (listed).
+            CheckpointCorruptError: damaged files (header, size, checksum).
+        """
+        if save_path is None:
+            raise InvalidArgumentError("Can't load save_path when it is None.")
+        targets = self._vars if var_list is None else _var_map(var_list, allow_empty=False)
+        return restore_variables(os.fspath(save_path), targets, verify_first=verify_first)
+
+
+# --- the machinery, shared with gv.load_checkpoint ------------------------------------------------
+
+
+def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: VariablePolicy, step: int | None) -> None:
+    """Write and commit the checkpoint ``prefix`` of ``variables`` (validated first)."""
+    folder, base = os.path.split(prefix)
+    entries = []
+    for key, var in variables.items():
+        if not var.initialized:
+            raise UninitializedVariableError(
+                f"cannot save variable '{var.name}' (key {key!r}): it is not initialized; nothing was written"
+            )
+        st.st_dtype(var.dtype, key=key)  # a dtype safetensors cannot hold fails before any write
+        entries.append((key, np.dtype(var.dtype), tuple(var.shape)))  # type: ignore[arg-type]
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    _files.remove_stale_temps(folder)
+
+    index_path = os.path.join(folder, _format.index_file(base))
+    if os.path.exists(index_path):  # retire the old checkpoint of this prefix first (decision 15)
+        os.unlink(index_path)
+        _files.fsync_dir(folder)
+
+    written: list[str] = []
+    try:
+        writer = st.SafetensorsWriter(
+            os.path.join(folder, _format.data_file(base)),
+            entries,
+            metadata={"format": _format.FORMAT, "version": str(_format.VERSION)},
+        )
+        try:
+            for key in writer.order:
+                writer.write(key, _transfer.source(variables[key]))
+            record = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        written.append(record.file)
+        files: dict[str, dict[str, Any]] = {
+            record.file: {"role": "data", "size": record.size, "checksum": record.header_checksum}
+        }
+        if policy.saves_devices():
+            payload = _files.dump_json(
+                {
+                    "format": _format.DEVICES_FORMAT,
+                    "version": _format.VERSION,
+                    "devices": {key: {"device": var.device, "kind": "plain"} for key, var in variables.items()},
+                }
+            )
+            name = _format.devices_file(base)
+            _files.write_bytes_atomic(os.path.join(folder, name), payload, sync_dir=False)
+            written.append(name)
+            files[name] = {"role": "devices", "size": len(payload), "checksum": st.checksum(payload)}
+        index = _format.build_index(
+            policy,
+            step,
+            _files.now(),
+            {
+                key: {
+                    "shape": list(var.shape),  # type: ignore[arg-type]
+                    "dtype": st.st_dtype(var.dtype),
+                    "kind": "plain",
+                    "trainable": var.trainable,
+                    "file": record.file,
+                    "checksum": record.tensors[key],
+                }
+                for key, var in variables.items()
+            },
+            files,
+        )
+        _files.write_bytes_atomic(index_path, _files.dump_json(index))  # the commit
+    except BaseException:
+        for name in written:  # invisible without the index; tidy up what we can
+            try:
+                os.unlink(os.path.join(folder, name))
+            except OSError:
+                pass
+        raise
+
+
+def delete_checkpoint(prefix: str) -> None:
+    """Remove a checkpoint: its index first (it becomes invisible), then its other files."""
+    folder, base = os.path.split(prefix)
+    index_path = os.path.join(folder, _format.index_file(base))
+    try:
+        index = _format.read_index(prefix)
+        names = list(index.files)
+    except CheckpointError:
+        names = [_format.data_file(base), _format.devices_file(base)]
+    try:
+        os.unlink(index_path)
+    except FileNotFoundError:
+        pass
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+
+
+def _check_compatible(index: _format.Index, targets: Mapping[str, Variable]) -> None:
+    """Every key present with an acceptable shape and the same dtype, else one error listing all."""
+    problems = []
+    missing = [k for k in targets if k not in index.variables]
+    if missing:
+        problems.append(
+            "missing keys: "
+            + ", ".join(repr(k) for k in missing[:20])
+            + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
+        )
+    for key, var in targets.items():
+        entry = index.variables.get(key)
+        if entry is None:
+            continue
+        saved_dtype = st.np_dtype(entry.dtype)
+        if var.dtype is not None and saved_dtype != var.dtype:
+            problems.append(f"{key!r}: dtype {saved_dtype} in the checkpoint, variable '{var.name}' has {var.dtype}")
+        declared = var.declared_shape
+        if declared is not None and not (
+            len(declared) == len(entry.shape) and all(d is None or d == s for d, s in zip(declared, entry.shape))
+        ):
+            problems.append(
+                f"{key!r}: shape {entry.shape} in the checkpoint, variable '{var.name}' accepts {declared}"
+            )
+    if problems:
+        raise CheckpointMismatchError(
+            f"Restoring from checkpoint {index.prefix!r} failed: the variables do not match it; "
+            "nothing was restored:\n  " + "\n  ".join(problems)
+        )
+
+
+def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_first: bool = False) -> RestoreResult:
+    """Validate ``prefix`` against ``targets`` completely, then stream each tensor in."""
+    index = _format.read_index(prefix)
+    _check_compatible(index, targets)
+    devices = _format.read_devices(index) if index.policy.saves_devices() else {}
+    by_file: dict[str, list[str]] = {}
+    for key in targets:
+        by_file.setdefault(index.variables[key].file, []).append(key)
+    readers: dict[str, st.SafetensorsReader] = {}
+    try:
+        for name in by_file:  # open and validate every header before any byte is written
+            reader = st.SafetensorsReader(index.path(name))
+            readers[name] = reader
+            if reader.header_checksum != index.files[name]["checksum"]:
+                raise CheckpointCorruptError(f"{index.path(name)!r}: its header fails the checksum in the index (damaged)")
+            for key in by_file[name]:
+                info = reader.tensors.get(key)
+                entry = index.variables[key]
+                if info is None or info.shape != entry.shape or st.st_dtype(info.dtype) != entry.dtype:
+                    raise CheckpointCorruptError(
+                        f"{index.path(name)!r}: tensor {key!r} disagrees with the index (shape/dtype) or is absent"
+                    )
+        if verify_first:
+            for name, keys in by_file.items():
+                bad = readers[name].verify({k: index.variables[k].checksum for k in keys})
+                if bad:
+                    raise CheckpointCorruptError(
+                        f"{index.path(name)!r}: checksum failed for {', '.join(map(repr, bad))}; nothing was restored"
+                    )
+        done: list[Variable] = []
+        for name, keys in by_file.items():
+            for key in keys:
+                var = targets[key]
+                done.append(var)
+                try:
+                    storage = _transfer.restore(readers[name], key, var, index.variables[key].checksum)
+                except CheckpointCorruptError as exc:
+                    for v in done:
+                        v._mark_uninitialized()
+                    names = ", ".join(f"'{v.name}'" for v in done)
+                    raise CheckpointCorruptError(
+                        f"{exc}; the restore had already written {names}, now marked uninitialized "
+                        "(restore with verify_first=True to leave variables untouched on damage)"
+                    ) from exc
+                var._set_storage(storage)
+    finally:
+        for reader in readers.values():
+            reader.close()
+    differences = {
+        key: (devices[key]["device"], var.device)
+        for key, var in targets.items()
+        if key in devices and devices[key]["device"] != var.device
+    }
+    return RestoreResult(index.prefix, tuple(targets), differences)
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
+    """The newest committed prefix recorded in ``checkpoint_dir``, or None (also when its files are gone).
+
+    Example:
+        >>> import gpuvars as gv, tempfile
+        >>> gv.latest_checkpoint(tempfile.mkdtemp()) is None
+        True
+    """
+    folder = os.fspath(checkpoint_dir)
+    state = _files.read_state(folder)
+    if state is None or state["latest"] is None:
+        return None
+    prefix = os.path.join(folder, state["latest"])
+    if not os.path.exists(os.path.join(folder, _format.index_file(state["latest"]))):
+        return None
+    return prefix
+
+
+def get_checkpoint_state(checkpoint_dir: str | os.PathLike[str]) -> CheckpointState | None:
+    """The folder's checkpoint state (paths joined onto the folder), or None if it has none."""
+    folder = os.fspath(checkpoint_dir)
+    state = _files.read_state(folder)
+    if state is None:
+        return None
+    return CheckpointState(
+        model_checkpoint_path=None if state["latest"] is None else os.path.join(folder, state["latest"]),
+        all_model_checkpoint_paths=[os.path.join(folder, e["prefix"]) for e in state["all"]],
+        all_model_checkpoint_timestamps=[float(e["timestamp"]) for e in state["all"]],
+        last_preserved_timestamp=float(state.get("last_preserved_timestamp", 0.0)),
+    )
+
+
+def iter_files(prefix: str) -> Iterable[str]:
+    """The files of a committed checkpoint (index last)."""
+    index = _format.read_index(prefix)
+    yield from (index.path(n) for n in index.files)
+    yield os.path.join(index.folder, _format.index_file(index.base))

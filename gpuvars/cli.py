@@ -1,0 +1,111 @@
+"""Command line: ``python -m gpuvars {inspect,verify,devices,demo}``.
+
+``inspect`` is TF's inspect_checkpoint (print_tensors_in_checkpoint_file) for gpuvars
+checkpoints and plain .safetensors files; ``verify`` checks every checksum and exits
+non-zero on damage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from gpuvars.errors import GpuvarsError
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from gpuvars.checkpoint import _stformat as st
+    from gpuvars.checkpoint.load import CheckpointReader
+
+    path: str = args.prefix
+    rows: list[tuple[str, str, tuple[int, ...], str]] = []
+    get: Any
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        reader = st.SafetensorsReader(path)
+        rows = [(k, st.st_dtype(i.dtype), i.shape, "") for k, i in sorted(reader.tensors.items())]
+        get = reader.get_tensor
+        header = f"# plain safetensors file {path}"
+    else:
+        ckpt = CheckpointReader(path)
+        devices = ckpt.get_variable_to_device_map()
+        dtypes = ckpt.get_variable_to_dtype_map()
+        rows = [(k, st.st_dtype(dtypes[k]), s, devices.get(k, "")) for k, s in ckpt.get_variable_to_shape_map().items()]
+        get = ckpt.get_tensor
+        step = "" if ckpt.global_step is None else f", global_step {ckpt.global_step}"
+        header = f"# checkpoint {ckpt.prefix} (policy {ckpt.policy}{step})"
+    if args.tensor is not None:
+        names = {r[0] for r in rows}
+        if args.tensor not in names:
+            print(f"Key {args.tensor} not found in checkpoint", file=sys.stderr)
+            return 1
+        print(f"tensor_name:  {args.tensor}")
+        print(np.array2string(get(args.tensor), threshold=args.threshold))
+        return 0
+    print(header)
+    for key, dtype, shape, device in rows:
+        if args.all:
+            print(f"tensor_name:  {key}")
+            print(np.array2string(get(key), threshold=args.threshold))
+        else:
+            where = f" {device}" if device else ""
+            print(f"{key} ({dtype}) [{','.join(map(str, shape))}]{where}")
+    total = sum(int(np.prod(shape, dtype=np.int64)) for _, _, shape, _ in rows)
+    print(f"# Total number of params: {total}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from gpuvars.checkpoint.load import CheckpointReader
+
+    reader = CheckpointReader(args.prefix)
+    bad = reader.verify()
+    if bad:
+        print(f"DAMAGED: {args.prefix}: checksum failed for {', '.join(bad)}", file=sys.stderr)
+        return 1
+    print(f"ok: {reader.prefix}: {len(reader.keys())} tensors verified")
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    import backends
+    from gpuvars import config
+    from gpuvars.placement import list_devices
+
+    print("\n".join(list_devices()))
+    for library in ("cupy", "jax"):
+        probe = backends.probe(library, "gpu")
+        print(f"# {library} GPU: {probe.count} device(s)" + (f" ({probe.reason})" if probe.reason else ""))
+    print(f"# CPU backend: {config.get_cpu_backend()}; GPU backend: {config.get_gpu_backend() or 'auto'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        from gpuvars.demo import main as demo_main
+
+        return demo_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m gpuvars", description="gpuvars command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="list a checkpoint's tensors (TF's inspect_checkpoint)")
+    p.add_argument("prefix", help="checkpoint prefix, or a plain .safetensors file")
+    p.add_argument("--tensor", help="print this tensor's value")
+    p.add_argument("--all", action="store_true", help="print every tensor's value")
+    p.add_argument("--threshold", type=int, default=1000, help="numpy print threshold")
+    p.set_defaults(fn=_inspect)
+    p = sub.add_parser("verify", help="check every checksum; exit 1 on damage")
+    p.add_argument("prefix")
+    p.set_defaults(fn=_verify)
+    p = sub.add_parser("devices", help="list this process's devices and GPU probes")
+    p.set_defaults(fn=_devices)
+    sub.add_parser("demo", help="train, checkpoint, restart and resume (the main job)")
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except GpuvarsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,117 @@
+"""The main job: train softmax regression with gpuvars variables, checkpoint, restart, resume.
+
+It runs on the best device of this machine (``/gpu:0`` when a GPU is usable, else soft
+placement puts it on ``/cpu:0``), saves every ``--every`` steps with ``max_to_keep``, then
+builds fresh variables as a restarted process would, restores the latest checkpoint and
+shows the loss continuing from where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+import gpuvars as gv
+
+
+def _data(n: int, d: int, c: int, seed: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    w_true = rng.standard_normal((d, c)).astype(np.float32)
+    labels = np.argmax(x @ w_true + 0.5 * rng.standard_normal((n, c)), axis=1)
+    return x, np.eye(c, dtype=np.float32)[labels]
+
+
+def _model(d: int, c: int, device: str) -> tuple[gv.Variable, gv.Variable]:
+    w = gv.Variable(gv.initializers.GlorotUniform(seed=1), shape=(d, c), name="softmax/weights", device=device)
+    b = gv.Variable(gv.zeros([c]), name="softmax/bias", device=device)
+    return w, b
+
+
+def _step(w: gv.Variable, b: gv.Variable, x: Any, y: Any, lr: float) -> float:
+    """One gradient step of softmax cross-entropy, computed on the variables' device."""
+    xp = w.physical_device.backend.xp
+    logits = x @ w.value() + b.value()
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = xp.exp(logits)
+    p = p / p.sum(axis=1, keepdims=True)
+    loss = float(-(y * xp.log(p + 1e-9)).sum() / x.shape[0])
+    err = (p - y) / x.shape[0]
+    w.assign_sub(lr * (x.T @ err))
+    b.assign_sub(lr * err.sum(axis=0))
+    return loss
+
+
+def _loss(w: gv.Variable, b: gv.Variable, x: Any, y: Any) -> float:
+    xp = w.physical_device.backend.xp
+    logits = x @ w.value() + b.value()
+    logits = logits - logits.max(axis=1, keepdims=True)
+    logp = logits - xp.log(xp.exp(logits).sum(axis=1, keepdims=True))
+    return float(-(y * logp).sum() / x.shape[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpuvars demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="training steps before the restart (default 300)")
+    parser.add_argument("--every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    parser.add_argument("--keep", type=int, default=3, help="max_to_keep (default 3)")
+    parser.add_argument("--device", default="/gpu:0", help="where to train (default /gpu:0; soft placement falls back)")
+    parser.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: a new temporary folder)")
+    parser.add_argument("--lr", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.every < 1:
+        parser.error("--steps and --every must be >= 1")
+    ckpt_dir = args.ckpt_dir or tempfile.mkdtemp(prefix="gpuvars-demo-")
+    prefix = os.path.join(ckpt_dir, "model.ckpt")
+    x_host, y_host = _data(4096, 32, 10, seed=0)
+    policy = gv.SaveOptions(experimental_variable_policy=gv.VariablePolicy.SAVE_VARIABLE_DEVICES)
+
+    print(f"gpuvars demo: devices {gv.list_devices()}; checkpoints in {ckpt_dir}")
+    with gv.Registry():
+        w, b = _model(32, 10, args.device)
+        gv.global_variables_initializer().run()
+        print(f"training on {w.device} ({w.backend}); {w.size + b.size} parameters")
+        x, y = gv.copy_to(x_host, w.device), gv.copy_to(y_host, w.device)
+        saver = gv.Saver(max_to_keep=args.keep, options=policy)
+        t0 = time.perf_counter()
+        loss = _loss(w, b, x, y)
+        for step in range(1, args.steps + 1):
+            loss = _step(w, b, x, y, args.lr)
+            if step % args.every == 0 or step == args.steps:
+                saved = saver.save(prefix, global_step=step)
+                print(f"  step {step:5d}  loss {loss:.4f}  saved {os.path.basename(saved)}")
+        final = _loss(w, b, x, y)
+        print(f"trained {args.steps} steps in {time.perf_counter() - t0:.2f}s; loss now {final:.4f}")
+        print(f"kept checkpoints: {[os.path.basename(p) for p in saver.last_checkpoints]}")
+
+    # A restarted process: fresh variables (deferred, never initialized), then restore.
+    latest = gv.latest_checkpoint(ckpt_dir)
+    if latest is None:
+        print("no checkpoint found", file=sys.stderr)
+        return 1
+    with gv.Registry():
+        w2, b2 = _model(32, 10, args.device)
+        result = gv.Saver().restore(latest)
+        x, y = gv.copy_to(x_host, w2.device), gv.copy_to(y_host, w2.device)
+        resumed = _loss(w2, b2, x, y)
+        print(f"restored {os.path.basename(latest)} into fresh variables on {w2.device}: loss {resumed:.4f}")
+        if not np.isclose(resumed, final, rtol=1e-5, atol=1e-6):
+            print(f"ERROR: restored loss {resumed} differs from the saved model's {final}", file=sys.stderr)
+            return 1
+        if result.device_differences:
+            print(f"  (saved devices differ: {result.device_differences})")
+        loss = resumed
+        for step in range(args.steps + 1, args.steps + 1 + args.every):
+            loss = _step(w2, b2, x, y, args.lr)
+        print(f"  resumed {args.every} more steps: loss {resumed:.4f} -> {loss:.4f}")
+        if not loss < resumed:
+            print("ERROR: the loss did not keep decreasing after the restore", file=sys.stderr)
+            return 1
+    print("ok: training continued from the checkpoint")
+    return 0
