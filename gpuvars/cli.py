@@ -8,7 +8,6 @@ non-zero on damage.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -21,35 +20,27 @@ def _inspect(args: argparse.Namespace) -> int:
     from gpuvars.checkpoint import _stformat as st
     from gpuvars.checkpoint.load import CheckpointReader
 
-    path: str = args.prefix
-    rows: list[tuple[str, str, tuple[int, ...], str]] = []
-    get: Any
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        reader = st.SafetensorsReader(path)
-        rows = [(k, st.st_dtype(i.dtype), i.shape, "") for k, i in sorted(reader.tensors.items())]
-        get = reader.get_tensor
-        header = f"# plain safetensors file {path}"
+    ckpt = CheckpointReader(args.prefix)
+    devices = ckpt.get_variable_to_device_map()
+    dtypes = ckpt.get_variable_to_dtype_map()
+    rows = [(k, st.st_dtype(dtypes[k]), s, devices.get(k, "")) for k, s in ckpt.get_variable_to_shape_map().items()]
+    if ckpt.plain:
+        header = f"# plain safetensors file {ckpt.prefix} (no checksums, no devices)"
     else:
-        ckpt = CheckpointReader(path)
-        devices = ckpt.get_variable_to_device_map()
-        dtypes = ckpt.get_variable_to_dtype_map()
-        rows = [(k, st.st_dtype(dtypes[k]), s, devices.get(k, "")) for k, s in ckpt.get_variable_to_shape_map().items()]
-        get = ckpt.get_tensor
         step = "" if ckpt.global_step is None else f", global_step {ckpt.global_step}"
         header = f"# checkpoint {ckpt.prefix} (policy {ckpt.policy}{step})"
     if args.tensor is not None:
-        names = {r[0] for r in rows}
-        if args.tensor not in names:
-            print(f"Key {args.tensor} not found in checkpoint", file=sys.stderr)
+        if not ckpt.has_tensor(args.tensor):
+            print(f"error: Key {args.tensor} not found in checkpoint {ckpt.prefix}", file=sys.stderr)
             return 1
         print(f"tensor_name:  {args.tensor}")
-        print(np.array2string(get(args.tensor), threshold=args.threshold))
+        print(np.array2string(ckpt.get_tensor(args.tensor), threshold=args.threshold))
         return 0
     print(header)
     for key, dtype, shape, device in rows:
         if args.all:
             print(f"tensor_name:  {key}")
-            print(np.array2string(get(key), threshold=args.threshold))
+            print(np.array2string(ckpt.get_tensor(key), threshold=args.threshold))
         else:
             where = f" {device}" if device else ""
             print(f"{key} ({dtype}) [{','.join(map(str, shape))}]{where}")
@@ -64,9 +55,12 @@ def _verify(args: argparse.Namespace) -> int:
     reader = CheckpointReader(args.prefix)
     bad = reader.verify()
     if bad:
-        print(f"DAMAGED: {args.prefix}: checksum failed for {', '.join(bad)}", file=sys.stderr)
+        print(f"DAMAGED: {reader.prefix}: checksum failed for {', '.join(bad)}", file=sys.stderr)
         return 1
-    print(f"ok: {reader.prefix}: {len(reader.keys())} tensors verified")
+    if reader.plain:
+        print(f"ok: {reader.prefix}: plain safetensors file, structure valid ({len(reader.keys())} tensors; it has no checksums)")
+    else:
+        print(f"ok: {reader.prefix}: {len(reader.keys())} tensors verified")
     return 0
 
 
@@ -106,6 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))
-    except GpuvarsError as exc:
+    except (GpuvarsError, OSError) as exc:  # a user-facing failure: a message, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -62,12 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=50, help="checkpoint every N steps (default 50)")
     parser.add_argument("--keep", type=int, default=3, help="max_to_keep (default 3)")
     parser.add_argument("--device", default="/gpu:0", help="where to train (default /gpu:0; soft placement falls back)")
-    parser.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: a new temporary folder)")
+    parser.add_argument(
+        "--ckpt-dir", default=None, help="checkpoint folder, kept (default: a temporary folder, removed at the end)"
+    )
     parser.add_argument("--lr", type=float, default=0.5)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.every < 1:
-        parser.error("--steps and --every must be >= 1")
-    ckpt_dir = args.ckpt_dir or tempfile.mkdtemp(prefix="gpuvars-demo-")
+    if args.steps < 1 or args.every < 1 or args.keep < 1:
+        parser.error("--steps, --every and --keep must be >= 1")
+    if args.ckpt_dir is not None:
+        return _run(args, args.ckpt_dir)
+    with tempfile.TemporaryDirectory(prefix="gpuvars-demo-") as ckpt_dir:
+        return _run(args, ckpt_dir)
+
+
+def _run(args: argparse.Namespace, ckpt_dir: str) -> int:
     prefix = os.path.join(ckpt_dir, "model.ckpt")
     x_host, y_host = _data(4096, 32, 10, seed=0)
     policy = gv.SaveOptions(experimental_variable_policy=gv.VariablePolicy.SAVE_VARIABLE_DEVICES)

@@ -75,7 +75,7 @@ def read_json(path: str, what: str) -> Any:
         raw = f.read(MAX_JSON_BYTES + 1)
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointCorruptError(f"{what} file {path!r} is not valid JSON: {exc}") from None
 
 
@@ -102,20 +102,30 @@ def _unlink_quiet(path: str) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    except OverflowError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temps(folder: str) -> list[str]:
     """Delete temporary files left in ``folder`` by processes that no longer run."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(folder or ".")
     except FileNotFoundError:

@@ -3,11 +3,16 @@
 The index is parsed and validated in full, and every file it names is checked for
 existence and size, before any tensor byte is read: structural damage never reaches
 a variable.
+
+A plain ``.safetensors`` file (written by ``safetensors.numpy.save_file``, torch, ...)
+opens as a checkpoint too, through :func:`open_checkpoint`: a synthetic index made from
+its validated header, with no checksums (the file carries none) and no devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -20,6 +25,7 @@ FORMAT = "gpuvars-checkpoint"
 DEVICES_FORMAT = "gpuvars-devices"
 VERSION = 1
 KINDS = ("plain", "mirrored", "sync_on_read", "sharded")
+PLAIN_SUFFIX = ".safetensors"
 
 
 def index_file(base: str) -> str:
@@ -48,7 +54,7 @@ class VarEntry:
     kind: str
     trainable: bool
     file: str
-    checksum: str
+    checksum: str | None  #: None for a plain .safetensors file (it carries no checksums)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +66,14 @@ class Index:
     policy: VariablePolicy
     global_step: int | None
     timestamp: float
-    checksum_algorithm: str
+    checksum_algorithm: str | None
     variables: dict[str, VarEntry]
     files: dict[str, dict[str, Any]]
+    plain: bool = False  #: a plain .safetensors file, not a committed gpuvars checkpoint
 
     @property
     def prefix(self) -> str:
+        """The checkpoint prefix (for a plain file: the file's path)."""
         return os.path.join(self.folder, self.base)
 
     def path(self, name: str) -> str:
@@ -119,7 +127,8 @@ def read_index(prefix: str) -> Index:
     _need(isinstance(raw, dict), where, "not a JSON object")
     _need(raw.get("format") == FORMAT, where, f"format is {raw.get('format')!r}, expected {FORMAT!r}")
     version = raw.get("version")
-    _need(isinstance(version, int), where, "no integer version")
+    _need(isinstance(version, int) and not isinstance(version, bool) and version >= 1, where,
+          f"version {version!r} is not a positive integer")
     if version > VERSION:
         raise CheckpointCorruptError(f"{where}: format version {version} is newer than this gpuvars reads ({VERSION}); upgrade gpuvars")
     try:
@@ -165,14 +174,15 @@ def read_index(prefix: str) -> Index:
         )
         dtype = rec.get("dtype")
         try:
-            st.np_dtype(dtype)  # type: ignore[arg-type]
+            st.np_dtype(dtype)
         except Exception:
             raise CheckpointCorruptError(f"{w}: unknown dtype {dtype!r}") from None
         kind = rec.get("kind")
         _need(kind in KINDS, w, f"unknown kind {kind!r}")
         _need(isinstance(rec.get("trainable"), bool), w, "trainable is not a bool")
         file = rec.get("file")
-        _need(file in files, w, f"its file {file!r} is not among the index's files")
+        _need(isinstance(file, str) and file in files, w, f"its file {file!r} is not among the index's files")
+        _need(file.endswith(PLAIN_SUFFIX), w, f"its file {file!r} is not a .safetensors file")
         _need(isinstance(rec.get("checksum"), str), w, "no checksum")
         variables[key] = VarEntry(key, tuple(shape), dtype, kind, rec["trainable"], file, rec["checksum"])
     return Index(folder, base, policy, step, float(ts), algo, variables, files)
@@ -188,15 +198,88 @@ def read_devices(index: Index) -> dict[str, Any]:
             )
         return {}
     path = index.path(name)
-    with open(path, "rb") as f:
-        raw = f.read(index.files[name]["size"] + 1)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(index.files[name]["size"] + 1)
+    except FileNotFoundError:
+        raise CheckpointCorruptError(f"device map {path!r} listed in the index is missing") from None
     if st.checksum(raw) != index.files[name]["checksum"]:
         raise CheckpointCorruptError(f"device map {path!r} fails its checksum (damaged)")
-    obj = read_json(path, "device map")
     where = f"device map {path!r}"
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointCorruptError(f"{where}: not valid JSON: {exc}") from None
     _need(isinstance(obj, dict) and obj.get("format") == DEVICES_FORMAT, where, "not a gpuvars device map")
     devices = obj.get("devices")
     _need(isinstance(devices, dict), where, "'devices' is not an object")
     for key, rec in devices.items():
         _need(isinstance(rec, dict) and isinstance(rec.get("device"), str), where, f"entry {key!r} has no device")
-    return devices
+    return dict(devices)
+
+
+def read_plain(path: str) -> Index:
+    """A synthetic index for a plain ``.safetensors`` file (no checksums, no devices).
+
+    The data file of a gpuvars checkpoint whose index is gone (an uncommitted or retired
+    save) is refused: a prefix without its index does not exist for readers.
+
+    Raises:
+        CheckpointNotFoundError: no such file, or an uncommitted gpuvars data file.
+        CheckpointCorruptError: the file's header or size is damaged.
+    """
+    folder, base = os.path.split(path)
+    with st.SafetensorsReader(path) as reader:
+        if reader.metadata.get("format") == FORMAT:
+            stem = base[: -len(PLAIN_SUFFIX)]
+            raise CheckpointNotFoundError(
+                f"{path!r} is the data file of a gpuvars checkpoint without its index "
+                f"({index_file(stem)} is missing: an uncommitted or retired save); it is not restored"
+            )
+        tensors = dict(reader.tensors)
+        size = reader.size
+    variables = {
+        key: VarEntry(key, info.shape, st.st_dtype(info.dtype), "plain", True, base, None)
+        for key, info in tensors.items()
+    }
+    files = {base: {"role": "data", "size": size, "checksum": None}}
+    return Index(folder, base, VariablePolicy.NONE, None, os.path.getmtime(path), None, variables, files, plain=True)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Index:
+    """The index of a committed checkpoint prefix, or a synthetic one for a plain ``.safetensors`` file.
+
+    A committed prefix wins over a file of the same name. ``X.safetensors`` that is the
+    data file of the committed checkpoint ``X`` opens as ``X`` (with its checksums).
+    """
+    path = os.fspath(path)
+    folder, base = os.path.split(path)
+    if base.endswith(PLAIN_SUFFIX) and not os.path.exists(os.path.join(folder, index_file(base))):
+        stem = base[: -len(PLAIN_SUFFIX)]
+        if stem and os.path.exists(os.path.join(folder, index_file(stem))):
+            return read_index(os.path.join(folder, stem))
+        if os.path.isfile(path):
+            return read_plain(path)
+    return read_index(path)
+
+
+def open_data(index: Index, name: str, keys: Any = ()) -> st.SafetensorsReader:
+    """Open the data file ``name`` of ``index``: its header must match the index's checksum,
+    and each of ``keys`` must be in it with the shape and dtype the index records."""
+    path = index.path(name)
+    reader = st.SafetensorsReader(path)
+    try:
+        expected = index.files[name]["checksum"]
+        if expected is not None and reader.header_checksum != expected:
+            raise CheckpointCorruptError(f"{path!r}: its header fails the checksum in the index (damaged)")
+        for key in keys:
+            info = reader.tensors.get(key)
+            entry = index.variables[key]
+            if info is None or info.shape != entry.shape or st.st_dtype(info.dtype) != entry.dtype:
+                raise CheckpointCorruptError(
+                    f"{path!r}: tensor {key!r} disagrees with the index (shape/dtype) or is absent"
+                )
+    except BaseException:
+        reader.close()
+        raise
+    return reader

@@ -523,7 +523,7 @@ class SafetensorsReader:
 
     def _chunks(self, info: TensorInfo, staging: memoryview, expected: str | None) -> Iterator[memoryview]:
         hasher = new_hasher() if expected is not None else None
-        for i in range(0, info.nbytes, staging.nbytes):
+        for i in range(0, info.nbytes, max(1, staging.nbytes)):  # an empty tensor may come with an empty buffer
             part = staging[:min(staging.nbytes, info.nbytes - i)]
             self._pread_exact(part, info.begin + i, info.name)
             if hasher is not None:

@@ -37,9 +37,10 @@ def _device_chunks(var: Variable, storage: Any) -> Iterator[np.ndarray[Any, Any]
         yield var._backend.to_numpy(flat[start : start + per])
 
 
-def restore(reader: st.SafetensorsReader, key: str, var: Variable, checksum: str) -> Any:
+def restore(reader: st.SafetensorsReader, key: str, var: Variable, checksum: str | None) -> Any:
     """Read tensor ``key`` into ``var``'s storage (allocated if needed); returns the storage.
 
+    ``checksum`` is verified as the bytes pass (None: a plain file without checksums).
     The caller adopts the returned storage with ``var._set_storage``.
     """
     info = reader.tensors[key]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -19,8 +20,8 @@ from gpuvars.checkpoint import _format
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.saver import restore_variables
 from gpuvars.errors import CheckpointMismatchError, InvalidArgumentError, PlacementWarning
-from gpuvars.initializers import Zeros
-from gpuvars.placement import resolve
+from gpuvars.initializers import Initializer
+from gpuvars.placement import list_devices, resolve
 from gpuvars.variable import Variable
 
 __all__ = ["CheckpointReader", "LoadedCheckpoint", "load_checkpoint"]
@@ -62,23 +63,33 @@ def load_checkpoint(
 
     Placement: ``device=`` puts every variable there; otherwise, when the checkpoint
     recorded devices (SAVE_VARIABLE_DEVICES or EXPAND_DISTRIBUTED_VARIABLES), each goes to
-    its saved device after ``device_map`` remapping (soft placement falls back with a
-    warning; with it off a missing device is a DevicePlacementError naming it); otherwise
-    the enclosing ``gv.device`` scope decides. Variables join the current registry (their
-    ``.name`` may be uniquified; the key is stable).
+    its saved device after ``device_map`` remapping (soft placement falls back with one
+    :class:`~gpuvars.PlacementWarning` for the load; with it off a missing device is a
+    DevicePlacementError naming it); otherwise the enclosing ``gv.device`` scope decides.
+    Variables join the current registry (their ``.name`` may be uniquified, or have
+    characters a variable name cannot hold replaced by ``_``; the key is stable). A
+    loaded variable's initializer re-reads its value from the checkpoint, so a later
+    ``gv.global_variables_initializer()`` does not wipe it.
+
+    ``prefix`` may also be a plain ``.safetensors`` file (e.g. written by
+    ``safetensors.numpy.save_file``): one trainable variable per tensor, placed by
+    ``device=`` or the scope (such a file has no checksums and no devices).
 
     Args:
-        prefix: the checkpoint prefix (``ckpt/model.ckpt-1000``).
+        prefix: the checkpoint prefix (``ckpt/model.ckpt-1000``) or a ``.safetensors`` file.
         device: one device for all variables (overrides the saved map).
-        device_map: ``{"/gpu:3": "/gpu:0", "/gpu:*": "/cpu:0"}`` or a callable ``saved -> device``.
-        verify_first: verify every checksum before creating anything.
+        device_map: ``{"/gpu:3": "/gpu:0", "/gpu:*": "/cpu:0"}`` or a callable ``saved -> device``
+            (None keeps the saved device).
+        verify_first: verify every checksum before writing any value.
 
     Returns:
-        A :class:`LoadedCheckpoint` (a dict) whose ``moved`` says what did not land where saved.
+        A :class:`LoadedCheckpoint` (a dict) whose ``moved`` says what did not land where saved
+        (remapped by ``device_map``/``device=``, or moved by soft placement).
 
     Raises:
-        CheckpointNotFoundError, CheckpointCorruptError: as for a restore; no variable is left
-        registered when the load fails.
+        CheckpointNotFoundError, CheckpointCorruptError: as for a restore.
+        DevicePlacementError: a saved (or remapped) device is missing and soft placement is off.
+        No variable is left registered when the load fails.
 
     Example:
         >>> import gpuvars as gv, numpy as np, tempfile, os
@@ -93,49 +104,88 @@ def load_checkpoint(
     """
     if device_map is not None and not (callable(device_map) or isinstance(device_map, Mapping)):
         raise InvalidArgumentError(f"device_map must be a dict or a callable, got {type(device_map).__name__}")
-    index = _format.read_index(os.fspath(prefix))
+    index = _format.open_checkpoint(prefix)
     saved = _format.read_devices(index) if index.policy.saves_devices() else {}
     created: dict[str, Variable] = {}
     moved: dict[str, tuple[str, str]] = {}
+    fallbacks: list[str] = []
     try:
         for key, entry in index.variables.items():
-            where: Any = device
-            wanted = None
-            if where is None and key in saved:
+            init = _FromCheckpoint(index.prefix, key, entry.shape, st.np_dtype(entry.dtype))
+            name = _variable_name(key)
+            if device is None and key in saved:
                 wanted = _remap(saved[key]["device"], device_map)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", PlacementWarning)  # reported once below, as a move
-                    where = resolve(wanted, f"checkpoint key {key!r}").name
-            var = Variable(
-                Zeros(entry.shape, st.np_dtype(entry.dtype)),
-                name=key,
-                trainable=entry.trainable,
-                device=where,
-            )
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", PlacementWarning)
+                    physical = resolve(wanted, f"checkpoint key {key!r}")
+                if caught:
+                    fallbacks.append(f"{key!r} {wanted} -> {physical.name}")
+                with _devices.device(None):  # a resolved device: enclosing scopes do not apply
+                    var = Variable(init, name=name, trainable=entry.trainable, device=physical.name)
+            else:
+                var = Variable(init, name=name, trainable=entry.trainable, device=device)
             created[key] = var
             if key in saved and var.device != saved[key]["device"]:
                 moved[key] = (saved[key]["device"], var.device)
         restore_variables(index.prefix, created, verify_first=verify_first)
+        if fallbacks:
+            warnings.warn(
+                f"load_checkpoint({index.prefix!r}): soft placement put {len(fallbacks)} variable(s) on "
+                f"another device than the checkpoint asks for: {', '.join(fallbacks[:10])}"
+                + (f" (and {len(fallbacks) - 10} more)" if len(fallbacks) > 10 else "")
+                + f"; available devices: {list_devices()}",
+                PlacementWarning,
+                stacklevel=2,
+            )
     except BaseException:
         for var in created.values():  # leave nothing half-loaded in the registry
             if var._registry is not None:
                 var._registry._release(var.name, var)
         raise
-    if moved:
-        warnings.warn(
-            f"load_checkpoint({index.prefix!r}): {len(moved)} variable(s) not on their saved devices: "
-            + ", ".join(f"{k!r} {a} -> {b}" for k, (a, b) in list(moved.items())[:10]),
-            PlacementWarning,
-            stacklevel=2,
-        )
     out = LoadedCheckpoint(created)
     out.moved = moved
     out.prefix = index.prefix
     return out
 
 
+_NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")  # the registry's rule for names
+
+
+def _variable_name(key: str) -> str:
+    """A valid variable name for checkpoint key ``key`` (the key itself when it is one)."""
+    if _NAME_OK.match(key):
+        return key
+    name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", key)
+    return name if _NAME_OK.match(name) else f"v{name}"
+
+
+class _FromCheckpoint(Initializer):
+    """A loaded variable's initial value: its tensor, re-read from the checkpoint on the
+    variable's device (checksum-verified). Restores never run it."""
+
+    def __init__(self, prefix: str, key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        super().__init__(shape, dtype)
+        self.prefix = prefix
+        self.key = key
+
+    def _draw(self, device: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        index = _format.open_checkpoint(self.prefix)
+        entry = index.variables.get(self.key)
+        if entry is None or entry.shape != tuple(shape) or st.np_dtype(entry.dtype) != dtype:
+            raise CheckpointMismatchError(
+                f"initializing from checkpoint {self.prefix!r}: key {self.key!r} is no longer there "
+                f"with shape {tuple(shape)} and dtype {dtype}"
+            )
+        with _format.open_data(index, entry.file, [self.key]) as reader:
+            host = reader.get_tensor(self.key, expected_checksum=entry.checksum)
+        return device.backend.asarray(host, dtype, device.backend_index)
+
+
 class CheckpointReader:
     """Lazy read access to a checkpoint: keys, shapes, dtypes and devices without loading data.
+
+    Opens a committed checkpoint prefix or a plain ``.safetensors`` file (``plain`` is then
+    True: no checksums, no devices, every tensor trainable).
 
     Example:
         >>> import gpuvars as gv, numpy as np, tempfile, os
@@ -149,8 +199,13 @@ class CheckpointReader:
     """
 
     def __init__(self, prefix: str | os.PathLike[str]) -> None:
-        self._index = _format.read_index(os.fspath(prefix))
+        self._index = _format.open_checkpoint(prefix)
         self._devices = _format.read_devices(self._index) if self._index.policy.saves_devices() else {}
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is a plain .safetensors file (no checksums, no devices) rather than a checkpoint."""
+        return self._index.plain
 
     @property
     def prefix(self) -> str:
@@ -177,6 +232,9 @@ class CheckpointReader:
     def get_variable_to_dtype_map(self) -> dict[str, np.dtype[Any]]:
         return {k: st.np_dtype(e.dtype) for k, e in sorted(self._index.variables.items())}
 
+    def get_variable_to_trainable_map(self) -> dict[str, bool]:
+        return {k: e.trainable for k, e in sorted(self._index.variables.items())}
+
     def get_variable_to_device_map(self) -> dict[str, str]:
         """Saved devices (empty when the policy saved none)."""
         return {k: v["device"] for k, v in sorted(self._devices.items())}
@@ -188,18 +246,29 @@ class CheckpointReader:
             raise CheckpointMismatchError(
                 f"Key {key!r} not found in checkpoint {self.prefix!r}; it has: {', '.join(self.keys()[:10])}"
             )
-        with st.SafetensorsReader(self._index.path(entry.file)) as reader:
+        with _format.open_data(self._index, entry.file, [key]) as reader:
             return reader.get_tensor(key, expected_checksum=entry.checksum)
 
     def verify(self) -> list[str]:
-        """Keys whose bytes fail their checksums (empty when the checkpoint is sound)."""
+        """Keys whose bytes fail their checksums (empty when the checkpoint is sound).
+
+        A damaged header is reported as ``<header of FILE>``; structural damage (sizes,
+        unparsable headers) raises CheckpointCorruptError. A plain .safetensors file has no
+        checksums: only its structure is checked (when it was opened).
+        """
         bad: list[str] = []
         by_file: dict[str, dict[str, str]] = {}
         for key, entry in self._index.variables.items():
-            by_file.setdefault(entry.file, {})[key] = entry.checksum
+            files = by_file.setdefault(entry.file, {})
+            if entry.checksum is not None:
+                files[key] = entry.checksum
         for name, expected in by_file.items():
             with st.SafetensorsReader(self._index.path(name)) as reader:
-                if reader.header_checksum != self._index.files[name]["checksum"]:
+                want = self._index.files[name]["checksum"]
+                if want is not None and reader.header_checksum != want:
                     bad.append(f"<header of {name}>")
-                bad.extend(reader.verify(expected))
+                    continue
+                missing = [k for k in expected if k not in reader.tensors]
+                bad.extend(missing)
+                bad.extend(reader.verify({k: c for k, c in expected.items() if k in reader.tensors}))
         return bad

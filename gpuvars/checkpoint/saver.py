@@ -12,6 +12,7 @@ where it already lives.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from typing import Any, Iterable, Mapping
 
@@ -35,6 +36,7 @@ __all__ = ["CheckpointState", "RestoreResult", "Saver", "get_checkpoint_state", 
 
 def _var_map(var_list: Any, allow_empty: bool) -> dict[str, Variable]:
     """``{checkpoint key: variable}`` from None (the registry now), a list or a dict."""
+    items: list[tuple[Any, Any]]
     if var_list is None:
         items = [(v.name, v) for v in current_registry().variables()]
     elif isinstance(var_list, Mapping):
@@ -62,6 +64,24 @@ def _var_map(var_list: Any, allow_empty: bool) -> dict[str, Variable]:
     if not out and not allow_empty:
         raise InvalidArgumentError("No variables to save")
     return out
+
+
+def _step_number(global_step: Any) -> int:
+    """The int of ``global_step``: an int (numpy ints too) or an initialized integer Variable."""
+    value = global_step
+    if isinstance(global_step, Variable):
+        if global_step.dtype is None or global_step.dtype.kind not in "iu" or global_step.shape != ():
+            raise InvalidArgumentError(
+                f"global_step variable '{global_step.name}' must be a scalar integer variable, "
+                f"got dtype {global_step.dtype} shape {global_step.shape}"
+            )
+        value = global_step.numpy()
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(f"global_step must be an int or an int Variable, got {global_step!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"global_step must be an int or an int Variable, got {global_step!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,14 +181,9 @@ class Saver:
         if not isinstance(opts, SaveOptions):
             raise InvalidArgumentError(f"options must be a gv.SaveOptions, got {type(opts).__name__}")
         folder, base = _files.split_prefix(save_path, "Saver.save")
-        if global_step is not None:
-            step = int(global_step.numpy()) if isinstance(global_step, Variable) else global_step
-            if not isinstance(step, (int, np.integer)) or isinstance(step, bool):
-                raise InvalidArgumentError(f"global_step must be an int or an int Variable, got {global_step!r}")
-            base = f"{base}-{int(step)}"
-            step = int(step)
-        else:
-            step = None
+        step = None if global_step is None else _step_number(global_step)
+        if step is not None:
+            base = f"{base}-{step}"
         prefix = os.path.join(folder, base)
         write_checkpoint(prefix, self._vars, opts.policy, step)
         self._after_commit(prefix, folder)
@@ -185,10 +200,10 @@ class Saver:
                 self._last_preserved = ts  # kept for good: leaves the rotation, not the disk
                 continue
             doomed.append(old)
-        _files.write_state(
+        _files.write_state(  # a folder's state lists only that folder's checkpoints (plain names)
             folder,
             os.path.basename(prefix),
-            [(os.path.basename(p), t) for p, t in self._last],
+            [(os.path.basename(p), t) for p, t in self._last if os.path.dirname(p) == folder],
             self._last_preserved,
         )
         for old in doomed:
@@ -208,6 +223,10 @@ class Saver:
         Strict: every key must be in the checkpoint with the variable's dtype and a shape the
         variable accepts; otherwise nothing is written and the error lists each culprit.
         Initializes uninitialized variables without running their initializers.
+
+        ``save_path`` is a checkpoint prefix, or a plain ``.safetensors`` file (written by
+        ``safetensors.numpy.save_file``, ``safetensors.torch.save_file``, ...): its tensor
+        names are the keys; it has no checksums, so only its structure is verified.
 
         Args:
             verify_first: check every checksum before writing anything (one extra read);
@@ -232,14 +251,15 @@ class Saver:
 def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: VariablePolicy, step: int | None) -> None:
     """Write and commit the checkpoint ``prefix`` of ``variables`` (validated first)."""
     folder, base = os.path.split(prefix)
-    entries = []
+    entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
     for key, var in variables.items():
-        if not var.initialized:
+        dtype, shape = var.dtype, var.shape
+        if not var.initialized or dtype is None or shape is None:
             raise UninitializedVariableError(
                 f"cannot save variable '{var.name}' (key {key!r}): it is not initialized; nothing was written"
             )
-        st.st_dtype(var.dtype, key=key)  # a dtype safetensors cannot hold fails before any write
-        entries.append((key, np.dtype(var.dtype), tuple(var.shape)))  # type: ignore[arg-type]
+        st.st_dtype(dtype, key=key)  # a dtype safetensors cannot hold fails before any write
+        entries.append((key, np.dtype(dtype), tuple(shape)))
     if folder:
         os.makedirs(folder, exist_ok=True)
     _files.remove_stale_temps(folder)
@@ -279,20 +299,21 @@ def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: Var
             _files.write_bytes_atomic(os.path.join(folder, name), payload, sync_dir=False)
             written.append(name)
             files[name] = {"role": "devices", "size": len(payload), "checksum": st.checksum(payload)}
+            _files.fsync_dir(folder)  # every renamed file is durable before the index names it
         index = _format.build_index(
             policy,
             step,
             _files.now(),
             {
                 key: {
-                    "shape": list(var.shape),  # type: ignore[arg-type]
-                    "dtype": st.st_dtype(var.dtype),
+                    "shape": list(shape),
+                    "dtype": st.st_dtype(dtype),
                     "kind": "plain",
-                    "trainable": var.trainable,
+                    "trainable": variables[key].trainable,
                     "file": record.file,
                     "checksum": record.tensors[key],
                 }
-                for key, var in variables.items()
+                for key, dtype, shape in entries
             },
             files,
         )
@@ -358,8 +379,15 @@ def _check_compatible(index: _format.Index, targets: Mapping[str, Variable]) -> 
 
 
 def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_first: bool = False) -> RestoreResult:
-    """Validate ``prefix`` against ``targets`` completely, then stream each tensor in."""
-    index = _format.read_index(prefix)
+    """Validate ``prefix`` against ``targets`` completely, then stream each tensor in.
+
+    ``prefix`` is a committed checkpoint or a plain ``.safetensors`` file. Nothing is
+    written until the index, the device map, every header and every key/shape/dtype have
+    been checked (and, with ``verify_first``, every checksum). If the streaming pass then
+    fails (a checksum, an I/O error, an interrupt), every variable it had started to write
+    is marked uninitialized and named: never a silent mix of old and new values.
+    """
+    index = _format.open_checkpoint(prefix)
     _check_compatible(index, targets)
     devices = _format.read_devices(index) if index.policy.saves_devices() else {}
     by_file: dict[str, list[str]] = {}
@@ -367,21 +395,12 @@ def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_fi
         by_file.setdefault(index.variables[key].file, []).append(key)
     readers: dict[str, st.SafetensorsReader] = {}
     try:
-        for name in by_file:  # open and validate every header before any byte is written
-            reader = st.SafetensorsReader(index.path(name))
-            readers[name] = reader
-            if reader.header_checksum != index.files[name]["checksum"]:
-                raise CheckpointCorruptError(f"{index.path(name)!r}: its header fails the checksum in the index (damaged)")
-            for key in by_file[name]:
-                info = reader.tensors.get(key)
-                entry = index.variables[key]
-                if info is None or info.shape != entry.shape or st.st_dtype(info.dtype) != entry.dtype:
-                    raise CheckpointCorruptError(
-                        f"{index.path(name)!r}: tensor {key!r} disagrees with the index (shape/dtype) or is absent"
-                    )
+        for name, keys in by_file.items():  # open and validate every header before any byte is written
+            readers[name] = _format.open_data(index, name, keys)
         if verify_first:
             for name, keys in by_file.items():
-                bad = readers[name].verify({k: index.variables[k].checksum for k in keys})
+                expected = {k: c for k in keys if (c := index.variables[k].checksum) is not None}
+                bad = readers[name].verify(expected)
                 if bad:
                     raise CheckpointCorruptError(
                         f"{index.path(name)!r}: checksum failed for {', '.join(map(repr, bad))}; nothing was restored"
@@ -393,15 +412,20 @@ def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_fi
                 done.append(var)
                 try:
                     storage = _transfer.restore(readers[name], key, var, index.variables[key].checksum)
-                except CheckpointCorruptError as exc:
+                    var._set_storage(storage)  # also fixes a callable-made variable's dtype and shape
+                except BaseException as exc:
                     for v in done:
                         v._mark_uninitialized()
                     names = ", ".join(f"'{v.name}'" for v in done)
-                    raise CheckpointCorruptError(
-                        f"{exc}; the restore had already written {names}, now marked uninitialized "
+                    note = (
+                        f"the restore had already written {names}, now marked uninitialized "
                         "(restore with verify_first=True to leave variables untouched on damage)"
-                    ) from exc
-                var._set_storage(storage)
+                    )
+                    if isinstance(exc, CheckpointCorruptError):
+                        raise CheckpointCorruptError(f"{exc}; {note}") from exc
+                    if hasattr(exc, "add_note"):  # Python 3.11+
+                        exc.add_note(f"restoring {index.prefix!r}: {note}")
+                    raise
     finally:
         for reader in readers.values():
             reader.close()
