@@ -27,6 +27,7 @@ __all__ = [
     "installed",
     "owner_of",
     "probe",
+    "request_cpu_devices",
     "reset",
 ]
 
@@ -59,8 +60,13 @@ _cache: dict[tuple[str, str], Probe] = {}
 
 
 def installed(library: str) -> bool:
-    """Whether ``library`` can be imported, without importing it."""
-    return library in sys.modules or importlib.util.find_spec(library) is not None
+    """Whether ``library`` can be imported, without importing it.
+
+    A ``None`` entry in ``sys.modules`` (Python's way to block an import) counts as absent.
+    """
+    if library in sys.modules:
+        return sys.modules[library] is not None
+    return importlib.util.find_spec(library) is not None
 
 
 def probe(library: str, platform: str) -> Probe:
@@ -93,6 +99,16 @@ def _probe(library: str, platform: str) -> Probe:
     return Probe(library, platform, count, "", backend)
 
 
+def request_cpu_devices(library: str, count: int) -> None:
+    """Ask ``library`` for ``count`` CPU devices before it starts (only JAX has a say).
+
+    Once JAX has started its count is fixed and this changes nothing; the probe then
+    reports the count JAX really has.
+    """
+    if library == "jax" and installed("jax"):
+        importlib.import_module("backends.jax").request_cpu_devices(count)
+
+
 def get(library: str, platform: str) -> Backend:
     """The usable backend for ``library`` on ``platform``; RuntimeError with the reason if none."""
     p = probe(library, platform)
@@ -101,17 +117,23 @@ def get(library: str, platform: str) -> Backend:
     return p.backend
 
 
+#: top-level module of an array type -> the library that serves it
+_LIBRARY_OF_MODULE = {"numpy": "numpy", "cupy": "cupy", "jax": "jax", "jaxlib": "jax"}
+
+
 def owner_of(array: object) -> Backend | None:
     """The backend whose library made ``array``, or None for anything else.
 
-    Only libraries already in ``sys.modules`` are asked: an array of a library that
-    was never imported cannot exist, so this never imports anything new.
+    The type's module names the library, so a Python scalar or list costs one dict
+    look-up and only that library's backends are asked. A library that was never
+    imported cannot have made the array, so this never imports (or starts) anything.
     """
-    if type(array).__module__.startswith("numpy"):
-        return probe("numpy", "cpu").backend if hasattr(array, "__array_interface__") else None
-    for library, platform in _TABLE:
-        if library != "numpy" and library in sys.modules:
-            backend = probe(library, platform).backend
+    library = _LIBRARY_OF_MODULE.get(type(array).__module__.partition(".")[0])
+    if library is None or sys.modules.get(library) is None:
+        return None
+    for lib, platform in _TABLE:
+        if lib == library:
+            backend = probe(lib, platform).backend
             if backend is not None and backend.owns(array):
                 return backend
     return None

@@ -7,6 +7,7 @@ library's own errors; the engine maps them to its own hierarchy at one boundary.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -30,6 +31,13 @@ class Backend(Protocol):
 
     def device_count(self) -> int:
         """How many devices of this platform the library can use (0 when none)."""
+
+    def scope(self, device: int) -> AbstractContextManager[Any]:
+        """Make ``device`` current for the library's own calls inside the block (array math
+        the engine does not route through this protocol, e.g. initial-value expressions)."""
+
+    def check_dtype(self, dtype: np.dtype[Any]) -> None:
+        """Raise TypeError (saying why) if this library cannot hold arrays of ``dtype``."""
 
     def owns(self, array: object) -> bool:
         """Whether ``array`` is an array of this backend's library."""

@@ -36,6 +36,13 @@ class CupyBackend:
     def device_count(self) -> int:
         return self._count
 
+    def scope(self, device: int) -> Any:
+        return cupy.cuda.Device(device)
+
+    def check_dtype(self, dtype: np.dtype[Any]) -> None:
+        if dtype.kind not in "biufc":  # bfloat16 / float8 (ml_dtypes), objects, strings
+            raise TypeError(f"CuPy has no {dtype} arrays (it holds bool, int, uint, float and complex)")
+
     def owns(self, array: object) -> bool:
         return isinstance(array, cupy.ndarray)
 
@@ -45,9 +52,11 @@ class CupyBackend:
     def asarray(self, value: Any, dtype: np.dtype[Any], device: int) -> Any:
         with cupy.cuda.Device(device):
             if isinstance(value, cupy.ndarray):
-                out = cupy.empty(value.shape, dtype=dtype)
-                out[...] = value  # peer copy when value lives on another GPU
-                return out
+                if value.device.id == device:
+                    return value.astype(dtype, copy=True)
+                # cupy.copy allocates on the current device and copies across devices (peer
+                # or staged); kernels and copyto with casting refuse operands on another GPU
+                return cupy.copy(value).astype(dtype, copy=False)
             return cupy.array(np.asarray(value, dtype=dtype), copy=True)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any], device: int) -> Any:
@@ -62,7 +71,8 @@ class CupyBackend:
 
     def to_numpy(self, array: Any) -> np.ndarray[Any, Any]:
         with cupy.cuda.Device(array.device.id):
-            return cupy.asnumpy(array)
+            out: np.ndarray[Any, Any] = cupy.asnumpy(array)
+            return out
 
     def apply(self, op: str, dst: Any, src: Any, device: int) -> Any:
         with cupy.cuda.Device(device):
@@ -89,12 +99,12 @@ class CupyBackend:
             elif op == "max":
                 cupyx.scatter_max(dst, idx, upd)
             else:  # mul/div: no atomic kernel; one round per repeat of an index
+                fn = cupy.multiply if op == "mul" else cupy.true_divide
                 for rows in unique_rounds(cupy.asnumpy(idx)):
                     pos = cupy.asarray(rows)
-                    if op == "mul":
-                        dst[idx[pos]] *= upd[pos]
-                    else:
-                        dst[idx[pos]] /= upd[pos]
+                    sel = idx[pos]
+                    # setitem casts like numpy's ufunc.at (integer division truncates)
+                    dst[sel] = fn(dst[sel], upd[pos])
         return dst
 
     def random(

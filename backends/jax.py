@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -13,6 +14,15 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the JAX backend needs jax: pip install 'gpuvars[jax]' (or jax[cuda12] for GPUs)"
     ) from err
+
+
+def request_cpu_devices(count: int) -> None:
+    """Set JAX's CPU device count if JAX has not started yet (afterwards it is fixed)."""
+    config: Any = jax.config  # jax.config.update is untyped
+    try:
+        config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backends are initialized: the count can no longer change
+        pass
 
 
 class JaxBackend:
@@ -44,6 +54,21 @@ class JaxBackend:
     def device_count(self) -> int:
         return len(self._devices)
 
+    def scope(self, device: int) -> contextlib.AbstractContextManager[Any]:
+        # committed operands already decide where JAX computes; nothing to make current
+        return contextlib.nullcontext()
+
+    def check_dtype(self, dtype: np.dtype[Any]) -> None:
+        # With jax_enable_x64 off JAX would silently narrow 64-bit dtypes (float64 -> float32).
+        if dtype.hasobject:
+            raise TypeError(f"JAX arrays hold numbers, not {dtype}")
+        held = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+        if held != dtype:
+            raise TypeError(
+                f"JAX would store {dtype} as {held} because jax_enable_x64 is off; enable it "
+                f"(jax.config.update('jax_enable_x64', True)) or ask for dtype={held}"
+            )
+
     def owns(self, array: object) -> bool:
         if not isinstance(array, jax.Array):
             return False
@@ -61,13 +86,13 @@ class JaxBackend:
         return jax.device_put(np.asarray(value, dtype=dtype), dev)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any], device: int) -> Any:
-        with jax.default_device(self._devices[device]):
-            return jnp.zeros(shape, dtype=dtype)
+        # device= commits the array: later ops can never move the storage elsewhere
+        # (an uncommitted array, e.g. one made under jax.default_device, follows its operands)
+        return jnp.zeros(shape, dtype=dtype, device=self._devices[device])
 
     def full(self, shape: tuple[int, ...], fill: Any, dtype: np.dtype[Any], device: int) -> Any:
-        with jax.default_device(self._devices[device]):
-            out = jnp.broadcast_to(jnp.asarray(np.asarray(fill), dtype=dtype), shape)
-            return jax.device_put(jnp.array(out, copy=True), self._devices[device])
+        src = jax.device_put(np.asarray(fill).astype(dtype, copy=False), self._devices[device])
+        return jnp.broadcast_to(src, shape)  # computed on the device from a committed operand
 
     def to_numpy(self, array: Any) -> np.ndarray[Any, Any]:
         return np.array(array, copy=True)
@@ -106,7 +131,7 @@ class JaxBackend:
 
     def synchronize(self, device: int) -> None:
         # JAX has no per-device barrier; a tiny blocking computation drains the queue in order.
-        jax.block_until_ready(jax.device_put(0, self._devices[device]))
+        jax.device_put(0, self._devices[device]).block_until_ready()
 
     def from_dlpack(self, obj: Any, device: int) -> Any:
         return jax.device_put(jnp.from_dlpack(obj), self._devices[device])

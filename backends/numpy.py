@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,6 +31,13 @@ class NumpyBackend:
 
     def device_count(self) -> int:
         return 1
+
+    def scope(self, device: int) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def check_dtype(self, dtype: np.dtype[Any]) -> None:
+        if dtype.hasobject:
+            raise TypeError(f"numpy storage holds numbers, not {dtype}")
 
     def owns(self, array: object) -> bool:
         return isinstance(array, np.ndarray)

@@ -40,12 +40,13 @@ class Expression:
     @property
     def shape(self) -> tuple[int, ...] | None:
         """The broadcast shape of the leaves and constants, or None while a leaf's shape is unknown."""
-        shapes = []
+        shapes: list[tuple[int, ...]] = []
         for leaf in _walk(self):
             if isinstance(leaf, _Leaf):
-                if leaf.var._known_shape() is None:
+                known = leaf.var._known_shape()
+                if known is None:
                     return None
-                shapes.append(leaf.var._known_shape())
+                shapes.append(known)
             elif isinstance(leaf, _Const):
                 shapes.append(np.shape(leaf.value))
         return tuple(np.broadcast_shapes(*shapes)) if shapes else ()
@@ -99,8 +100,9 @@ for _name, _fn in [
     setattr(Expression, f"__r{_name}__", _binary(_fn, reflected=True))
 for _name, _fn in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge)]:
     setattr(Expression, f"__{_name}__", _binary(_fn))
-for _name, _fn in [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs)]:
-    setattr(Expression, f"__{_name}__", _unary(_fn))
+_UNARY: list[tuple[str, Callable[[Any], Any]]] = [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs)]
+for _name, _fn1 in _UNARY:
+    setattr(Expression, f"__{_name}__", _unary(_fn1))
 
 
 class _Leaf(Expression):

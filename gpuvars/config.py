@@ -34,7 +34,8 @@ _GUARDS = ("allow", "log", "disallow")
 
 _lock = threading.Lock()
 _soft_placement = True
-_gpu_backend: str | None = None  # None = auto (CuPy if usable, else JAX)
+_UNSET = "unset"
+_gpu_backend: str | None = _UNSET  # never set: env GPUVARS_GPU_BACKEND; None = auto (CuPy, else JAX)
 _cpu_backend: str | None = None  # None = env GPUVARS_CPU_BACKEND, else numpy
 _logical_cpus: int | None = None
 _frozen = False
@@ -74,8 +75,9 @@ def _check_unfrozen(what: str) -> None:
 def set_gpu_backend(name: str | None) -> None:
     """Choose the library behind ``/gpu:N``: "cupy", "jax" or None (auto: CuPy if usable, else JAX).
 
-    The environment variable ``GPUVARS_GPU_BACKEND`` gives the default. Must be called
-    before the first placement.
+    The environment variable ``GPUVARS_GPU_BACKEND`` ("cupy", "jax" or "auto") is used
+    until this is called; an explicit ``None`` means auto whatever it says. Must be
+    called before the first placement.
 
     Raises:
         InvalidArgumentError: an unknown name, or the device table is already fixed.
@@ -89,8 +91,13 @@ def set_gpu_backend(name: str | None) -> None:
 
 
 def get_gpu_backend() -> str | None:
-    """The configured GPU backend ("cupy", "jax") or None for auto."""
-    if _gpu_backend is not None:
+    """The configured GPU backend ("cupy", "jax") or None for auto.
+
+    Raises:
+        InvalidArgumentError: ``GPUVARS_GPU_BACKEND`` (consulted when nothing was set) is
+            not "cupy", "jax" or "auto".
+    """
+    if _gpu_backend != _UNSET:
         return _gpu_backend
     env = os.environ.get("GPUVARS_GPU_BACKEND", "").strip().lower() or None
     if env is not None and env not in _GPU_BACKENDS and env != "auto":
@@ -196,4 +203,4 @@ def _reset_for_tests() -> None:
     """Forget every setting and unfreeze (tests only)."""
     global _soft_placement, _gpu_backend, _cpu_backend, _logical_cpus, _frozen
     with _lock:
-        _soft_placement, _gpu_backend, _cpu_backend, _logical_cpus, _frozen = True, None, None, None, False
+        _soft_placement, _gpu_backend, _cpu_backend, _logical_cpus, _frozen = True, _UNSET, None, None, False

@@ -93,6 +93,14 @@ def _shape(shape: Any, what: str) -> tuple[int, ...]:
     return out
 
 
+def _dtype(dtype: Any, what: str) -> np.dtype[Any]:
+    try:
+        out: np.dtype[Any] = np.dtype(dtype)
+    except TypeError:
+        raise InvalidArgumentError(f"{what}: {dtype!r} is not a dtype") from None
+    return out
+
+
 class Initializer:
     """Base class: a recipe for a variable's initial value, drawn on the variable's device.
 
@@ -107,7 +115,10 @@ class Initializer:
     def __init__(self, shape: Sequence[int] | None = None, dtype: Any = None) -> None:
         name = type(self).__name__
         self.shape = None if shape is None else _shape(shape, name)
-        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.dtype = None if dtype is None else _dtype(dtype, name)
+
+    def check_dtype(self, dtype: np.dtype[Any]) -> None:
+        """Raise InvalidArgumentError if this initializer cannot produce ``dtype``."""
 
     def materialize(self, device: PhysicalDevice, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         """Draw a new array of ``shape``/``dtype`` on ``device`` (the init op calls this)."""
@@ -118,17 +129,23 @@ class Initializer:
 
     def __call__(self, shape: Sequence[int] | None = None, dtype: Any = None) -> np.ndarray[Any, Any]:
         """Keras-style: a host numpy array of ``shape`` and ``dtype`` (default float32)."""
-        from gpuvars.placement import resolve
+        from gpuvars.placement import host_device
 
         shp = _shape(shape, type(self).__name__) if shape is not None else self.shape
         if shp is None:
             raise InvalidArgumentError(f"{type(self).__name__}() needs a shape")
-        dt = np.dtype(dtype) if dtype is not None else (self.dtype or np.dtype(np.float32))
-        device = resolve("/cpu:0")
-        return np.asarray(device.backend.to_numpy(self._draw(device, shp, dt)))
+        dt = _dtype(dtype, type(self).__name__) if dtype is not None else (self.dtype or np.dtype(np.float32))
+        device = host_device()  # numpy on the host: no device table, no GPU library
+        out: np.ndarray[Any, Any] = self._draw(device, shp, dt)
+        return out
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        shown = {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k != "kind" and not (k in ("shape", "dtype") and v is None)
+        }
+        params = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}({params})"
 
 
@@ -178,15 +195,19 @@ class _Random(Initializer):
     def _next_seed(self) -> int:
         if self._base is None:
             return secrets.randbits(62)
-        state = np.random.SeedSequence([*self._base, next(self._runs)]).generate_state(2, np.uint32)
+        entropy = [x % 2**64 for x in (*self._base, next(self._runs))]  # TF seeds may be negative
+        state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
         return int(state[0]) << 31 | int(state[1]) >> 1
 
     def _params(self, shape: tuple[int, ...]) -> tuple[float, float]:
         raise NotImplementedError
 
-    def _draw(self, device: PhysicalDevice, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
-        if dtype.kind != "f" and dtype.name not in ("bfloat16",) and not dtype.name.startswith("float8"):
+    def check_dtype(self, dtype: np.dtype[Any]) -> None:
+        if dtype.kind != "f" and dtype.name != "bfloat16" and not dtype.name.startswith("float8"):
             raise InvalidArgumentError(f"{type(self).__name__} draws floats; dtype {dtype} is not a float type")
+
+    def _draw(self, device: PhysicalDevice, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        self.check_dtype(dtype)
         params = self._params(shape)
         return device.backend.random(self.kind, shape, dtype, self._next_seed(), device.backend_index, params)
 

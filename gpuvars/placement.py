@@ -9,10 +9,11 @@ or the device list) is first asked for.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
 import warnings
 from typing import Any
+
+import numpy as np
 
 import backends
 from backends import Backend
@@ -20,7 +21,7 @@ from gpuvars import config
 from gpuvars.devices import DeviceSpec
 from gpuvars.errors import DevicePlacementError, InvalidArgumentError, PlacementWarning
 
-__all__ = ["PhysicalDevice", "copy_to", "default_device", "list_devices", "resolve"]
+__all__ = ["PhysicalDevice", "copy_to", "default_device", "host_array", "host_device", "list_devices", "resolve"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,7 +70,8 @@ class _Table:
     def gpu_devices(self) -> list[PhysicalDevice]:
         with self.lock:
             if self.gpus is None:
-                config._freeze()
+                # CPUs first: probing JAX's GPUs starts JAX, which fixes its CPU device count
+                self.cpu_devices()
                 self.gpus, self.gpu_reason = _build_gpus()
             return self.gpus
 
@@ -80,14 +82,20 @@ def _build_cpus() -> list[PhysicalDevice]:
     if library == "numpy":
         numpy_backend = backends.get("numpy", "cpu")
         return [PhysicalDevice("cpu", i, numpy_backend, 0) for i in range(logical or 1)]
-    if logical is not None and "jax" not in sys.modules:
-        import importlib
-
-        importlib.import_module("jax").config.update("jax_num_cpu_devices", logical)
+    if logical is not None:
+        backends.request_cpu_devices("jax", logical)
     probe = backends.probe("jax", "cpu")
     if probe.backend is None:
         raise DevicePlacementError(f"the CPU backend is set to 'jax' but JAX is not usable: {probe.reason}")
-    return [PhysicalDevice("cpu", i, probe.backend, i) for i in range(probe.count)]
+    if logical is None:
+        return [PhysicalDevice("cpu", i, probe.backend, i) for i in range(probe.count)]
+    if probe.count < logical:
+        raise DevicePlacementError(
+            f"set_logical_devices('cpu', {logical}) asks for {logical} JAX CPU devices, but JAX started "
+            f"with {probe.count}; JAX fixes the count when it starts, so set it first "
+            f"(XLA_FLAGS=--xla_force_host_platform_device_count={logical} before importing jax)"
+        )
+    return [PhysicalDevice("cpu", i, probe.backend, i) for i in range(logical)]
 
 
 def _build_gpus() -> tuple[list[PhysicalDevice], str]:
@@ -139,12 +147,14 @@ def _available(spec: DeviceSpec) -> tuple[PhysicalDevice | None, str]:
     return None, f"this process has {len(pool)} {dtype} device(s)"
 
 
-def resolve(spec: DeviceSpec | str | None, what: str = "a variable") -> PhysicalDevice:
+def resolve(spec: DeviceSpec | str | None, what: str = "a variable", stacklevel: int = 1) -> PhysicalDevice:
     """The physical device for ``spec`` (None: the default device), applying soft placement.
 
     Args:
         spec: a DeviceSpec, a device string, or None.
         what: the thing being placed, for messages (e.g. "variable 'w'").
+        stacklevel: the frame a fallback warning points at: 1 is the caller of ``resolve``,
+            2 its caller, and so on (so it can point at user code).
 
     Raises:
         DevicePlacementError: the device does not exist and soft placement is off.
@@ -160,24 +170,62 @@ def resolve(spec: DeviceSpec | str | None, what: str = "a variable") -> Physical
         existing = list_devices()
         if not config.get_soft_device_placement():
             raise DevicePlacementError(
-                f"Could not satisfy device specification '{spec.to_string()}' for {what}: {reason}. "
+                f"Could not satisfy device specification '{spec.short_string()}' for {what}: {reason}. "
                 f"Soft placement is off (gv.config.set_soft_device_placement(True) would fall back). "
                 f"Available devices: {existing}"
             )
         fallback = _fallback(spec)
     warnings.warn(
-        f"Soft device placement: '{spec.to_string()}' is not available ({reason}); "
+        # the message names the spec, not the variable: Python shows it once per spec and line
+        f"Soft device placement: '{spec.short_string()}' is not available ({reason}); "
         f"using '{fallback.name}' instead. Available devices: {existing}",
         PlacementWarning,
-        stacklevel=2,
+        stacklevel=stacklevel + 1,
     )
     return fallback
 
 
 def _fallback(spec: DeviceSpec) -> PhysicalDevice:
-    """Keep the device type if any device of it exists (index 0), else ``/cpu:0``."""
+    """Keep the device type if any device of it exists (index 0); else the default device
+    when no type was asked for (another job or task); else ``/cpu:0``."""
+    if spec.device_type is None:
+        return default_device()
     pool = _table.gpu_devices() if spec.device_type == "GPU" else _table.cpu_devices()
     return pool[0] if pool else _table.cpu_devices()[0]
+
+
+def host_device() -> PhysicalDevice:
+    """numpy on the host, outside the device table (fixes no setting, imports no GPU library)."""
+    return PhysicalDevice("cpu", 0, backends.get("numpy", "cpu"), 0)
+
+
+_PY_DEFAULTS = {"f": np.dtype(np.float32), "c": np.dtype(np.complex64)}
+
+
+def host_array(value: Any) -> np.ndarray[Any, Any]:
+    """A host array from a Python scalar, list or host array-like, with TF/JAX default dtypes.
+
+    Python floats become float32, Python ints int32 (int64 when they do not fit), complex
+    complex64; numpy arrays and scalars keep their dtype.
+
+    Raises:
+        InvalidArgumentError: the value has no numeric array form (strings, ragged lists, ...).
+    """
+    if isinstance(value, (np.ndarray, np.generic)):
+        return np.asarray(value)
+    try:
+        host = np.asarray(value)
+    except Exception as exc:  # ragged lists, objects numpy cannot convert, ...
+        raise InvalidArgumentError(f"cannot convert {type(value).__name__} to an array: {exc}") from None
+    dtype = host.dtype
+    # kind "V" is also ml_dtypes' bfloat16/float8; only a plain void (bytes, records) is not numeric
+    if dtype.kind not in "biufcV" or dtype.type is np.void:
+        raise InvalidArgumentError(f"cannot convert {type(value).__name__} {value!r:.60} to a numeric array")
+    if dtype.kind in _PY_DEFAULTS and dtype.itemsize == 2 * _PY_DEFAULTS[dtype.kind].itemsize:
+        return host.astype(_PY_DEFAULTS[dtype.kind])
+    if dtype == np.int64 and (host.size == 0 or (host.min() >= -(2**31) and host.max() < 2**31)):
+        return host.astype(np.int32)
+    return host
 
 
 def device_of_array(array: Any) -> tuple[Backend | None, PhysicalDevice | None]:
@@ -205,17 +253,21 @@ def copy_to(value: Any, device: str | DeviceSpec | PhysicalDevice) -> Any:
         >>> gv.copy_to(np.arange(3), "/cpu:0")
         array([0, 1, 2])
     """
-    target = device if isinstance(device, PhysicalDevice) else resolve(device, "gv.copy_to")
+    target = device if isinstance(device, PhysicalDevice) else resolve(device, "gv.copy_to", stacklevel=2)
     value = getattr(value, "_gpuvars_value", lambda: value)()
     backend, _ = device_of_array(value)
     if backend is None:
-        import numpy as np
-
-        host = np.asarray(value)
-        if host.dtype == object:
-            raise InvalidArgumentError(f"gv.copy_to cannot copy a {type(value).__name__} to {target.name}")
-        value = host
-    dtype = value.dtype
+        try:
+            value = host_array(value)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"gv.copy_to to {target.name}: {exc}") from None
+    elif backend is not target.backend and backend.name != "numpy":
+        value = backend.to_numpy(value)  # between libraries: through the host
+    dtype = np.dtype(value.dtype)
+    try:
+        target.backend.check_dtype(dtype)
+    except TypeError as exc:
+        raise InvalidArgumentError(f"gv.copy_to to {target.name}: {exc}") from None
     return target.backend.asarray(value, dtype, target.backend_index)
 
 

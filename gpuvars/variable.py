@@ -15,6 +15,8 @@ snapshots. A dynamic-shape assign that changes the shape reallocates.
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import logging
 import operator
 import threading
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from backends import Backend
 from gpuvars import _expr, config, devices
 from gpuvars.errors import (
     BackendError,
@@ -33,7 +36,7 @@ from gpuvars.errors import (
     UninitializedVariableError,
 )
 from gpuvars.initializers import Initializer
-from gpuvars.placement import PhysicalDevice, device_of_array, resolve
+from gpuvars.placement import PhysicalDevice, device_of_array, host_array, resolve
 from gpuvars.registry import Registry, current_registry
 
 __all__ = [
@@ -98,30 +101,6 @@ class Op:
 
 # --- value conversion ------------------------------------------------------------------
 
-_PY_DEFAULTS = {"f": np.dtype(np.float32), "c": np.dtype(np.complex64)}
-
-
-def _host_value(value: Any) -> np.ndarray[Any, Any]:
-    """A host array from a Python scalar, list or host array-like, with TF/JAX default dtypes.
-
-    Python floats become float32, Python ints int32 (int64 when they do not fit), complex
-    complex64; numpy arrays and scalars keep their dtype.
-    """
-    if isinstance(value, (np.ndarray, np.generic)):
-        return np.asarray(value)
-    try:
-        host = np.asarray(value)
-    except Exception as exc:  # ragged lists, strings with no numeric meaning, ...
-        raise InvalidArgumentError(f"cannot convert {type(value).__name__} to an array: {exc}") from None
-    if host.dtype == object or host.dtype.kind in "USV":
-        raise InvalidArgumentError(f"cannot convert {type(value).__name__} {value!r:.60} to a numeric array")
-    if host.dtype.kind in _PY_DEFAULTS and host.dtype.itemsize == 2 * _PY_DEFAULTS[host.dtype.kind].itemsize:
-        return host.astype(_PY_DEFAULTS[host.dtype.kind])
-    if host.dtype == np.int64 and (host.size == 0 or (host.min() >= -(2**31) and host.max() < 2**31)):
-        return host.astype(np.int32)
-    return host
-
-
 def _check_cast(src: np.dtype[Any], dst: np.dtype[Any], what: str) -> None:
     if src != dst and not np.can_cast(src, dst, casting="same_kind"):
         raise InvalidArgumentError(
@@ -138,6 +117,27 @@ def _fits(shape: tuple[int, ...], declared: tuple[int | None, ...] | None) -> bo
 
 def _fmt_declared(declared: tuple[int | None, ...] | None) -> str:
     return "<any>" if declared is None else str(declared)
+
+
+def _keras_style(value: Any) -> bool:
+    """Whether ``value`` is an initializer object called as ``init(shape, dtype)`` (Keras),
+    as opposed to a zero-argument callable (TF): it needs arguments and takes two."""
+    if not callable(value) or hasattr(value, "__array__") or isinstance(value, _expr.Expression):
+        return False
+    try:
+        sig = inspect.signature(value)
+    except (TypeError, ValueError):  # some builtins have no signature: call them with none
+        return False
+    try:
+        sig.bind()
+        return False
+    except TypeError:
+        pass
+    try:
+        sig.bind((), None)
+    except TypeError:
+        return False
+    return True
 
 
 def _raise_mapped(exc: BaseException, device: PhysicalDevice, what: str) -> None:
@@ -196,6 +196,7 @@ class Variable:
         "_storage",
         "_ro",
         "_init",
+        "_init_shape",
         "_deps",
         "_trainable",
         "_synchronization",
@@ -204,6 +205,17 @@ class Variable:
         "_lock",
         "__weakref__",
     )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Variable:
+        # TF's variable-creator scope: inside strategy.scope(), gv.Variable(...) makes the
+        # strategy's distributed variable (a Variable subclass) instead.
+        if cls is Variable:
+            from gpuvars.distribute._context import _strategy
+
+            strategy = _strategy.get()
+            if strategy is not None:
+                return strategy._create_variable(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -220,6 +232,8 @@ class Variable:
         registry = current_registry()
         requested = "Variable" if name is None else name
         self._storage: Any = None
+        self._dtype: np.dtype[Any] | None = None
+        self._pending_shape: tuple[int, ...] | None = None
         self._name = registry._claim(requested, self)
         self._registry: Registry | None = registry
         try:
@@ -268,9 +282,10 @@ class Variable:
         self._lock = threading.Lock()
         self._deps: tuple[Variable, ...] = ()
         self._init: Any = None
+        self._init_shape: tuple[int, ...] | None = None
         self._ro: Any = None
         try:
-            self._dtype: np.dtype[Any] | None = None if dtype is None else np.dtype(dtype)
+            requested_dtype = None if dtype is None else np.dtype(dtype)
         except TypeError:
             raise InvalidArgumentError(f"{what}: {dtype!r} is not a dtype") from None
         declared = None if shape is None else self._parse_shape(shape, what)
@@ -278,37 +293,57 @@ class Variable:
         # Placement: explicit device= is the innermost scope; the enclosing scopes fill the gaps.
         with devices.device(device if device is not None else ""):
             spec = devices.current_device_spec("Variable", self._name)
-        self._device: PhysicalDevice = resolve(spec, what)
+        self._device: PhysicalDevice = resolve(spec, what, stacklevel=3)  # warn at the user's line
         self._backend = self._device.backend
         self._host = self._backend.name == "numpy"
+        if requested_dtype is not None:
+            self._set_dtype(requested_dtype, what)
 
         if isinstance(initial_value, _expr.Expression):
             self._init = initial_value
             self._deps = tuple(initial_value.variables())
-            self._dtype = self._dtype or initial_value.dtype
+            if self._dtype is None and initial_value.dtype is not None:
+                self._set_dtype(initial_value.dtype, what)
             self._declare(declared, validate_shape, initial_value.shape, what)
-        elif isinstance(initial_value, Initializer):
-            self._init = initial_value
-            shp = declared if declared is not None else initial_value.shape
+        elif isinstance(initial_value, Initializer) or _keras_style(initial_value):
+            # an initializer object drawn as init(shape, dtype): its own shape, else shape=
+            own = initial_value.shape if isinstance(initial_value, Initializer) else None
+            shp = own if own is not None else declared
             if shp is None or any(d is None for d in shp):
                 raise InvalidArgumentError(
                     f"{what}: the initializer {type(initial_value).__name__} needs a fully defined "
                     f"shape= (got {_fmt_declared(declared)})"
                 )
-            if initial_value.shape is not None and declared is not None and tuple(initial_value.shape) != tuple(shp):
+            if own is not None and declared is not None and not _fits(own, declared):
                 raise InvalidArgumentError(
-                    f"{what}: the initializer's shape {initial_value.shape} is not compatible with "
-                    f"the supplied shape {declared}"
+                    f"{what}: the initializer's shape {own} is not compatible with the supplied shape {declared}"
                 )
-            self._dtype = self._dtype or initial_value.dtype or np.dtype(np.float32)
-            self._declare(declared, validate_shape, tuple(shp), what)  # type: ignore[arg-type]
-        elif callable(initial_value) and not isinstance(initial_value, Variable) and not hasattr(initial_value, "__array__"):
             self._init = initial_value
+            self._init_shape = tuple(d for d in shp if d is not None)
+            if self._dtype is None:
+                own_dtype = initial_value.dtype if isinstance(initial_value, Initializer) else None
+                self._set_dtype(np.dtype(np.float32) if own_dtype is None else own_dtype, what)
+            if isinstance(initial_value, Initializer):
+                try:
+                    initial_value.check_dtype(self._dtype)  # type: ignore[arg-type]  # set just above
+                except InvalidArgumentError as exc:
+                    raise InvalidArgumentError(f"{what}: {exc}") from None
+            self._declare(declared, validate_shape, self._init_shape, what)
+        elif callable(initial_value) and not hasattr(initial_value, "__array__"):
+            self._init = initial_value  # a zero-argument callable, called by the init op
             self._declare(declared, validate_shape, None, what)
         else:
-            arr = self._convert(initial_value, what, explicit=True, default_dtype=True)
+            arr = self._convert(initial_value, what, explicit=True)
             self._declare(declared, validate_shape, tuple(arr.shape), what)
             self._install(arr)
+
+    def _set_dtype(self, dtype: np.dtype[Any], what: str) -> None:
+        """Fix the storage dtype, once, after asking the backend whether it can hold it."""
+        try:
+            self._backend.check_dtype(dtype)
+        except TypeError as exc:
+            raise InvalidArgumentError(f"{what} on {self._device.name}: {exc}") from None
+        self._dtype = dtype
 
     @staticmethod
     def _parse_shape(shape: Any, what: str) -> tuple[int | None, ...]:
@@ -332,7 +367,7 @@ class Variable:
 
         A deferred callable with no ``shape=`` fixes its shape at its first initialization.
         """
-        self._pending_shape: tuple[int, ...] | None = actual
+        self._pending_shape = actual
         self._fix_on_init = False
         if not validate_shape:
             self._declared: tuple[int | None, ...] | None = None
@@ -356,9 +391,7 @@ class Variable:
             return
         if self._host and not (arr.flags.c_contiguous and arr.flags.writeable):
             arr = np.array(arr, order="C", copy=True)
-        self._storage = arr
-        self._pending_shape = tuple(arr.shape)
-        self._ro = None
+        self._set_storage(arr)
 
     # --- identity and metadata ------------------------------------------------------------
 
@@ -487,16 +520,28 @@ class Variable:
         return self._backend.to_numpy(storage)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
+        out: np.ndarray[Any, Any]
         if self._host and not copy:
             out = self.value()
-            return out if dtype is None else out.astype(dtype, copy=False)
-        if copy is False:
+        elif copy is False:
             raise ValueError(f"variable '{self._name}' lives on {self.device}; a host array needs a copy")
-        out = self.numpy()
+        else:
+            out = self.numpy()
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __dlpack__(self, **kwargs: Any) -> Any:
-        return self.value().__dlpack__(**kwargs)
+        """DLPack export of ``value()``: a read-only live view for host variables.
+
+        A consumer that cannot receive the read-only flag (DLPack < 1.0, e.g. JAX) gets a
+        snapshot instead, never a writable alias of the storage.
+        """
+        value = self.value()
+        try:
+            return value.__dlpack__(**kwargs)
+        except BufferError:
+            if not self._host:
+                raise
+            return np.array(value).__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> Any:
         return self.value().__dlpack_device__()
@@ -513,53 +558,60 @@ class Variable:
 
     # --- updates --------------------------------------------------------------------------
 
-    def _convert(self, value: Any, what: str, explicit: bool = False, default_dtype: bool = False) -> Any:
+    def _convert(self, value: Any, what: str, explicit: bool = False) -> Any:
         """``value`` as an array on our device with our dtype; applies the transfer guard to
         implicit copies. With ``explicit`` (creation, init ops) the result is always a private
         copy that may become the storage; otherwise a same-device array of our dtype is
         returned as it is (the update reads it once)."""
         device = self._device
+        src_backend: Backend | None
+        src_device: PhysicalDevice | None
         if isinstance(value, Variable):
             src = value.value()
             src_backend, src_device = value._backend, value._device
         else:
             src_backend, src_device = device_of_array(value)
             src = value
-        if src_backend is None or src_backend.name == "numpy":
-            host = _host_value(src) if src_backend is None or default_dtype else np.asarray(src)
-            if src_device is None and isinstance(value, Variable):
-                src_device = value._device
-            kind = "host-to-device" if device.kind == "gpu" else None
-            if src_device is not None and src_device is not device:
-                kind = "device-to-device"
-            arr_src: Any = host
+        kind: str | None = None
+        if src_backend is None or src_backend.name == "numpy":  # host memory
+            arr_src: Any = host_array(src) if src_backend is None else np.asarray(src)
+            if device.kind == "gpu":
+                kind = "host-to-device"
+            elif src_device is not None and src_device is not device:
+                kind = "device-to-device"  # a variable on another logical CPU device
         else:
-            kind = None if src_device is device else "device-to-device"
             arr_src = src
+            if src_device is not device:
+                kind = "device-to-device"
         if kind is not None and not explicit:
-            self._guard(kind, value, what)
+            self._guard(kind, value, src_device, what)
         src_dtype = np.dtype(arr_src.dtype)
         if self._dtype is None:
-            self._dtype = src_dtype
-        else:
-            _check_cast(src_dtype, self._dtype, what)
+            self._set_dtype(src_dtype, what)
+        dtype: np.dtype[Any] = self._dtype  # type: ignore[assignment]  # set just above
+        _check_cast(src_dtype, dtype, what)
         try:
-            if not explicit and src_device is device and src_dtype == self._dtype:
+            if not explicit and src_device is device and src_dtype == dtype:
                 return arr_src
             if src_backend is None or src_backend.name == "numpy" or src_backend is self._backend:
-                return self._backend.asarray(arr_src, self._dtype, device.backend_index)
+                return self._backend.asarray(arr_src, dtype, device.backend_index)
             host = src_backend.to_numpy(arr_src)  # another library: through the host
-            return self._backend.asarray(host, self._dtype, device.backend_index)
+            return self._backend.asarray(host, dtype, device.backend_index)
         except Exception as exc:
             _raise_mapped(exc, device, what)
             raise
 
-    def _guard(self, kind: str, value: Any, what: str) -> None:
+    def _guard(self, kind: str, value: Any, src_device: PhysicalDevice | None, what: str) -> None:
         mode = config.get_transfer_guard()
         if mode == "allow":
             return
-        src = f"variable '{value._name}' on {value.device}" if isinstance(value, Variable) else type(value).__name__
-        text = f"{what} on {self._device.name}: implicit {kind} copy of a {src}"
+        if isinstance(value, Variable):
+            src = f"variable '{value._name}' on {value.device}"
+        elif src_device is not None:
+            src = f"{type(value).__name__} on {src_device.name}"
+        else:
+            src = f"{type(value).__name__} from {'host memory' if kind == 'host-to-device' else 'another device'}"
+        text = f"{what} on {self._device.name}: implicit {kind} copy of {src}"
         if mode == "disallow":
             raise TransferGuardError(
                 f"{text} is disallowed by transfer_guard('disallow'); copy it explicitly first "
@@ -567,26 +619,39 @@ class Variable:
             )
         _log.warning("%s", text)
 
+    @staticmethod
+    def _host_operand(value: Any) -> Any:
+        """``value`` as host memory without a copy (a host variable's operand), or None when
+        it lives on a device or is a Variable (those go through :meth:`_convert`)."""
+        if type(value) is np.ndarray:
+            return value
+        if isinstance(value, Variable) or device_of_array(value)[0] is not None:
+            return None
+        return host_array(value)
+
     def _operand(self, value: Any, op: str) -> Any:
         """``value`` ready to combine with the storage: on our device, our dtype, our shape."""
-        what = f"{op} to variable '{self._name}'"
         storage = self._storage
-        if type(value) is np.ndarray and self._host:
-            src = value
-            if src.dtype != self._dtype:
-                _check_cast(src.dtype, self._dtype, what)  # type: ignore[arg-type]
-        elif self._host and not isinstance(value, Variable) and device_of_array(value)[0] is None:
-            src = _host_value(value)
-            _check_cast(src.dtype, self._dtype, what)  # type: ignore[arg-type]
+        dtype = self._dtype
+        src = self._host_operand(value) if self._host and dtype is not None else None
+        if src is None:
+            src = self._convert(value, f"{op} to variable '{self._name}'")
+        elif src.dtype != dtype:
+            _check_cast(src.dtype, dtype, f"{op} to variable '{self._name}'")  # type: ignore[arg-type]
+        shape = src.shape
+        if storage is not None and shape == storage.shape:
+            return src
+        if storage is None:  # an assign that initializes: the declared shape still binds
+            ok, current = _fits(shape, self._declared), self._declared
         else:
-            src = self._convert(value, what)
-        if storage is not None and tuple(src.shape) != tuple(storage.shape):
-            if op != "assign" or not _fits(tuple(src.shape), self._declared):
-                raise InvalidArgumentError(
-                    f"Cannot {op} value to variable '{self._name}': shape mismatch. The variable shape "
-                    f"{tuple(storage.shape)} (declared {_fmt_declared(self._declared)}) and the value "
-                    f"shape {tuple(src.shape)} are incompatible"
-                )
+            current = storage.shape
+            ok = op == "assign" and _fits(shape, self._declared)
+        if not ok:
+            raise InvalidArgumentError(
+                f"Cannot {op} value to variable '{self._name}': shape mismatch. The variable shape "
+                f"{_fmt_declared(current)} (declared {_fmt_declared(self._declared)}) and the value "
+                f"shape {shape} are incompatible"
+            )
         return src
 
     def assign(self, value: Any, read_value: bool = True) -> Variable | None:
@@ -630,7 +695,7 @@ class Variable:
         src = self._operand(value, op)
         device = self._device
         try:
-            if storage is None or tuple(src.shape) != tuple(storage.shape):
+            if storage is None or src.shape != storage.shape:
                 # first value, or a dynamic-shape reallocation: the storage needs a private copy
                 self._install(self._backend.asarray(src, self._dtype, device.backend_index))  # type: ignore[arg-type]
                 return
@@ -677,14 +742,11 @@ class Variable:
         return self
 
     def _operand_any_shape(self, value: Any, what: str) -> Any:
-        if self._host and device_of_array(value)[0] is None and not isinstance(value, Variable):
-            src = _host_value(value)
-            _check_cast(src.dtype, self._dtype, what)  # type: ignore[arg-type]
-            return src
-        if self._host and type(value) is np.ndarray:
-            _check_cast(value.dtype, self._dtype, what)  # type: ignore[arg-type]
-            return value
-        return self._convert(value, what)
+        src = self._host_operand(value) if self._host else None
+        if src is None:
+            return self._convert(value, what)
+        _check_cast(src.dtype, self._dtype, what)  # type: ignore[arg-type]  # initialized: dtype set
+        return src
 
     def scatter_update(self, indices: Any, updates: Any) -> Variable:
         """Set rows ``indices`` (along axis 0) to ``updates`` (shape ``indices.shape + shape[1:]``)."""
@@ -736,17 +798,19 @@ class Variable:
         device = self._device
         try:
             if isinstance(init, Initializer):
-                shape = self._pending_shape
-                assert shape is not None and self._dtype is not None
-                arr = init.materialize(device, shape, self._dtype)
+                assert self._init_shape is not None and self._dtype is not None
+                arr = init.materialize(device, self._init_shape, self._dtype)
                 if self._host and not arr.flags.writeable:
                     arr = np.array(arr)
                 return arr
             if isinstance(init, _expr.Expression):
-                value = init.evaluate(resolve_dep)
+                with self._backend.scope(device.backend_index):  # CuPy computes on the current GPU
+                    value = init.evaluate(resolve_dep)
+            elif self._init_shape is not None:  # Keras-style initializer object
+                value = init(self._init_shape, self._dtype)
             else:
                 value = init()
-            arr = self._convert(value, what, explicit=True, default_dtype=True)
+            arr = self._convert(value, what, explicit=True)
         except Exception as exc:
             _raise_mapped(exc, device, what)
             raise
@@ -756,8 +820,6 @@ class Variable:
                 f"{what}: the initial value's shape {shape} is not compatible with the declared shape "
                 f"{_fmt_declared(self._declared)}"
             )
-        if self._fix_on_init:
-            self._declared, self._fix_on_init = shape, False
         return arr
 
     def _resolve_for(self, dep: Variable, fresh: dict[int, Any]) -> Any:
@@ -779,23 +841,34 @@ class Variable:
             return host
         return self._backend.asarray(host, host.dtype, self._device.backend_index)
 
+    def _restore_buffer_check(self, shape: tuple[int, ...]) -> None:
+        """Raise unless a checkpoint tensor of ``shape`` may be restored into this variable."""
+        if not _fits(tuple(shape), self._declared):
+            raise InvalidArgumentError(
+                f"variable '{self._name}': checkpoint shape {tuple(shape)} is not compatible with the "
+                f"declared shape {_fmt_declared(self._declared)}"
+            )
+
     def _restore_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         """Storage to restore into, allocated without running the initializer (Saver uses this)."""
-        if not _fits(shape, self._declared):
-            raise InvalidArgumentError(
-                f"variable '{self._name}': checkpoint shape {shape} is not compatible with the declared "
-                f"shape {_fmt_declared(self._declared)}"
-            )
+        self._restore_buffer_check(shape)
         storage = self._storage
         if storage is None or tuple(storage.shape) != shape:
             storage = self._backend.empty(shape, dtype, self._device.backend_index)
         return storage
 
     def _set_storage(self, storage: Any) -> None:
-        """Adopt ``storage`` (already on our device, our dtype) as the value."""
+        """Adopt ``storage`` (already on our device, our dtype) as the value.
+
+        The first value of a deferred callable with no ``shape=`` fixes the shape.
+        """
         self._storage = storage
         self._pending_shape = tuple(storage.shape)
         self._ro = None
+        if self._dtype is None:  # a deferred callable restored before it ever ran
+            self._dtype = np.dtype(storage.dtype)
+        if self._fix_on_init:
+            self._declared, self._fix_on_init = self._pending_shape, False
 
     def _mark_uninitialized(self) -> None:
         """Drop the value (a failed restore does this to what it had already written)."""
@@ -805,13 +878,20 @@ class Variable:
     # --- Python protocols -------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        head = f"<gpuvars.Variable '{self._name}' shape={self.shape} dtype={self._dtype} device={self.device}"
+        device = getattr(self, "_device", None)  # unset while a failing constructor runs
+        where = device.name if device is not None else "<unplaced>"
+        head = f"<gpuvars.Variable '{self._name}' shape={self.shape} dtype={self._dtype} device={where}"
         if self._storage is None:
             return head + " uninitialized>"
         return head + f", value={np.array2string(self.numpy(), threshold=6, edgeitems=2)}>"
 
+    def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(value, *args)`` with the variable's device current (CuPy computes there)."""
+        with self._backend.scope(self._device.backend_index):
+            return fn(self.value(), *args)
+
     def __getitem__(self, key: Any) -> Any:
-        return self.value()[key]
+        return self._read(operator.getitem, key)
 
     def __len__(self) -> int:
         shape = self.shape
@@ -820,26 +900,30 @@ class Variable:
         return shape[0]
 
     def __float__(self) -> float:
-        return float(self.value())
+        return float(self._read(float))
 
     def __int__(self) -> int:
-        return int(self.value())
+        return int(self._read(int))
 
     def __bool__(self) -> bool:
-        return bool(self.value())
+        return bool(self._read(bool))
 
     def __index__(self) -> int:
-        return operator.index(self.value())
-
+        return int(self._read(operator.index))
 
 
 def _read_operator(fn: Callable[[Any, Any], Any], reflected: bool = False) -> Callable[[Variable, Any], Any]:
+    """An operator that reads the value (TF: ``v + 1`` reads ``v``); an expression operand
+    defers to the expression's reflected operator."""
+
     def method(self: Variable, other: Any) -> Any:
         if isinstance(other, _expr.Expression):
             return NotImplemented
         if isinstance(other, Variable):
             other = other.value()
-        return fn(other, self.value()) if reflected else fn(self.value(), other)
+        if reflected:
+            return self._read(lambda value: fn(other, value))
+        return self._read(fn, other)
 
     return method
 
@@ -859,7 +943,7 @@ for _name, _fn in [
 for _name, _fn in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge)]:
     setattr(Variable, f"__{_name}__", _read_operator(_fn))
 for _name, _un in [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs)]:
-    setattr(Variable, f"__{_name}__", lambda self, _f=_un: _f(self.value()))
+    setattr(Variable, f"__{_name}__", lambda self, _f=_un: self._read(_f))
 
 
 # --- init ops --------------------------------------------------------------------------------
@@ -904,7 +988,7 @@ def _run_init(variables: Iterable[Variable]) -> None:
                 )
     fresh: dict[int, Any] = {}
     for v in order:
-        arr = v._materialize(lambda dep, _v=v: _v._resolve_for(dep, fresh))
+        arr = v._materialize(functools.partial(v._resolve_for, fresh=fresh))
         fresh[id(v)] = arr
         v._install(arr)
 

@@ -9,6 +9,14 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# JAX fixes its CPU device count when its backend starts, once per process: every JAX
+# CPU test in the session sees 4 devices (tests that want one use only /cpu:0). Set
+# before anything can import jax.
+JAX_CPU_DEVICES = 4
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={JAX_CPU_DEVICES}"
+    ).strip()
 
 from typing import Iterator
 
@@ -41,6 +49,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"needs 2+ GPUs, this machine has {count}: {reason}"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _start_jax_with_four_cpus() -> None:
+    """Start JAX (when installed) before any test could start it with another CPU count,
+    e.g. through ``set_logical_devices("cpu", 2)`` on the JAX CPU backend."""
+    if backends.installed("jax"):
+        import jax
+
+        jax.devices("cpu")
+
+
 @pytest.fixture(autouse=True)
 def fresh_state() -> Iterator[gv.Registry]:
     """An isolated registry and default settings for each test."""
@@ -71,6 +89,15 @@ def four_cpus(request: pytest.FixtureRequest) -> str:
     """Four logical CPU devices, served by numpy or by JAX's CPU devices."""
     config.set_cpu_backend(request.param)
     config.set_logical_devices("cpu", 4)
-    if request.param == "jax" and len(gv.list_devices()) < 4:
-        pytest.skip("JAX was started with fewer than 4 CPU devices in this process")
+    try:
+        gv.list_devices()
+    except gv.DevicePlacementError as exc:  # JAX started elsewhere with fewer CPU devices
+        pytest.skip(str(exc))
     return str(request.param)
+
+
+def jax_device_of(array: object) -> object:
+    """The one JAX device holding ``array``."""
+    devices = array.devices()  # type: ignore[attr-defined]
+    assert len(devices) == 1
+    return next(iter(devices))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint._files import check_plain_name, read_json
@@ -45,6 +45,15 @@ def replica_file(base: str, k: int, n: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Component:
+    """One replica's component (or shard) of a distributed variable, in a replica file."""
+
+    file: str
+    shape: tuple[int, ...]
+    checksum: str
+
+
+@dataclasses.dataclass(frozen=True)
 class VarEntry:
     """One saved variable as the index describes it."""
 
@@ -55,6 +64,7 @@ class VarEntry:
     trainable: bool
     file: str
     checksum: str | None  #: None for a plain .safetensors file (it carries no checksums)
+    components: tuple[Component, ...] = ()  #: EXPAND_DISTRIBUTED_VARIABLES: one per replica file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +194,19 @@ def read_index(prefix: str) -> Index:
         _need(isinstance(file, str) and file in files, w, f"its file {file!r} is not among the index's files")
         _need(file.endswith(PLAIN_SUFFIX), w, f"its file {file!r} is not a .safetensors file")
         _need(isinstance(rec.get("checksum"), str), w, "no checksum")
-        variables[key] = VarEntry(key, tuple(shape), dtype, kind, rec["trainable"], file, rec["checksum"])
+        comps = rec.get("components", [])
+        _need(isinstance(comps, list), w, "'components' is not a list")
+        parsed = []
+        for c in comps:
+            _need(isinstance(c, dict), w, f"component {c!r} is not an object")
+            cfile, cshape = c.get("file"), c.get("shape")
+            _need(isinstance(cfile, str) and cfile in files and cfile.endswith(PLAIN_SUFFIX), w,
+                  f"component file {cfile!r} is not among the index's .safetensors files")
+            _need(isinstance(cshape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                   for d in cshape), w, f"bad component shape {cshape!r}")
+            _need(isinstance(c.get("checksum"), str), w, "a component has no checksum")
+            parsed.append(Component(cfile, tuple(cshape), c["checksum"]))
+        variables[key] = VarEntry(key, tuple(shape), dtype, kind, rec["trainable"], file, rec["checksum"], tuple(parsed))
     return Index(folder, base, policy, step, float(ts), algo, variables, files)
 
 
@@ -266,16 +288,21 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Index:
 def open_data(index: Index, name: str, keys: Any = ()) -> st.SafetensorsReader:
     """Open the data file ``name`` of ``index``: its header must match the index's checksum,
     and each of ``keys`` must be in it with the shape and dtype the index records."""
+    return open_file(index, name, {k: (index.variables[k].shape, index.variables[k].dtype) for k in keys})
+
+
+def open_file(index: Index, name: str, expected: Mapping[str, tuple[tuple[int, ...], str]]) -> st.SafetensorsReader:
+    """Open file ``name`` of ``index`` (data or replica file): its header must match the
+    index's checksum, and each key of ``expected`` must be in it with that (shape, dtype)."""
     path = index.path(name)
     reader = st.SafetensorsReader(path)
     try:
-        expected = index.files[name]["checksum"]
-        if expected is not None and reader.header_checksum != expected:
+        want = index.files[name]["checksum"]
+        if want is not None and reader.header_checksum != want:
             raise CheckpointCorruptError(f"{path!r}: its header fails the checksum in the index (damaged)")
-        for key in keys:
+        for key, (shape, dtype) in expected.items():
             info = reader.tensors.get(key)
-            entry = index.variables[key]
-            if info is None or info.shape != entry.shape or st.st_dtype(info.dtype) != entry.dtype:
+            if info is None or info.shape != shape or st.st_dtype(info.dtype) != dtype:
                 raise CheckpointCorruptError(
                     f"{path!r}: tensor {key!r} disagrees with the index (shape/dtype) or is absent"
                 )

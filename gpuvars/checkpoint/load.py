@@ -19,8 +19,8 @@ from gpuvars import devices as _devices
 from gpuvars.checkpoint import _format
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.saver import restore_variables
-from gpuvars.errors import CheckpointMismatchError, InvalidArgumentError, PlacementWarning
-from gpuvars.initializers import Initializer
+from gpuvars.errors import CheckpointCorruptError, CheckpointMismatchError, InvalidArgumentError, PlacementWarning
+from gpuvars.initializers import Initializer, Zeros
 from gpuvars.placement import list_devices, resolve
 from gpuvars.variable import Variable
 
@@ -113,7 +113,10 @@ def load_checkpoint(
         for key, entry in index.variables.items():
             init = _FromCheckpoint(index.prefix, key, entry.shape, st.np_dtype(entry.dtype))
             name = _variable_name(key)
-            if device is None and key in saved:
+            rec = saved.get(key, {})
+            if device is None and entry.kind != "plain" and rec.get("components"):
+                var = _rebuild_distributed(key, entry, rec, device_map, fallbacks)
+            elif device is None and key in saved:
                 wanted = _remap(saved[key]["device"], device_map)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", PlacementWarning)
@@ -146,6 +149,54 @@ def load_checkpoint(
     out.moved = moved
     out.prefix = index.prefix
     return out
+
+
+def _rebuild_distributed(
+    key: str, entry: _format.VarEntry, rec: dict[str, Any], device_map: DeviceMap | None, fallbacks: list[str]
+) -> Any:
+    """A mirrored, sync-on-read or sharded variable with its components on the saved devices
+    (remapped, soft placement applying), without the strategy that made it; not yet filled."""
+    from gpuvars.distribute import MirroredVariable, ShardedVariable, SyncOnReadVariable
+    from gpuvars.distribute.strategy import build_components
+    from gpuvars.registry import Registry
+    from gpuvars.variable import VariableAggregation, VariableSynchronization
+
+    comps = rec["components"]
+    if not isinstance(comps, list) or not all(isinstance(c, dict) and isinstance(c.get("device"), str) for c in comps):
+        raise CheckpointCorruptError(f"device map of {key!r}: malformed components {comps!r}")
+    physical = []
+    for c in comps:
+        wanted = _remap(c["device"], device_map)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PlacementWarning)
+            dev = resolve(wanted, f"checkpoint key {key!r}")
+        if caught:
+            fallbacks.append(f"{key!r} {wanted} -> {dev.name}")
+        physical.append(dev)
+    dtype = st.np_dtype(entry.dtype)
+    name = _variable_name(key)
+    if entry.kind == "sharded":
+        rows = [c.get("rows") for c in comps]
+        if not all(isinstance(r, int) and r >= 0 for r in rows) or sum(rows) != (entry.shape or (0,))[0]:
+            raise CheckpointCorruptError(f"device map of {key!r}: shard rows {rows} do not add up to {entry.shape}")
+        with Registry(), _devices.device(None):
+            shards = [
+                Variable(Zeros((r,) + entry.shape[1:], dtype), name=f"{name}/part_{k}", trainable=entry.trainable,
+                         device=dev.name)
+                for k, (r, dev) in enumerate(zip(rows, physical))
+            ]
+        return ShardedVariable._from_shards(name, shards, entry.trainable)
+    try:
+        aggregation = VariableAggregation[rec.get("aggregation", "NONE")]
+        synchronization = VariableSynchronization[rec.get("synchronization", "AUTO")]
+    except KeyError:
+        raise CheckpointCorruptError(f"device map of {key!r}: unknown aggregation or synchronization") from None
+    parts = build_components(name, physical, Zeros(entry.shape, dtype), trainable=False)
+    cls = SyncOnReadVariable if entry.kind == "sync_on_read" else MirroredVariable
+    return cls._build(
+        name, parts, strategy=None, initial=None, trainable=entry.trainable,
+        synchronization=synchronization, aggregation=aggregation,
+    )
 
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")  # the registry's rule for names

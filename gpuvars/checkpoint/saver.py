@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import threading
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gpuvars.checkpoint import _files, _format, _transfer
+from gpuvars.checkpoint import _files, _format, _logical, _transfer
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.policy import SaveOptions, VariablePolicy
 from gpuvars.errors import (
@@ -41,7 +42,7 @@ def _var_map(var_list: Any, allow_empty: bool) -> dict[str, Variable]:
         items = [(v.name, v) for v in current_registry().variables()]
     elif isinstance(var_list, Mapping):
         items = list(var_list.items())
-    elif isinstance(var_list, Variable):
+    elif _logical.is_saveable(var_list):
         items = [(var_list.name, var_list)]
     else:
         try:
@@ -51,8 +52,10 @@ def _var_map(var_list: Any, allow_empty: bool) -> dict[str, Variable]:
     out: dict[str, Variable] = {}
     seen: dict[int, str] = {}
     for key, var in items:
-        if not isinstance(var, Variable):
-            raise InvalidArgumentError(f"var_list entry {key!r} is a {type(var).__name__}, not a gv.Variable")
+        if not _logical.is_saveable(var):
+            raise InvalidArgumentError(
+                f"var_list entry {key!r} is a {type(var).__name__}, not a gv.Variable or gv.ShardedVariable"
+            )
         if not isinstance(key, str) or not key or key == "__metadata__":
             raise InvalidArgumentError(f"checkpoint key {key!r} for variable '{var.name}' must be a non-empty string")
         if key in out:
@@ -278,7 +281,7 @@ def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: Var
         )
         try:
             for key in writer.order:
-                writer.write(key, _transfer.source(variables[key]))
+                writer.write(key, _logical.save_source(variables[key]))
             record = writer.commit()
         except BaseException:
             writer.abort()
@@ -287,12 +290,22 @@ def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: Var
         files: dict[str, dict[str, Any]] = {
             record.file: {"role": "data", "size": record.size, "checksum": record.header_checksum}
         }
+        components: dict[str, list[dict[str, Any]]] = {}
+        if policy is VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES:
+            for rec in _write_replica_files(folder, base, variables, written):
+                files[rec.file] = {"role": "replica", "size": rec.size, "checksum": rec.header_checksum}
+                for key, checksum in rec.tensors.items():
+                    comps = _logical.components(variables[key])
+                    part = comps[len(components.get(key, []))]
+                    components.setdefault(key, []).append(
+                        {"file": rec.file, "shape": list(part.shape), "checksum": checksum}  # type: ignore[arg-type]
+                    )
         if policy.saves_devices():
             payload = _files.dump_json(
                 {
                     "format": _format.DEVICES_FORMAT,
                     "version": _format.VERSION,
-                    "devices": {key: {"device": var.device, "kind": "plain"} for key, var in variables.items()},
+                    "devices": {key: _logical.device_record(var) for key, var in variables.items()},
                 }
             )
             name = _format.devices_file(base)
@@ -308,10 +321,11 @@ def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: Var
                 key: {
                     "shape": list(shape),
                     "dtype": st.st_dtype(dtype),
-                    "kind": "plain",
+                    "kind": _logical.kind_of(variables[key]),
                     "trainable": variables[key].trainable,
                     "file": record.file,
                     "checksum": record.tensors[key],
+                    **({"components": components[key]} if key in components else {}),
                 }
                 for key, dtype, shape in entries
             },
@@ -325,6 +339,45 @@ def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: Var
             except OSError:
                 pass
         raise
+
+
+def _write_replica_files(
+    folder: str, base: str, variables: Mapping[str, Any], written: list[str]
+) -> list[st.FileRecord]:
+    """``P.replica-K-of-N.safetensors``: file K holds the K-th component of every distributed
+    variable that has one; the N files are written in parallel (pwrite and xxh3 release the GIL).
+    Returns the records in replica order."""
+    dist = {key: _logical.components(var) for key, var in variables.items()}
+    dist = {key: comps for key, comps in dist.items() if comps}
+    n = max((len(c) for c in dist.values()), default=0)
+    records: list[st.FileRecord | None] = [None] * n
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        parts = {key: comps[k] for key, comps in dist.items() if len(comps) > k}
+        entries = [(key, np.dtype(c.dtype), tuple(c.shape)) for key, c in parts.items()]  # type: ignore[arg-type]
+        writer = st.SafetensorsWriter(
+            os.path.join(folder, _format.replica_file(base, k, n)),
+            entries,
+            metadata={"format": _format.FORMAT, "version": str(_format.VERSION), "replica": f"{k} of {n}"},
+        )
+        try:
+            for key in writer.order:
+                writer.write(key, _transfer.source(parts[key]))
+            records[k] = writer.commit()
+        except BaseException as exc:
+            writer.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,), name=f"gpuvars-replica-file-{k}") for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written.extend(r.file for r in records if r is not None)
+    if errors:
+        raise errors[0]
+    return [r for r in records if r is not None]
 
 
 def delete_checkpoint(prefix: str) -> None:
@@ -364,7 +417,7 @@ def _check_compatible(index: _format.Index, targets: Mapping[str, Variable]) -> 
         saved_dtype = st.np_dtype(entry.dtype)
         if var.dtype is not None and saved_dtype != var.dtype:
             problems.append(f"{key!r}: dtype {saved_dtype} in the checkpoint, variable '{var.name}' has {var.dtype}")
-        declared = var.declared_shape
+        declared = var.declared_shape if isinstance(var, Variable) else var.shape  # sharded: the full shape
         if declared is not None and not (
             len(declared) == len(entry.shape) and all(d is None or d == s for d, s in zip(declared, entry.shape))
         ):
@@ -390,42 +443,44 @@ def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_fi
     index = _format.open_checkpoint(prefix)
     _check_compatible(index, targets)
     devices = _format.read_devices(index) if index.policy.saves_devices() else {}
-    by_file: dict[str, list[str]] = {}
-    for key in targets:
-        by_file.setdefault(index.variables[key].file, []).append(key)
+    plans = {key: _logical.plan(index, key, var) for key, var in targets.items()}
+    by_file: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    for reads in plans.values():
+        for r in reads:
+            by_file.setdefault(r.file, {})[r.key] = (r.shape, r.dtype)
     readers: dict[str, st.SafetensorsReader] = {}
     try:
-        for name, keys in by_file.items():  # open and validate every header before any byte is written
-            readers[name] = _format.open_data(index, name, keys)
+        for name, expected in by_file.items():  # open and validate every header before any byte is written
+            readers[name] = _format.open_file(index, name, expected)
         if verify_first:
-            for name, keys in by_file.items():
-                expected = {k: c for k in keys if (c := index.variables[k].checksum) is not None}
-                bad = readers[name].verify(expected)
+            for name in by_file:
+                want = {r.key: r.checksum for reads in plans.values() for r in reads
+                        if r.file == name and r.checksum is not None}
+                bad = readers[name].verify(want)
                 if bad:
                     raise CheckpointCorruptError(
                         f"{index.path(name)!r}: checksum failed for {', '.join(map(repr, bad))}; nothing was restored"
                     )
-        done: list[Variable] = []
-        for name, keys in by_file.items():
-            for key in keys:
-                var = targets[key]
-                done.append(var)
-                try:
-                    storage = _transfer.restore(readers[name], key, var, index.variables[key].checksum)
-                    var._set_storage(storage)  # also fixes a callable-made variable's dtype and shape
-                except BaseException as exc:
-                    for v in done:
-                        v._mark_uninitialized()
-                    names = ", ".join(f"'{v.name}'" for v in done)
-                    note = (
-                        f"the restore had already written {names}, now marked uninitialized "
-                        "(restore with verify_first=True to leave variables untouched on damage)"
-                    )
-                    if isinstance(exc, CheckpointCorruptError):
-                        raise CheckpointCorruptError(f"{exc}; {note}") from exc
-                    if hasattr(exc, "add_note"):  # Python 3.11+
-                        exc.add_note(f"restoring {index.prefix!r}: {note}")
-                    raise
+        done: list[Any] = []
+        for key, reads in plans.items():
+            var = targets[key]
+            done.append(var)
+            try:
+                for r in reads:
+                    r.apply(readers[r.file])
+            except BaseException as exc:
+                for v in done:
+                    v._mark_uninitialized()
+                names = ", ".join(f"'{v.name}'" for v in done)
+                note = (
+                    f"the restore had already written {names}, now marked uninitialized "
+                    "(restore with verify_first=True to leave variables untouched on damage)"
+                )
+                if isinstance(exc, CheckpointCorruptError):
+                    raise CheckpointCorruptError(f"{exc}; {note}") from exc
+                if hasattr(exc, "add_note"):  # Python 3.11+
+                    exc.add_note(f"restoring {index.prefix!r}: {note}")
+                raise
     finally:
         for reader in readers.values():
             reader.close()

@@ -1,0 +1,983 @@
+"""Checkpoint save/restore of gpuvars against raw I/O and the usual formats, same bytes, one run.
+
+Systems (every one saves the same tensor bytes and ends its save with an fsync of the file):
+
+===========  ===========================================  ==============================================
+system       save (timed)                                 restore (timed)
+===========  ===========================================  ==============================================
+raw          the safetensors byte layout written with     ``readinto`` each tensor's bytes into existing,
+             ``f.write`` per tensor, ``flush``, ``fsync``   prefaulted numpy buffers (the read limit)
+             (the write limit)
+gpuvars      ``gv.Saver(vars).save(prefix)`` (its own      ``saver.restore(prefix)``: into the existing
+             fsyncs: data, index, state file, folder)     variables, xxh3 checksums checked on the way
+safetensors  ``safetensors.numpy.save_file`` + fsync*     ``safetensors.numpy.load_file`` (allocates)
+numpy        ``np.savez`` + fsync*                        ``np.load`` + reading every array (allocates)
+torch        ``torch.save`` of ``torch.from_numpy``        ``torch.load(weights_only=True)`` (allocates);
+             tensors + fsync* (only if torch is           only if torch is installed
+             installed)
+===========  ===========================================  ==============================================
+
+``*`` these APIs do not fsync; the benchmark adds one ``os.fsync`` of the file inside the
+timed step so every save is durable. ``verify`` (gpuvars only) times
+``gv.CheckpointReader(prefix).verify()`` and is reported as a fraction of the gpuvars warm
+restore (the design requires checksum verification to cost under a fifth of one).
+
+Workloads: ``big`` = 64 float32 tensors of 16 MiB (1 GiB, shapes vary: 2048x2048,
+4096x1024, 1024x4096, 4194304); ``small`` = 20,000 float32 tensors of 64 elements (shapes
+64, 8x8, 4x16, 16x4, 2x4x8). Data is random (seeded), so nothing compresses.
+
+Method (the project's rules for benchmarks on these VMs):
+
+- Each (system, workload, phase) cell runs in a fresh process (this program re-invokes
+  itself with ``--cell``) that builds the data, times one step and prints one JSON line.
+  Every cell runs once per round, ``--repeats`` rounds (default 3), the order of the
+  systems rotating between rounds so drift spreads over all of them; the table quotes the
+  median over rounds and the min-max. ``--profile`` adds one cProfiled, untimed step to the
+  gpuvars cells of the first round (printed to stderr).
+- Memory freed on these VMs goes back to the host and the next first touch runs at
+  ~0.5 GB/s, for page-cache pages as much as for process memory (measured here: a 1 GiB
+  write into the page cache took 1.5-2.5 s cold, 0.2-0.4 s warm). So all source and
+  destination buffers are touched before timing, and right before each timed step the cell
+  touches and frees an anonymous buffer of the data size + 64 MiB, and (save cells) writes
+  and unlinks a scratch file of that size in the same folder (distinct content in every page),
+  so that the kernel's free pages the step will use are already backed. Allocating loaders
+  therefore pay ordinary page faults, not the VM's first-touch cost.
+- Peak extra RSS = VmHWM after the timed step - VmRSS just before it, with VmHWM reset by
+  writing ``5`` to ``/proc/self/clear_refs`` (checked at start). It counts file pages that
+  a loader maps (safetensors mmaps the file) as well as allocations. Children run with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's default, pinned) so freed big arrays go back to
+  the kernel between repeats instead of staying in the heap and hiding the next repeat's
+  allocations.
+- Restores are warm-cache (the file was just written and fsynced; its pages are cached)
+  unless ``--cold``, which syncs and drops the page cache before each timed restore (needs
+  root). raw and gpuvars restore into existing buffers/variables (zeroed, untimed, before
+  each repeat); safetensors, numpy and torch allocate their results (that is their API).
+  Every restore is checked against the source's xxh3 per tensor (untimed).
+- Files go to ``--dir`` (default /tmp/gpuvars-bench), one sub-folder per cell, deleted
+  after each repeat and at the end of the cell.
+
+``--gpu`` adds GPU cells (big and small, save and restore) when CuPy and/or JAX can use
+``/gpu:0``: ``gpuvars-cupy`` / ``gpuvars-jax`` (variables on /gpu:0, ``Saver.save`` /
+``Saver.restore`` into them) against ``base-cupy`` (``cupy.asnumpy`` + write, fsync; read
+into a host buffer + ``cupy.asarray``) and ``base-jax`` (``np.asarray`` + write, fsync;
+read into a host buffer + ``jax.device_put``, blocked per tensor because the host buffer is
+reused). Restores end with a device synchronize. Without a usable GPU it prints why and
+skips them.
+
+Usage::
+
+    python bench/bench_checkpoint.py                  # ~4-5 min on a 2-core VM, 3 rounds
+    python bench/bench_checkpoint.py --quick          # ~40 s: 1 round, big = 256 MiB, small = 5,000
+    python bench/bench_checkpoint.py --json out.json  # also every cell, the machine, the goals
+    python bench/bench_checkpoint.py --systems raw,gpuvars --workloads big --phases save
+    python bench/bench_checkpoint.py --profile        # cProfile one extra gpuvars repeat per cell
+    python bench/bench_checkpoint.py --cold           # cold-cache restores (root: drop_caches)
+    python bench/bench_checkpoint.py --gpu            # add the /gpu:0 cells (CuPy, JAX)
+
+Goals (from the issue; measured and reported, never asserted): at 1 GiB gpuvars save within
+1.15x of raw write+fsync, restore within 1.2x of raw readinto, peak extra RSS under 64 MiB;
+small tensors no worse than np.savez / np.load; verify under 1/5 of a warm restore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xxhash
+
+CPU_SYSTEMS = ("raw", "gpuvars", "safetensors", "numpy", "torch")
+GPU_SYSTEMS = ("base-cupy", "gpuvars-cupy", "base-jax", "gpuvars-jax")
+BASELINE = {"raw": "raw", "gpuvars": "raw", "safetensors": "raw", "numpy": "raw", "torch": "raw",
+            "base-cupy": "base-cupy", "gpuvars-cupy": "base-cupy",
+            "base-jax": "base-jax", "gpuvars-jax": "base-jax"}
+WORKLOADS = ("big", "small")
+PHASES = ("save", "restore", "verify")
+MiB = 1 << 20
+GiB = 1 << 30
+GOAL_SAVE = 1.15
+GOAL_RESTORE = 1.2
+GOAL_RSS_MIB = 64
+GOAL_VERIFY = 0.2
+RESULT_TAG = "BENCH-CELL-RESULT "
+WARM_MARGIN = 64 * MiB
+
+NOTES = {
+    "raw": "f.write per tensor + fsync / readinto existing buffers",
+    "gpuvars": "Saver.save (own fsyncs) / Saver.restore into existing variables, checksummed",
+    "safetensors": "save_file + added fsync / load_file allocates",
+    "numpy": "np.savez + added fsync / np.load allocates, every array read",
+    "torch": "torch.save + added fsync / torch.load(weights_only) allocates",
+    "base-cupy": "cupy.asnumpy + write + fsync / readinto host + cupy.asarray (new arrays)",
+    "gpuvars-cupy": "Saver.save / Saver.restore into existing CuPy variables on /gpu:0",
+    "base-jax": "np.asarray + write + fsync / readinto host + jax.device_put (new arrays)",
+    "gpuvars-jax": "Saver.save / Saver.restore into JAX variables on /gpu:0 (rebound)",
+}
+
+
+# --- workloads ----------------------------------------------------------------------------------
+
+
+def workload_specs(workload: str, quick: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every float32 tensor, in name order (the safetensors file order)."""
+    if workload == "big":
+        n = 16 if quick else 64
+        shapes = [(2048, 2048), (4096, 1024), (1024, 4096), (4194304,)]  # 16 MiB each
+        return [(f"layer{i:03d}.kernel", shapes[i % len(shapes)]) for i in range(n)]
+    if workload == "small":
+        n = 5000 if quick else 20000
+        shapes = [(64,), (8, 8), (4, 16), (16, 4), (2, 4, 8)]
+        return [(f"layer{i:05d}.param", shapes[i % len(shapes)]) for i in range(n)]
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+def make_data(specs: list[tuple[str, tuple[int, ...]]], seed: int = 0) -> list[np.ndarray]:
+    """Seeded random float32 arrays (written by the generator, so already touched)."""
+    rng = np.random.default_rng(seed)
+    return [rng.random(math.prod(shape), dtype=np.float32).reshape(shape) for _, shape in specs]
+
+
+def st_header(specs: list[tuple[str, tuple[int, ...]]]) -> bytes:
+    """The safetensors prefix (u64 length + space-padded JSON) for float32 tensors in name order."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in sorted(specs):
+        end = offset + math.prod(shape) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def digest(a: Any) -> str:
+    return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+
+
+# --- memory and cache helpers (Linux) ------------------------------------------------------------
+
+
+def proc_status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, in KiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+def reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``5`` into clear_refs); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def hwm_reset_works() -> bool:
+    """Whether resetting VmHWM works here: grow RSS by 32 MiB, free it, reset, compare."""
+    if not reset_hwm():
+        return False
+    block = np.ones(32 * MiB, np.uint8)
+    del block
+    before = proc_status()["VmHWM"]
+    reset_hwm()
+    after = proc_status()["VmHWM"]
+    return after < before - 16 * 1024
+
+
+def warm_free_pages(nbytes: int, folder: str | None) -> None:
+    """Touch then free ``nbytes`` of anonymous memory and (with ``folder``) write and unlink a
+    scratch file of ``nbytes``, so the free pages the timed step takes are host-backed.
+
+    The content is distinct in every page (a counter), never a repeated pattern: the host may
+    merge identical pages, and a write to a merged page is slow again.
+    """
+    block = np.arange(nbytes // 8, dtype=np.uint64)
+    del block
+    if folder is not None:
+        chunk = np.arange(2 * MiB, dtype=np.uint64)  # 16 MiB
+        path = os.path.join(folder, ".scratch")
+        with open(path, "wb") as f:
+            left = nbytes
+            while left > 0:
+                f.write(chunk.data[: min(left, chunk.nbytes)])
+                left -= chunk.nbytes
+                chunk += chunk.size
+        os.unlink(path)
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+
+
+def clear_folder(folder: str) -> None:
+    for e in os.scandir(folder):
+        if e.is_dir(follow_symlinks=False):
+            shutil.rmtree(e.path)
+        else:
+            os.unlink(e.path)
+
+
+# --- systems --------------------------------------------------------------------------------------
+
+
+class System:
+    """One way to save and restore the workload's tensors.
+
+    ``save``/``restore`` are the timed steps; everything else is set-up and checking.
+    """
+
+    allocates = False  #: restore builds new arrays (vs filling existing ones)
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        self.specs = specs
+        self.names = [n for n, _ in specs]
+        self.expected = [digest(a) for a in data]
+
+    def base(self, folder: str, i: int) -> str:
+        return os.path.join(folder, f"model-{i}")
+
+    def save(self, base: str) -> None:
+        raise NotImplementedError
+
+    def prepare_restore(self) -> None:
+        """Untimed, before each restore: zero the destinations or drop the last result."""
+
+    def restore(self, base: str) -> None:
+        raise NotImplementedError
+
+    def restored(self) -> list[Any]:
+        """The restored arrays (host numpy) in spec order, for the check."""
+        raise NotImplementedError
+
+    def check(self) -> bool:
+        got = self.restored()
+        return len(got) == len(self.expected) and all(digest(a) == e for a, e in zip(got, self.expected))
+
+    def sync(self) -> None:
+        """Wait for asynchronous device work (GPU systems)."""
+
+
+class Raw(System):
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        self.arrays = data
+        self.header = st_header(specs)
+
+    def save(self, base: str) -> None:
+        with open(base + ".safetensors", "wb") as f:
+            f.write(self.header)
+            for a in self.arrays:
+                f.write(a.data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def prepare_restore(self) -> None:
+        for a in self.arrays:
+            a.fill(0)
+
+    def restore(self, base: str) -> None:
+        with open(base + ".safetensors", "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+            for a in self.arrays:
+                view = memoryview(a).cast("B")
+                if f.readinto(view) != a.nbytes:
+                    raise OSError("short read")
+
+    def restored(self) -> list[Any]:
+        return self.arrays
+
+
+class Gpuvars(System):
+    device = "/cpu:0"
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        import gpuvars as gv
+
+        self.gv = gv
+        self.registry = gv.Registry()
+        self.registry.__enter__()
+        self.vars = [gv.Variable(self.to_device(a), name=n, device=self.device) for (n, _), a in zip(specs, data)]
+        self.zeros = {}
+
+    def to_device(self, a: np.ndarray) -> Any:
+        return a
+
+    def saver(self) -> Any:
+        return self.gv.Saver(self.vars)  # a fresh one per repeat: no retention work in the step
+
+    def save(self, base: str) -> None:
+        self._saver.save(base)
+
+    def prepare_save(self) -> None:
+        self._saver = self.saver()
+
+    def prepare_restore(self) -> None:
+        self._saver = self.saver()
+        for v in self.vars:
+            shape = tuple(v.shape)
+            if shape not in self.zeros:
+                self.zeros[shape] = self.to_device(np.zeros(shape, np.float32))
+            v.assign(self.zeros[shape])
+        self.sync()
+
+    def restore(self, base: str) -> None:
+        self._saver.restore(base)
+
+    def restored(self) -> list[Any]:
+        return [v.numpy() for v in self.vars]
+
+    def verify(self, base: str) -> None:
+        bad = self.gv.CheckpointReader(base).verify()
+        if bad:
+            raise RuntimeError(f"verify found damage: {bad[:5]}")
+
+
+class Safetensors(System):
+    allocates = True
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        import safetensors.numpy
+
+        self.st = safetensors.numpy
+        self.tensors = dict(zip(self.names, data))
+        self.result: dict[str, Any] | None = None
+
+    def save(self, base: str) -> None:
+        self.st.save_file(self.tensors, base + ".safetensors")
+        fsync_path(base + ".safetensors")
+
+    def prepare_restore(self) -> None:
+        self.result = None
+
+    def restore(self, base: str) -> None:
+        self.result = self.st.load_file(base + ".safetensors")
+
+    def restored(self) -> list[Any]:
+        assert self.result is not None
+        return [self.result[n] for n in self.names]
+
+
+class Numpy(System):
+    allocates = True
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        self.tensors = dict(zip(self.names, data))
+        self.result: dict[str, Any] | None = None
+
+    def save(self, base: str) -> None:
+        np.savez(base + ".npz", **self.tensors)
+        fsync_path(base + ".npz")
+
+    def prepare_restore(self) -> None:
+        self.result = None
+
+    def restore(self, base: str) -> None:
+        with np.load(base + ".npz") as z:
+            self.result = {k: z[k] for k in z.files}
+
+    def restored(self) -> list[Any]:
+        assert self.result is not None
+        return [self.result[n] for n in self.names]
+
+
+class Torch(System):
+    allocates = True
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        import torch
+
+        self.torch = torch
+        self.tensors = {n: torch.from_numpy(a) for n, a in zip(self.names, data)}  # no copy
+        self.result: dict[str, Any] | None = None
+
+    def save(self, base: str) -> None:
+        self.torch.save(self.tensors, base + ".pt")
+        fsync_path(base + ".pt")
+
+    def prepare_restore(self) -> None:
+        self.result = None
+
+    def restore(self, base: str) -> None:
+        self.result = self.torch.load(base + ".pt", weights_only=True)
+
+    def restored(self) -> list[Any]:
+        assert self.result is not None
+        return [self.result[n].numpy() for n in self.names]
+
+
+# --- GPU systems (need CuPy or JAX with a CUDA device; never run on CPU-only machines) -------------
+
+
+class BaseCupy(System):
+    """cupy.asnumpy + write / readinto a reused host buffer + cupy.asarray (new device arrays)."""
+
+    allocates = True
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        import cupy
+
+        self.cp = cupy
+        self.dev = cupy.cuda.Device(0)
+        self.dev.use()
+        self.arrays = [cupy.asarray(a) for a in data]
+        self.header = st_header(specs)
+        self.staging = np.empty(max(a.nbytes for a in data), np.uint8)
+        self.staging.fill(0)
+        self.result: list[Any] | None = None
+        self.sync()
+
+    def sync(self) -> None:
+        self.dev.synchronize()
+
+    def save(self, base: str) -> None:
+        with open(base + ".safetensors", "wb") as f:
+            f.write(self.header)
+            for a in self.arrays:
+                f.write(self.cp.asnumpy(a).data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def prepare_restore(self) -> None:
+        self.result = None
+        self.cp.get_default_memory_pool().free_all_blocks()
+
+    def restore(self, base: str) -> None:
+        out = []
+        with open(base + ".safetensors", "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+            for (_, shape), a in zip(self.specs, self.arrays):
+                host = self.staging[: a.nbytes]
+                if f.readinto(host.data) != a.nbytes:
+                    raise OSError("short read")
+                # cupy.asarray copies a pageable host array before returning: the buffer may be reused
+                out.append(self.cp.asarray(host.view(np.float32).reshape(shape)))
+        self.sync()
+        self.result = out
+
+    def restored(self) -> list[Any]:
+        assert self.result is not None
+        return [self.cp.asnumpy(a) for a in self.result]
+
+
+class BaseJax(System):
+    """np.asarray + write / readinto a reused host buffer + jax.device_put, blocked per tensor."""
+
+    allocates = True
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        import jax
+
+        self.jax = jax
+        self.dev = jax.devices("gpu")[0]
+        self.arrays = [jax.device_put(a, self.dev) for a in data]
+        self.header = st_header(specs)
+        self.staging = np.empty(max(a.nbytes for a in data), np.uint8)
+        self.staging.fill(0)
+        self.result: list[Any] | None = None
+        self.sync()
+
+    def sync(self) -> None:
+        self.jax.block_until_ready(self.arrays)
+        if self.result is not None:
+            self.jax.block_until_ready(self.result)
+
+    def save(self, base: str) -> None:
+        with open(base + ".safetensors", "wb") as f:
+            f.write(self.header)
+            for a in self.arrays:
+                f.write(np.ascontiguousarray(np.asarray(a)).data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def prepare_restore(self) -> None:
+        self.result = None
+
+    def restore(self, base: str) -> None:
+        out = []
+        with open(base + ".safetensors", "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+            for (_, shape), a in zip(self.specs, self.arrays):
+                nbytes = math.prod(shape) * 4
+                host = self.staging[:nbytes]
+                if f.readinto(host.data) != nbytes:
+                    raise OSError("short read")
+                # the transfer may be asynchronous: finish it before the buffer is refilled
+                out.append(self.jax.device_put(host.view(np.float32).reshape(shape), self.dev).block_until_ready())
+        self.result = out
+
+    def restored(self) -> list[Any]:
+        assert self.result is not None
+        return [np.asarray(a) for a in self.result]
+
+
+class GpuvarsCupy(Gpuvars):
+    device = "/gpu:0"
+    library = "cupy"
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        import gpuvars as gv
+
+        gv.config.set_gpu_backend(self.library)
+        gv.config.set_soft_device_placement(False)  # never fall back to the CPU silently
+        self._init_lib()
+        super().__init__(specs, data)
+        self.sync()
+
+    def _init_lib(self) -> None:
+        import cupy
+
+        self.cp = cupy
+
+    def to_device(self, a: np.ndarray) -> Any:
+        return self.cp.asarray(a)
+
+    def sync(self) -> None:
+        self.cp.cuda.Device(0).synchronize()
+
+    def restore(self, base: str) -> None:
+        self._saver.restore(base)
+        self.sync()
+
+    def restored(self) -> list[Any]:
+        return [v.numpy() for v in self.vars]
+
+
+class GpuvarsJax(GpuvarsCupy):
+    library = "jax"
+
+    def _init_lib(self) -> None:
+        import jax
+
+        self.jax = jax
+        self.dev = jax.devices("gpu")[0]
+
+    def to_device(self, a: np.ndarray) -> Any:
+        return self.jax.device_put(a, self.dev)
+
+    def sync(self) -> None:
+        if hasattr(self, "vars"):
+            self.jax.block_until_ready([v.value() for v in self.vars])
+
+
+SYSTEM_CLASSES: dict[str, type[System]] = {
+    "raw": Raw, "gpuvars": Gpuvars, "safetensors": Safetensors, "numpy": Numpy, "torch": Torch,
+    "base-cupy": BaseCupy, "gpuvars-cupy": GpuvarsCupy, "base-jax": BaseJax, "gpuvars-jax": GpuvarsJax,
+}
+
+
+# --- one cell (runs in a child process) ---------------------------------------------------------------
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    system, workload, phase = cell["system"], cell["workload"], cell["phase"]
+    repeats, cold, profile = cell["repeats"], cell["cold"], cell["profile"]
+    folder = os.path.join(cell["dir"], f"cell-{os.getpid()}")
+    os.makedirs(folder)
+    try:
+        hwm_ok = hwm_reset_works()
+        specs = workload_specs(workload, cell["quick"])
+        data = make_data(specs)
+        data_bytes = sum(a.nbytes for a in data)
+        sysobj = SYSTEM_CLASSES[system](specs, data)
+        del data  # the system holds what it needs (gpuvars and GPU systems hold their own copies)
+        gc.collect()
+        times: list[float] = []
+        extra_kib: list[int] = []
+        file_bytes = 0
+        ok = True
+
+        def one(i: int, timed: Callable[[], None], warm_folder: str | None) -> None:
+            nonlocal file_bytes
+            warm_free_pages(data_bytes + WARM_MARGIN, warm_folder)
+            gc.collect()
+            reset_hwm()
+            rss0 = proc_status()["VmRSS"]
+            t0 = time.perf_counter()
+            timed()
+            t1 = time.perf_counter()
+            hwm = proc_status()["VmHWM"]
+            times.append(t1 - t0)
+            extra_kib.append(hwm - rss0 if hwm_ok else -1)
+
+        if phase == "save":
+            for i in range(repeats + (1 if profile else 0)):
+                base = sysobj.base(folder, i)
+                if isinstance(sysobj, Gpuvars):
+                    sysobj.prepare_save()
+                if i == repeats:  # the profiled extra repeat, not in the times
+                    _profile(lambda: sysobj.save(base))
+                else:
+                    one(i, lambda: sysobj.save(base), folder)
+                    file_bytes = folder_bytes(folder)
+                clear_folder(folder)
+        else:
+            base = sysobj.base(folder, 0)
+            if isinstance(sysobj, Gpuvars):
+                sysobj.prepare_save()
+            sysobj.save(base)  # untimed: the checkpoint every repeat restores
+            file_bytes = folder_bytes(folder)
+            for i in range(repeats + (1 if profile else 0)):
+                if phase == "verify":
+                    assert isinstance(sysobj, Gpuvars)
+                    step: Callable[[], None] = lambda: sysobj.verify(base)  # noqa: E731
+                else:
+                    sysobj.prepare_restore()
+                    step = lambda: sysobj.restore(base)  # noqa: E731
+                if cold:
+                    drop_page_cache()
+                if i == repeats:
+                    _profile(step)
+                else:
+                    one(i, step, None)
+                    if phase == "restore":
+                        ok = ok and sysobj.check()
+            clear_folder(folder)
+        return {
+            "system": system, "workload": workload, "phase": phase, "ok": ok,
+            "n_tensors": len(specs), "data_bytes": data_bytes, "file_bytes": file_bytes,
+            "times_s": times, "extra_rss_kib": extra_kib, "hwm_reset": hwm_ok,
+            "cache": "cold" if cold else "warm",
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _profile(step: Callable[[], None]) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(18)
+    print(out.getvalue(), file=sys.stderr)
+
+
+def probe_gpu() -> dict[str, str]:
+    """{"cupy": "" or why not, "jax": ...}: whether each library can use /gpu:0 (child process)."""
+    import backends
+
+    out = {}
+    for lib in ("cupy", "jax"):
+        p = backends.probe(lib, "gpu")
+        out[lib] = "" if p.usable else p.reason
+    return out
+
+
+# --- the driver -------------------------------------------------------------------------------------
+
+
+def machine_info(folder: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "kernel": platform.release(),
+                            "arch": platform.machine(), "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+        with open("/proc/meminfo") as f:
+            info["ram_gib"] = round(int(f.readline().split()[1]) / (1 << 20), 1)
+        best = ("", "?", "?")
+        real = os.path.realpath(folder)
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                    best = (mnt, fstype, dev)
+        info["filesystem"] = f"{best[1]} on {best[2]} (mounted at {best[0]})"
+    except OSError:
+        pass
+    import importlib.metadata as md
+
+    for pkg in ("numpy", "safetensors", "xxhash", "torch", "gpuvars"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = None
+    try:  # read-only git queries: the commit, and whether the library's sources differ from it
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        info["commit"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
+        changed = subprocess.run(["git", "--no-optional-locks", "-C", here, "status", "--porcelain", "--", "gpuvars", "backends"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        if info["commit"] and changed:
+            info["commit"] += "+uncommitted changes"
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    torch = f", torch {m['torch']}" if m.get("torch") else ", torch absent"
+    return (f"{m.get('cpu', '?')}, {m['cores']} cores, {m.get('ram_gib', '?')} GiB RAM, Linux {m['kernel']}, "
+            f"files on {m.get('filesystem', '?')}; Python {m['python']}, numpy {m['numpy']}, "
+            f"safetensors {m['safetensors']}{torch}; gpuvars {m['gpuvars']} @ {m.get('commit') or '?'}")
+
+
+def spawn(cell: dict[str, Any], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # glibc's default, pinned: see the module docstring
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    env.update(extra_env or {})
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cell)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if cell.get("profile") and proc.stderr.strip():
+        print(f"--- profile: {cell['system']} {cell['workload']} {cell['phase']} ---\n{proc.stderr}", file=sys.stderr)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        return {**{k: cell[k] for k in ("system", "workload", "phase")}, "error": " | ".join(tail) or f"rc={proc.returncode}"}
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def summarize(r: dict[str, Any]) -> dict[str, Any]:
+    if "error" in r:
+        return r
+    t = r["times_s"]
+    rss = [x for x in r["extra_rss_kib"] if x >= 0]
+    r["median_s"] = statistics.median(t)
+    r["min_s"], r["max_s"] = min(t), max(t)
+    r["gib_s"] = r["data_bytes"] / GiB / r["median_s"] if r["median_s"] > 0 else float("inf")
+    r["extra_rss_mib"] = max(rss) / 1024 if rss else None  # the worst repeat
+    return r
+
+
+def fmt_table(rows: list[dict[str, Any]]) -> list[str]:
+    by = {(r["system"], r["workload"], r["phase"]): r for r in rows}
+    out = ["| workload | phase | system | median s | GiB/s | us/tensor | x base | peak extra RSS MiB | file MiB "
+           "| min-max s |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['workload']} | {r['phase']} | {r['system']} | error: {r['error'][:160]} | | | | | | |")
+            continue
+        if r["phase"] == "verify":  # compared with gpuvars' own warm restore, the design's yardstick
+            base = by.get(("gpuvars", r["workload"], "restore"))
+            ratio = f"{r['median_s'] / base['median_s']:.2f} of restore" if base and "median_s" in base else "-"
+            name = "gpuvars verify()"
+        else:
+            base = by.get((BASELINE[r["system"]], r["workload"], r["phase"]))
+            ratio = f"{r['median_s'] / base['median_s']:.2f}" if base and "median_s" in base else "-"
+            name = r["system"]
+        rss = f"{r['extra_rss_mib']:.1f}" if r["extra_rss_mib"] is not None else "n/a"
+        bad = "" if r["ok"] else " (WRONG DATA)"
+        wl = f"{r['workload']} ({r['n_tensors']} x {r['data_bytes'] // r['n_tensors']} B)"
+        out.append(f"| {wl} | {r['phase']} | {name}{bad} | {r['median_s']:.3f} | {r['gib_s']:.3f} | "
+                   f"{r['median_s'] / r['n_tensors'] * 1e6:.1f} | {ratio} | {rss} | {r['file_bytes'] / MiB:.1f} | "
+                   f"{r['min_s']:.3f}-{r['max_s']:.3f} |")
+    return out
+
+
+def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by = {(r["system"], r["workload"], r["phase"]): r for r in rows if "median_s" in r}
+
+    def ratio(a: tuple[str, str, str], b: tuple[str, str, str]) -> float | None:
+        return by[a]["median_s"] / by[b]["median_s"] if a in by and b in by else None
+
+    out = []
+
+    def add(name: str, value: float | None, limit: float, unit: str) -> None:
+        out.append({"goal": name, "measured": value, "limit": limit,
+                    "met": None if value is None else value <= limit, "unit": unit})
+
+    add("big save: gpuvars / raw write+fsync", ratio(("gpuvars", "big", "save"), ("raw", "big", "save")), GOAL_SAVE, "x")
+    add("big restore: gpuvars / raw readinto", ratio(("gpuvars", "big", "restore"), ("raw", "big", "restore")), GOAL_RESTORE, "x")
+    for phase in ("save", "restore"):
+        r = by.get(("gpuvars", "big", phase))
+        add(f"big {phase}: gpuvars peak extra RSS", r["extra_rss_mib"] if r else None, GOAL_RSS_MIB, "MiB")
+    add("small save: gpuvars / np.savez", ratio(("gpuvars", "small", "save"), ("numpy", "small", "save")), 1.0, "x")
+    add("small restore: gpuvars / np.load", ratio(("gpuvars", "small", "restore"), ("numpy", "small", "restore")), 1.0, "x")
+    for wl in ("big", "small"):
+        add(f"{wl} verify / gpuvars warm restore", ratio(("gpuvars", wl, "verify"), ("gpuvars", wl, "restore")),
+            GOAL_VERIFY, "x")
+    for gsys in ("gpuvars-cupy", "gpuvars-jax"):
+        base = BASELINE[gsys]
+        for phase in ("save", "restore"):
+            v = ratio((gsys, "big", phase), (base, "big", phase))
+            if v is not None:
+                out.append({"goal": f"big {phase}: {gsys} / {base} (reported)", "measured": v, "limit": None,
+                            "met": None, "unit": "x"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds: timed repeats of every cell, each in a fresh process (median quoted; default 3)")
+    ap.add_argument("--quick", action="store_true", help="1 round, big = 16 x 16 MiB, small = 5,000 tensors (goals then not at 1 GiB)")
+    ap.add_argument("--dir", default="/tmp/gpuvars-bench", help="folder for the files (same for all systems)")
+    ap.add_argument("--json", metavar="PATH", help="write every cell, the machine and the goals here")
+    ap.add_argument("--systems", default=",".join(CPU_SYSTEMS), help=f"comma list of {CPU_SYSTEMS}")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of big, small")
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma list of save, restore, verify")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each restore (root)")
+    ap.add_argument("--gpu", action="store_true", help=f"also run {GPU_SYSTEMS} where CuPy/JAX see /gpu:0")
+    ap.add_argument("--profile", action="store_true", help="cProfile one extra (untimed) gpuvars repeat per cell")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-gpu", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.cell:
+        print(RESULT_TAG + json.dumps(run_cell(json.loads(args.cell))), flush=True)
+        return 0
+    if args.probe_gpu:
+        print(RESULT_TAG + json.dumps(probe_gpu()), flush=True)
+        return 0
+
+    repeats = 1 if args.quick else args.repeats
+    if repeats < 1:
+        ap.error("--repeats must be >= 1")
+    systems = [s for s in args.systems.split(",") if s]
+    workloads = [w for w in args.workloads.split(",") if w]
+    phases = [p for p in args.phases.split(",") if p]
+    for name, vals, known in (("system", systems, CPU_SYSTEMS + GPU_SYSTEMS), ("workload", workloads, WORKLOADS),
+                              ("phase", phases, PHASES)):
+        for v in vals:
+            if v not in known:
+                ap.error(f"unknown {name} {v!r}; known: {', '.join(known)}")
+    if args.cold:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w"):
+                pass
+        except OSError as exc:
+            ap.error(f"--cold needs to write /proc/sys/vm/drop_caches (root): {exc}")
+    os.makedirs(args.dir, exist_ok=True)
+
+    skipped: list[str] = []
+    import importlib.util
+
+    if "torch" in systems and importlib.util.find_spec("torch") is None:
+        systems.remove("torch")
+        skipped.append("torch: not installed (pip install torch to add it)")
+    if args.gpu:
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe-gpu"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
+        usable = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {"cupy": "probe failed", "jax": "probe failed"}
+        for lib in ("cupy", "jax"):
+            if usable[lib]:
+                skipped.append(f"GPU cells for {lib} SKIPPED: {usable[lib]}")
+            else:
+                systems += [s for s in (f"base-{lib}", f"gpuvars-{lib}") if s not in systems]
+    else:
+        skipped.append("GPU cells not requested (--gpu)")
+
+    machine = machine_info(args.dir)
+    print(f"Machine: {machine_line(machine)}")
+    print(f"Command: {' '.join([os.path.basename(sys.executable), 'bench/bench_checkpoint.py'] + (argv if argv is not None else sys.argv[1:]))}")
+    for s in skipped:
+        print(f"Note: {s}")
+    if os.getloadavg()[0] > 0.5:
+        print(f"Note: load average {os.getloadavg()[0]:.2f} before the run: other processes share the CPUs "
+              "and the disk, expect noisy numbers")
+
+    # Rounds: every cell once per round, each in a fresh process with one timed step; the order
+    # of the systems rotates from round to round so slow drift (other load, the disk) spreads
+    # over all of them. The table quotes the median over rounds.
+    order = [(wl, phase) for wl in workloads for phase in phases]
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    load_before = os.getloadavg()
+    t_start = time.perf_counter()
+    for rnd in range(repeats):
+        shift = rnd % len(systems)
+        rotated = systems[shift:] + systems[:shift]
+        for wl, phase in order:
+            for system in rotated:
+                if phase == "verify" and system != "gpuvars":
+                    continue
+                cell = {"system": system, "workload": wl, "phase": phase, "repeats": 1, "quick": args.quick,
+                        "dir": args.dir, "cold": args.cold,
+                        "profile": args.profile and rnd == 0 and system.startswith("gpuvars")}
+                t0 = time.perf_counter()
+                r = spawn(cell)
+                key = (system, wl, phase)
+                if key not in merged or "error" in r:
+                    merged[key] = r  # the first round's result, or an error (which then stays)
+                elif "error" not in merged[key]:
+                    m = merged[key]
+                    m["times_s"] += r["times_s"]
+                    m["extra_rss_kib"] += r["extra_rss_kib"]
+                    m["ok"] = m["ok"] and r["ok"]
+                msg = r.get("error") or (f"{r['times_s'][0]:.3f} s, extra RSS "
+                                         f"{max(r['extra_rss_kib']) / 1024:.1f} MiB")
+                print(f"  round {rnd + 1}/{repeats} [{time.perf_counter() - t0:5.1f} s] {wl:5} {phase:7} "
+                      f"{system:12} {msg}", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+    rows = [summarize(merged[(s_, wl, ph)]) for wl, ph in order for s_ in systems if (s_, wl, ph) in merged]
+
+    print()
+    for line in fmt_table(rows):
+        print(line)
+    print()
+    cache = "cold (page cache dropped before each restore)" if args.cold else "warm (file pages cached)"
+    print(f"Medians over {repeats} round(s), every cell in a fresh process each round; restores {cache}. 'x base' = time / "
+          "the same workload and phase's raw (GPU: base-*) time. GiB/s counts tensor bytes. Peak extra RSS = "
+          "VmHWM during the step - VmRSS before it (worst repeat). safetensors, np.savez and torch.save get an "
+          "added fsync of the file in the timed step (their APIs do not fsync); gpuvars does its own (data, "
+          "index, state file, folder). raw and gpuvars restore into existing buffers; safetensors, numpy, "
+          "torch allocate their results.")
+    goal_rows = goals(rows)
+    print()
+    for g in goal_rows:
+        if g["measured"] is None:
+            print(f"goal  {g['goal']}: not measured")
+            continue
+        limit = f"{g['limit']}{g['unit']}" if g["limit"] is not None else "-"
+        verdict = "-" if g["met"] is None else ("met" if g["met"] else "MISSED")
+        print(f"goal  {g['goal']}: {g['measured']:.3f}{g['unit']} (limit {limit}) {verdict}")
+    print(f"\nTotal {time.perf_counter() - t_start:.0f} s; load average (1 min) {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "args": vars(args), "repeats": repeats, "skipped": skipped,
+                       "loadavg_before": load_before, "loadavg_after": load_after,
+                       "cells": rows, "goals": goal_rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

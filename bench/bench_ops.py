@@ -1,0 +1,613 @@
+"""Per-call cost of gpuvars updates (assign, assign_add, scatter_add) against the raw library.
+
+For every backend that is usable here, a 1-D float32 variable of 16 and of 1M (2**20)
+elements is updated in a tight loop, once through gpuvars and once with the raw library
+call that does the same work:
+
+=========  ===========================  ===========================================
+backend    gpuvars                      raw baseline
+=========  ===========================  ===========================================
+numpy      ``v.assign(src)``            ``np.copyto(dst, src)``
+           ``v.assign_add(d)``          ``np.add(dst, d, out=dst)``
+           ``v.scatter_add(idx, upd)``  ``np.add.at(dst, idx, upd)``
+jax        same calls, then             ``x = jax.device_put(src, dev)`` (src is already
+           ``block_until_ready``        on dev: close to a no-op), ``x = x + d``,
+                                        ``x = x.at[idx].add(upd)``; each + block_until_ready
+cupy       same calls                   ``cupy.copyto``, ``cupy.add(out=)``,
+                                        ``cupyx.scatter_add``; device sync after each batch
+=========  ===========================  ===========================================
+
+scatter_add uses 4 indices at 16 elements and 1024 at 1M. Both sides get the very same
+operand objects (numpy arrays for numpy, arrays on the device for JAX/CuPy). JAX runs on
+the GPU when JAX sees one, else on its CPU devices (``gv.config.set_cpu_backend("jax")``).
+
+Method: each (system, backend, size) cell runs in a fresh process (this program re-invokes
+itself with ``--cell``) and reports one JSON line. In a cell every array is touched before
+timing, each op is warmed up (>= 1000 calls and >= 0.2 s, capped at 1 s), then timed in
+batches with ``time.perf_counter_ns``: per-call cost = batch time / batch size, the batch
+size chosen so one batch lasts ~50 ms; the cell reports the median over the batches. The
+whole set of cells is run for ``--rounds`` rounds (gpuvars/raw order alternating) and the
+table quotes the median over rounds. The figures include the Python loop around the call
+(the cost of an empty loop iteration is measured and printed, not subtracted).
+
+Usage::
+
+    python bench/bench_ops.py                 # ~2 min on a 2-core VM (5 rounds)
+    python bench/bench_ops.py --quick         # ~15 s: 1 round, 7 shorter batches
+    python bench/bench_ops.py --json out.json # also write every row and the machine info
+    python bench/bench_ops.py --backends numpy --sizes 16
+
+The goal checked at the end (issue: first bench program): at 16 elements a gpuvars
+assign on numpy costs no more than 2x ``np.copyto``. Speed is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+SIZES = (16, 1 << 20)
+OPS = ("assign", "assign_add", "scatter_add")
+SYSTEMS = ("gpuvars", "raw")
+BACKENDS = ("numpy", "jax", "cupy")
+GOAL_RATIO = 2.0
+
+#: What the raw side of each row calls, per backend (printed in the table notes / JSON).
+RAW_CALLS: dict[str, dict[str, str]] = {
+    "numpy": {
+        "assign": "np.copyto(dst, src)",
+        "assign_add": "np.add(dst, d, out=dst)",
+        "scatter_add": "np.add.at(dst, idx, upd)",
+    },
+    "jax": {
+        "assign": "x = jax.device_put(src, dev); block",
+        "assign_add": "x = x + d; block",
+        "scatter_add": "x = x.at[idx].add(upd); block",
+    },
+    "cupy": {
+        "assign": "cupy.copyto(dst, src)",
+        "assign_add": "cupy.add(dst, d, out=dst)",
+        "scatter_add": "cupyx.scatter_add(dst, idx, upd)",
+    },
+}
+
+#: A batch body: run the op ``n`` times (the loop lives inside, so no extra call per op).
+Batch = Callable[[int], None]
+
+
+class Skip(Exception):
+    """The backend is not usable in this process (reported, not an error)."""
+
+
+def _n_indices(size: int) -> int:
+    return 4 if size <= 16 else 1024
+
+
+def _host_operands(size: int) -> dict[str, np.ndarray[Any, Any]]:
+    """Touched host operands: initial value, assign source, delta, scatter indices/updates."""
+    rng = np.random.default_rng(1234)
+    k = _n_indices(size)
+    return {
+        "init": np.full(size, 0.5, np.float32),
+        "src": rng.random(size, dtype=np.float32),
+        "d": np.full(size, 1e-3, np.float32),
+        "idx": np.sort(rng.choice(size, k, replace=False)).astype(np.int64),
+        "upd": np.full(k, 1e-3, np.float32),
+    }
+
+
+# --- per-backend batch bodies ----------------------------------------------------------------
+
+
+def _numpy_batches(system: str, size: int) -> tuple[dict[str, Batch], dict[str, Any]]:
+    h = _host_operands(size)
+    src, d, idx, upd = h["src"], h["d"], h["idx"], h["upd"]
+    info: dict[str, Any] = {"device": "host"}
+    if system == "gpuvars":
+        import gpuvars as gv
+
+        v = gv.Variable(h["init"], name="bench", device="/cpu:0")
+        info["device"] = f"{v.device} ({v.backend})"
+        v.assign(src)  # touch the storage
+
+        def g_assign(n: int) -> None:
+            f = v.assign
+            for _ in range(n):
+                f(src)
+
+        def g_add(n: int) -> None:
+            f = v.assign_add
+            for _ in range(n):
+                f(d)
+
+        def g_scatter(n: int) -> None:
+            f = v.scatter_add
+            for _ in range(n):
+                f(idx, upd)
+
+        return {"assign": g_assign, "assign_add": g_add, "scatter_add": g_scatter}, info
+
+    dst = np.array(h["init"])  # a private, touched buffer
+
+    def r_assign(n: int) -> None:
+        f = np.copyto
+        for _ in range(n):
+            f(dst, src)
+
+    def r_add(n: int) -> None:
+        f = np.add
+        for _ in range(n):
+            f(dst, d, out=dst)
+
+    def r_scatter(n: int) -> None:
+        f = np.add.at
+        for _ in range(n):
+            f(dst, idx, upd)
+
+    return {"assign": r_assign, "assign_add": r_add, "scatter_add": r_scatter}, info
+
+
+def _jax_batches(system: str, size: int) -> tuple[dict[str, Batch], dict[str, Any]]:
+    if importlib.util.find_spec("jax") is None:
+        raise Skip("jax is not installed")
+    import jax
+
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    dev = gpus[0] if gpus else jax.devices("cpu")[0]
+    h = _host_operands(size)
+    src, d, idx, upd = (jax.device_put(h[k], dev) for k in ("src", "d", "idx", "upd"))
+    for arr in (src, d, idx, upd):
+        arr.block_until_ready()
+    info: dict[str, Any] = {"device": f"{dev.platform}:{dev.id} ({getattr(dev, 'device_kind', '?')})"}
+    if system == "gpuvars":
+        import gpuvars as gv
+
+        if gpus:
+            gv.config.set_gpu_backend("jax")
+            where = "/gpu:0"
+        else:
+            gv.config.set_cpu_backend("jax")
+            where = "/cpu:0"
+        v = gv.Variable(h["init"], name="bench", device=where)
+        if v.backend != "jax":
+            raise Skip(f"gpuvars placed the variable on {v.device} with {v.backend}, not jax")
+        info["device"] += f" as gpuvars {v.device}"
+        v.assign(src).value().block_until_ready()  # type: ignore[union-attr]
+
+        def g_assign(n: int) -> None:
+            f, value = v.assign, v.value
+            for _ in range(n):
+                f(src)
+                value().block_until_ready()
+
+        def g_add(n: int) -> None:
+            f, value = v.assign_add, v.value
+            for _ in range(n):
+                f(d)
+                value().block_until_ready()
+
+        def g_scatter(n: int) -> None:
+            f, value = v.scatter_add, v.value
+            for _ in range(n):
+                f(idx, upd)
+                value().block_until_ready()
+
+        return {"assign": g_assign, "assign_add": g_add, "scatter_add": g_scatter}, info
+
+    state = {"x": jax.device_put(h["init"], dev)}
+    state["x"].block_until_ready()
+
+    def r_assign(n: int) -> None:
+        put = jax.device_put
+        x = state["x"]
+        for _ in range(n):
+            x = put(src, dev)
+            x.block_until_ready()
+        state["x"] = x
+
+    def r_add(n: int) -> None:
+        x = state["x"]
+        for _ in range(n):
+            x = x + d
+            x.block_until_ready()
+        state["x"] = x
+
+    def r_scatter(n: int) -> None:
+        x = state["x"]
+        for _ in range(n):
+            x = x.at[idx].add(upd)
+            x.block_until_ready()
+        state["x"] = x
+
+    return {"assign": r_assign, "assign_add": r_add, "scatter_add": r_scatter}, info
+
+
+def _cupy_batches(system: str, size: int) -> tuple[dict[str, Batch], dict[str, Any]]:
+    if importlib.util.find_spec("cupy") is None:
+        raise Skip("cupy is not installed")
+    try:
+        import cupy
+        import cupyx
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise Skip("cupy sees no GPU")
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+    except Skip:
+        raise
+    except Exception as exc:
+        raise Skip(f"cupy is not usable: {type(exc).__name__}: {exc}") from None
+    h = _host_operands(size)
+    src, d, idx, upd = (cupy.asarray(h[k]) for k in ("src", "d", "idx", "upd"))
+    sync = cupy.cuda.Device().synchronize
+    info: dict[str, Any] = {"device": f"gpu:0 ({name})"}
+    if system == "gpuvars":
+        import gpuvars as gv
+
+        gv.config.set_gpu_backend("cupy")
+        v = gv.Variable(h["init"], name="bench", device="/gpu:0")
+        if v.backend != "cupy":
+            raise Skip(f"gpuvars placed the variable on {v.device} with {v.backend}, not cupy")
+        v.assign(src)
+        sync()
+
+        def g_assign(n: int) -> None:
+            f = v.assign
+            for _ in range(n):
+                f(src)
+            sync()
+
+        def g_add(n: int) -> None:
+            f = v.assign_add
+            for _ in range(n):
+                f(d)
+            sync()
+
+        def g_scatter(n: int) -> None:
+            f = v.scatter_add
+            for _ in range(n):
+                f(idx, upd)
+            sync()
+
+        return {"assign": g_assign, "assign_add": g_add, "scatter_add": g_scatter}, info
+
+    dst = cupy.asarray(h["init"])
+    sync()
+
+    def r_assign(n: int) -> None:
+        f = cupy.copyto
+        for _ in range(n):
+            f(dst, src)
+        sync()
+
+    def r_add(n: int) -> None:
+        f = cupy.add
+        for _ in range(n):
+            f(dst, d, out=dst)
+        sync()
+
+    def r_scatter(n: int) -> None:
+        f = cupyx.scatter_add
+        for _ in range(n):
+            f(dst, idx, upd)
+        sync()
+
+    return {"assign": r_assign, "assign_add": r_add, "scatter_add": r_scatter}, info
+
+
+_FACTORIES: dict[str, Callable[[str, int], tuple[dict[str, Batch], dict[str, Any]]]] = {
+    "numpy": _numpy_batches,
+    "jax": _jax_batches,
+    "cupy": _cupy_batches,
+}
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def _time_op(body: Batch, batches: int, batch_ms: float, warmup_s: float) -> dict[str, Any]:
+    """Warm ``body`` up, size a batch to ~``batch_ms``, return the median ns/call over ``batches``."""
+    t0 = time.perf_counter_ns()
+    calls, n = 0, 1
+    limit_ns = int(max(warmup_s, 0.0) * 1e9)
+    while True:
+        body(n)
+        calls += n
+        elapsed = time.perf_counter_ns() - t0
+        if (calls >= 1000 and elapsed >= limit_ns) or elapsed >= max(limit_ns, 1) * 5:
+            break
+        n = min(n * 2, 4096)
+    per_call = elapsed / calls
+    size = max(1, int(batch_ms * 1e6 / per_call))
+    samples = []
+    for _ in range(batches):
+        t = time.perf_counter_ns()
+        body(size)
+        samples.append((time.perf_counter_ns() - t) / size)
+    return {
+        "ns": statistics.median(samples),
+        "min_ns": min(samples),
+        "max_ns": max(samples),
+        "batch": size,
+        "batches": batches,
+        "warmup_calls": calls,
+    }
+
+
+def _loop_ns(batch_ms: float) -> float:
+    """The cost of one iteration of an empty ``for _ in range(n)`` loop, ns (median of 5)."""
+    n = max(1000, int(batch_ms * 1e6 / 20))
+
+    def empty(k: int) -> None:
+        for _ in range(k):
+            pass
+
+    empty(n)
+    samples = []
+    for _ in range(5):
+        t = time.perf_counter_ns()
+        empty(n)
+        samples.append((time.perf_counter_ns() - t) / n)
+    return statistics.median(samples)
+
+
+def run_cell(system: str, backend: str, size: int, batches: int, batch_ms: float, warmup_s: float) -> dict[str, Any]:
+    """Time every op of one (system, backend, size) cell in this process."""
+    out: dict[str, Any] = {"system": system, "backend": backend, "size": size}
+    try:
+        bodies, info = _FACTORIES[backend](system, size)
+    except Skip as why:
+        out["skip"] = str(why)
+        return out
+    out.update(info)
+    out["loop_ns"] = _loop_ns(batch_ms)
+    out["ops"] = {op: _time_op(bodies[op], batches, batch_ms, warmup_s) for op in OPS}
+    return out
+
+
+def _spawn_cell(system: str, backend: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--cell", system, backend, str(size),
+        "--batches", str(args.batches),
+        "--batch-ms", str(args.batch_ms),
+        "--warmup-s", str(args.warmup_s),
+    ]
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"system": system, "backend": backend, "size": size, "error": " | ".join(tail) or f"rc={proc.returncode}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU model, core count and library versions (no GPU library is imported)."""
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    commit = None
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "jax": _version("jax"),
+        "jaxlib": _version("jaxlib"),
+        "cupy": next((v for v in (_version(d) for d in ("cupy", "cupy-cuda12x", "cupy-cuda13x")) if v), None),
+        "gpuvars": _version("gpuvars"),
+        "commit": commit,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+    libs = [f"python {m['python']}", f"numpy {m['numpy']}"]
+    libs += [f"{k} {m[k]}" for k in ("jax", "cupy") if m.get(k)]
+    return f"machine: {m['platform']} | {m['cpu']} | {m['cores']} cores | " + " | ".join(libs)
+
+
+def _fmt_ns(ns: float | None) -> str:
+    if ns is None:
+        return "-"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e4:
+        return f"{ns / 1e3:.1f} us"
+    return f"{ns:,.0f} ns"
+
+
+def _fmt_size(size: int) -> str:
+    return f"{size >> 20}M" if size >= 1 << 20 and size % (1 << 20) == 0 else str(size)
+
+
+def build_rows(results: list[dict[str, Any]], backends: list[str], sizes: list[int]) -> list[dict[str, Any]]:
+    """Median over rounds per (backend, size, op, system), and the gpuvars/raw ratio."""
+    rows = []
+    for backend in backends:
+        for size in sizes:
+            cells = {s: [r for r in results if r["backend"] == backend and r["size"] == size and r["system"] == s] for s in SYSTEMS}
+            if any(all("ops" not in c for c in cells[s]) for s in SYSTEMS):
+                continue
+            for op in OPS:
+                per = {s: [c["ops"][op]["ns"] for c in cells[s] if "ops" in c] for s in SYSTEMS}
+                g, r = statistics.median(per["gpuvars"]), statistics.median(per["raw"])
+                spread = max((max(v) - min(v)) / statistics.median(v) for v in per.values())
+                device = next(c.get("device") for c in cells["raw"] if "ops" in c)
+                rows.append({
+                    "backend": backend,
+                    "device": device,
+                    "size": size,
+                    "op": op,
+                    "raw_call": RAW_CALLS[backend][op],
+                    "gpuvars_ns": g,
+                    "raw_ns": r,
+                    "ratio": g / r,
+                    "spread": spread if min(len(v) for v in per.values()) > 1 else None,
+                    "gpuvars_rounds_ns": per["gpuvars"],
+                    "raw_rounds_ns": per["raw"],
+                })
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'backend':<8} {'size':>5}  {'op':<12} {'gpuvars/call':>13} {'raw/call':>11} {'ratio':>6} "
+        f"{'spread':>7}   raw baseline"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        spread = "-" if r["spread"] is None else f"{100 * r['spread']:.0f}%"
+        print(
+            f"{r['backend']:<8} {_fmt_size(r['size']):>5}  {r['op']:<12} {_fmt_ns(r['gpuvars_ns']):>13} "
+            f"{_fmt_ns(r['raw_ns']):>11} {r['ratio']:>5.2f}x {spread:>7}   {r['raw_call']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, 7 batches of 20 ms, 0.1 s warm-up")
+    parser.add_argument("--json", metavar="PATH", help="also write every row and the machine info here")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="comma list of numpy,jax,cupy")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma list of element counts")
+    parser.add_argument("--rounds", type=int, help="fresh-process rounds per cell (default 5; quick 1)")
+    parser.add_argument("--batches", type=int, help="timed batches per op (default 9; quick 7)")
+    parser.add_argument("--batch-ms", type=float, help="target batch duration (default 50; quick 20)")
+    parser.add_argument("--warmup-s", type=float, help="minimum warm-up per op (default 0.2; quick 0.1)")
+    parser.add_argument("--cell", nargs=3, metavar=("SYSTEM", "BACKEND", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    defaults = (1, 7, 20.0, 0.1) if args.quick else (5, 9, 50.0, 0.2)
+    for name, value in zip(("rounds", "batches", "batch_ms", "warmup_s"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+    if args.cell:
+        system, backend, size = args.cell
+        print(json.dumps(run_cell(system, backend, int(size), args.batches, args.batch_ms, args.warmup_s)))
+        return 0
+
+    backends = [b for b in args.backends.split(",") if b]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    for b in backends:
+        if b not in BACKENDS:
+            parser.error(f"unknown backend {b!r}; choose from {BACKENDS}")
+    machine = machine_info()
+    print(_machine_line(machine))
+    print(
+        f"settings: {args.rounds} round(s) of fresh processes per cell, {args.batches} batches of "
+        f"~{args.batch_ms:g} ms per op, warm-up >= {args.warmup_s:g} s; figures are medians"
+    )
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    for rnd in range(args.rounds):
+        order = SYSTEMS if rnd % 2 == 0 else SYSTEMS[::-1]
+        for backend in backends:
+            if backend in skipped:
+                continue
+            for size in sizes:
+                for system in order:
+                    cell = _spawn_cell(system, backend, size, args)
+                    if "skip" in cell or "error" in cell:
+                        skipped[backend] = cell.get("skip") or f"error: {cell['error']}"
+                        break
+                    results.append(cell)
+                if backend in skipped:
+                    break
+    failed = any(why.startswith("error: ") for why in skipped.values())
+    for backend, why in skipped.items():
+        print(f"{'FAILED' if why.startswith('error: ') else 'skip'} {backend}: {why}")
+    rows = build_rows(results, [b for b in backends if b not in skipped], sizes)
+    devices = sorted({f"{r['backend']} on {r['device']}" for r in rows})
+    if devices:
+        print("devices: " + "; ".join(devices))
+    print()
+    print_table(rows)
+    loops = [c["loop_ns"] for c in results if "loop_ns" in c]
+    print(
+        "\nspread: (max - min) / median of the per-round figures, the worse of the two sides; "
+        "a large one means the row is noise-dominated"
+    )
+    if loops:
+        print(f"each figure includes ~{statistics.median(loops):.0f} ns of Python loop per call, not subtracted")
+    goal = next((r for r in rows if r["backend"] == "numpy" and r["size"] == 16 and r["op"] == "assign"), None)
+    goal_info: dict[str, Any] = {"target_ratio": GOAL_RATIO}
+    if goal is None:
+        print("goal: not measured (needs --backends numpy and size 16)")
+    else:
+        met = goal["ratio"] <= GOAL_RATIO
+        goal_info.update(ratio=goal["ratio"], met=met)
+        print(
+            f"goal: 16-element numpy assign costs {goal['ratio']:.2f}x np.copyto "
+            f"(target <= {GOAL_RATIO:g}x): {'MET' if met else 'NOT MET'}"
+        )
+    elapsed = time.perf_counter() - started
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    start_load = machine.get("loadavg_at_start") or [float("nan")]
+    load_text = f"; 1-min load average {start_load[0]:.2f} at start, {load[0]:.2f} at end" if load else ""
+    print(f"total {elapsed:.0f} s{load_text}")
+    if args.json:
+        payload = {
+            "benchmark": "bench_ops",
+            "command": " ".join(["python", "bench/bench_ops.py", *(argv if argv is not None else sys.argv[1:])]),
+            "machine": machine,
+            "settings": {k: getattr(args, k) for k in ("quick", "rounds", "batches", "batch_ms", "warmup_s")},
+            "skipped": skipped,
+            "goal": goal_info,
+            "rows": rows,
+            "cells": results,
+            "elapsed_s": elapsed,
+            "loadavg_at_end": list(load) if load else None,
+        }
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

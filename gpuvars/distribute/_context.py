@@ -1,0 +1,130 @@
+"""Where code runs: cross-replica (the default) or inside ``strategy.run`` as one replica.
+
+The current strategy and replica context live in ContextVars; ``strategy.run`` starts
+one thread per replica, each with a copy of the caller's context plus its replica
+context, and a rendezvous gives every collective (aggregated updates, all_reduce) the
+values of all replicas, as TF's merge_call does.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import threading
+from typing import TYPE_CHECKING, Any, Sequence
+
+from gpuvars.errors import GpuvarsError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from gpuvars.distribute.strategy import MirroredStrategy
+
+__all__ = ["PerReplica", "ReduceOp", "ReplicaContext", "get_replica_context", "get_strategy"]
+
+_strategy: contextvars.ContextVar[MirroredStrategy | None] = contextvars.ContextVar("gpuvars_strategy", default=None)
+_replica: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar("gpuvars_replica", default=None)
+
+RENDEZVOUS_TIMEOUT_S = 600.0
+
+
+class ReduceOp(enum.Enum):
+    """How per-replica values combine (tf.distribute.ReduceOp)."""
+
+    SUM = "SUM"
+    MEAN = "MEAN"
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> ReduceOp:
+        """From a ReduceOp, its name (any case) or a VariableAggregation SUM/MEAN."""
+        if isinstance(obj, cls):
+            return obj
+        name = getattr(obj, "name", obj)
+        if isinstance(name, str) and name.upper() in cls.__members__:
+            return cls[name.upper()]
+        raise InvalidArgumentError(f"reduce op must be SUM or MEAN, got {obj!r}")
+
+
+class PerReplica:
+    """One value per replica (what ``strategy.run`` returns and takes as distributed input)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        self.values = tuple(values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __repr__(self) -> str:
+        return f"PerReplica({', '.join(f'{i}: {v!r}' for i, v in enumerate(self.values))})"
+
+
+class _Rendezvous:
+    """All replicas deposit a value and each gets the full list back (a reusable barrier)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._slots: list[Any] = [None] * n
+        self._barrier = threading.Barrier(n)
+
+    def exchange(self, replica: int, value: Any) -> list[Any]:
+        if self.n == 1:
+            return [value]
+        self._slots[replica] = value
+        try:
+            self._barrier.wait(RENDEZVOUS_TIMEOUT_S)
+            out = list(self._slots)
+            self._barrier.wait(RENDEZVOUS_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise _ReplicaAborted(
+                f"replica {replica}: another replica failed or did not reach the same collective "
+                f"within {RENDEZVOUS_TIMEOUT_S:.0f}s (every replica must make the same aggregated "
+                "updates in the same order)"
+            ) from None
+        return out
+
+    def abort(self) -> None:
+        self._barrier.abort()
+
+
+class _ReplicaAborted(GpuvarsError, RuntimeError):
+    """A replica gave up on a collective because another one failed (internal)."""
+
+
+class ReplicaContext:
+    """The replica a function runs as inside ``strategy.run`` (tf.distribute.ReplicaContext)."""
+
+    def __init__(self, strategy: MirroredStrategy, replica_id: int, rendezvous: _Rendezvous) -> None:
+        self.strategy = strategy
+        self.replica_id_in_sync_group = replica_id
+        self._rendezvous = rendezvous
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def device(self) -> str:
+        """This replica's device."""
+        return self.strategy.devices[self.replica_id_in_sync_group]
+
+    def _exchange(self, value: Any) -> list[Any]:
+        return self._rendezvous.exchange(self.replica_id_in_sync_group, value)
+
+    def all_reduce(self, reduce_op: Any, value: Any) -> Any:
+        """Combine ``value`` across replicas; every replica gets the result on its own device."""
+        op = ReduceOp.from_obj(reduce_op)
+        values = self._exchange(value)
+        return self.strategy._reduce_to(op, values, self.replica_id_in_sync_group)
+
+    def __repr__(self) -> str:
+        return f"<ReplicaContext replica {self.replica_id_in_sync_group} of {self.num_replicas_in_sync}>"
+
+
+def get_replica_context() -> ReplicaContext | None:
+    """The replica context inside ``strategy.run``, else None (cross-replica context)."""
+    return _replica.get()
+
+
+def get_strategy() -> MirroredStrategy | None:
+    """The strategy whose ``scope()`` (or ``run``) encloses this code, or None."""
+    return _strategy.get()

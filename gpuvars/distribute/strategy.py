@@ -1,0 +1,275 @@
+"""MirroredStrategy: one replica per device, variables mirrored across them, run() in replica context."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+from gpuvars import placement
+from gpuvars.distribute._context import (
+    PerReplica,
+    ReduceOp,
+    ReplicaContext,
+    _ReplicaAborted,
+    _Rendezvous,
+    _replica,
+    _strategy,
+    get_replica_context,
+)
+from gpuvars.distribute.values import MirroredVariable, SyncOnReadVariable, reduce_values
+from gpuvars.errors import InvalidArgumentError
+from gpuvars.placement import PhysicalDevice
+from gpuvars.registry import Registry
+from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization
+
+__all__ = ["MirroredStrategy", "ValueContext"]
+
+
+class ValueContext:
+    """What ``experimental_distribute_values_from_function`` passes to its function."""
+
+    def __init__(self, replica_id: int, num_replicas: int) -> None:
+        self.replica_id_in_sync_group = replica_id
+        self.num_replicas_in_sync = num_replicas
+
+
+class MirroredStrategy:
+    """Synchronous data parallelism over devices of this process (tf.distribute.MirroredStrategy).
+
+    Args:
+        devices: device strings; default every usable GPU, else ``["/cpu:0"]``. Soft
+            placement applies to each; two replicas may not share a device.
+
+    Example:
+        >>> import gpuvars as gv
+        >>> strategy = gv.MirroredStrategy(["/cpu:0"])
+        >>> with gv.Registry(), strategy.scope():
+        ...     w = gv.Variable(1.0, name="w", aggregation=gv.VariableAggregation.SUM)
+        ...     _ = strategy.run(lambda: w.assign_add(1.0))
+        ...     float(w.numpy())
+        2.0
+    """
+
+    def __init__(self, devices: Sequence[str] | None = None) -> None:
+        if devices is None:
+            placement.default_device()  # builds the device table (GPU probe)
+            gpus = [d for d in placement.list_devices() if d.startswith("/gpu:")]
+            devices = gpus or ["/cpu:0"]
+        if isinstance(devices, str) or not isinstance(devices, Sequence) or not devices:
+            raise InvalidArgumentError(f"MirroredStrategy needs a non-empty list of devices, got {devices!r}")
+        resolved = [placement.resolve(d, "a MirroredStrategy replica") for d in devices]
+        seen: dict[int, str] = {}
+        for spec, dev in zip(devices, resolved):
+            if id(dev) in seen:
+                raise InvalidArgumentError(
+                    f"MirroredStrategy: {spec!r} and {seen[id(dev)]!r} resolve to the same device {dev.name}; "
+                    "each replica needs its own device (set_logical_devices('cpu', N) splits the host)"
+                )
+            seen[id(dev)] = spec
+        self._devices: tuple[PhysicalDevice, ...] = tuple(resolved)
+        self._lock = threading.Lock()
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """The replicas' devices, replica 0 first."""
+        return tuple(d.name for d in self._devices)
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        return len(self._devices)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[MirroredStrategy]:
+        """Inside, ``gv.Variable(...)`` creates a MirroredVariable (SyncOnReadVariable for
+        ``synchronization=ON_READ``) with one component per replica device."""
+        token = _strategy.set(self)
+        try:
+            yield self
+        finally:
+            _strategy.reset(token)
+
+    # --- variable creation (called by gv.Variable.__new__ inside scope()) ---------------------------
+
+    def _create_variable(
+        self,
+        initial_value: Any = None,
+        name: str | None = None,
+        dtype: Any = None,
+        shape: Any = None,
+        validate_shape: bool = True,
+        trainable: bool | None = None,
+        device: Any = None,
+        synchronization: VariableSynchronization = VariableSynchronization.AUTO,
+        aggregation: VariableAggregation = VariableAggregation.NONE,
+    ) -> Variable:
+        if get_replica_context() is not None:
+            raise InvalidArgumentError(
+                "create variables in strategy.scope() (cross-replica context), not inside strategy.run"
+            )
+        if not isinstance(synchronization, VariableSynchronization):
+            raise InvalidArgumentError(f"synchronization must be a gv.VariableSynchronization, got {synchronization!r}")
+        if not isinstance(aggregation, VariableAggregation):
+            raise InvalidArgumentError(f"aggregation must be a gv.VariableAggregation, got {aggregation!r}")
+        on_read = synchronization is VariableSynchronization.ON_READ
+        if trainable is None:
+            trainable = not on_read
+        elif trainable and on_read:
+            raise InvalidArgumentError(
+                f"variable {name!r}: synchronization=ON_READ can only be set for non-trainable variables"
+            )
+        logical = "Variable" if name is None else name
+        components = build_components(
+            logical, self._devices, initial_value, dtype=dtype, shape=shape, validate_shape=validate_shape
+        )
+        cls = SyncOnReadVariable if on_read else MirroredVariable
+        deferred = None if components[0].initialized else initial_value
+        return cls._build(
+            logical,
+            components,
+            strategy=self,
+            initial=deferred,
+            trainable=trainable,
+            synchronization=synchronization,
+            aggregation=aggregation,
+        )
+
+    # --- running replicas --------------------------------------------------------------------------
+
+    def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        """Call ``fn`` once per replica, each in a thread with its replica context.
+
+        ``PerReplica`` arguments give each replica its own value. Aggregated updates of
+        mirrored variables meet at a rendezvous (TF's merge_call), so every replica must make
+        the same aggregated updates in the same order. Returns a ``PerReplica`` of the
+        results (the result itself with one replica).
+        """
+        kwargs = dict(kwargs or {})
+        n = self.num_replicas_in_sync
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, PerReplica) and len(a) != n:
+                raise InvalidArgumentError(f"a PerReplica argument has {len(a)} values for {n} replicas")
+        rendezvous = _Rendezvous(n)
+        results: list[Any] = [None] * n
+        errors: list[BaseException | None] = [None] * n
+
+        def pick(a: Any, i: int) -> Any:
+            return a.values[i] if isinstance(a, PerReplica) else a
+
+        def one(i: int) -> None:
+            _replica.set(ReplicaContext(self, i, rendezvous))
+            _strategy.set(self)
+            try:
+                results[i] = fn(*(pick(a, i) for a in args), **{k: pick(v, i) for k, v in kwargs.items()})
+            except BaseException as exc:
+                errors[i] = exc
+                rendezvous.abort()
+
+        if n == 1:
+            contextvars.copy_context().run(one, 0)
+        else:
+            threads = [
+                threading.Thread(target=contextvars.copy_context().run, args=(one, i), name=f"gpuvars-replica-{i}")
+                for i in range(n)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        real = [e for e in errors if e is not None and not isinstance(e, _ReplicaAborted)]
+        if real or any(errors):
+            raise (real or [e for e in errors if e is not None])[0]
+        return results[0] if n == 1 else PerReplica(results)
+
+    def experimental_distribute_values_from_function(self, fn: Callable[[ValueContext], Any]) -> PerReplica:
+        """``PerReplica`` of ``fn(ValueContext(replica_id, n))`` for each replica."""
+        n = self.num_replicas_in_sync
+        return PerReplica([fn(ValueContext(i, n)) for i in range(n)])
+
+    def reduce(self, reduce_op: Any, value: Any, axis: int | None = None) -> Any:
+        """Combine a ``PerReplica`` (or a plain value, as if every replica had it) across replicas,
+        onto replica 0's device; ``axis`` also reduces each value along that axis first."""
+        op = ReduceOp.from_obj(reduce_op)
+        values = list(value.values) if isinstance(value, PerReplica) else [value] * self.num_replicas_in_sync
+        if axis is not None:
+            values = [v.sum(axis=axis) for v in values]
+            if op is ReduceOp.MEAN:
+                total = sum(int(v.shape[axis]) for v in (value.values if isinstance(value, PerReplica) else [value]))
+                return reduce_values(ReduceOp.SUM, values, self._devices[0]) / total
+        return reduce_values(op, values, self._devices[0])
+
+    def _reduce_to(self, op: ReduceOp, values: Sequence[Any], replica: int) -> Any:
+        return reduce_values(op, values, self._devices[replica])
+
+    def __repr__(self) -> str:
+        return f"MirroredStrategy(devices={list(self.devices)})"
+
+
+def build_components(
+    name: str,
+    devices: Sequence[PhysicalDevice],
+    initial_value: Any,
+    *,
+    dtype: Any = None,
+    shape: Any = None,
+    validate_shape: bool = True,
+    trainable: bool = False,
+) -> list[Variable]:
+    """One plain Variable per device named ``name/replica_K``, registered nowhere.
+
+    An eager initial value is copied to each device; a deferred one leaves the components
+    uninitialized (the logical variable's init op materializes it once and copies it).
+    """
+    from gpuvars.initializers import Initializer
+    from gpuvars._expr import Expression
+
+    deferred = isinstance(initial_value, (Initializer, Expression)) or (
+        callable(initial_value) and not isinstance(initial_value, Variable) and not hasattr(initial_value, "__array__")
+    )
+    components: list[Variable] = []
+    token = _strategy.set(None)  # components are plain variables, even inside strategy.scope()
+    try:
+        _build_into(components, name, devices, initial_value, deferred, dtype, shape, validate_shape, trainable)
+    finally:
+        _strategy.reset(token)
+    for c in components:
+        c._registry = None
+    return components
+
+
+def _build_into(
+    components: list[Variable],
+    name: str,
+    devices: Sequence[PhysicalDevice],
+    initial_value: Any,
+    deferred: bool,
+    dtype: Any,
+    shape: Any,
+    validate_shape: bool,
+    trainable: bool,
+) -> None:
+    with Registry():  # a private registry: components are not registered on their own
+        first = Variable(
+            initial_value, name=f"{name}/replica_0", dtype=dtype, shape=shape,
+            validate_shape=validate_shape, trainable=trainable, device=devices[0].spec,
+        )
+        components.append(first)
+        for k, dev in enumerate(devices[1:], start=1):
+            if deferred:
+                comp = Variable(
+                    _placeholder, name=f"{name}/replica_{k}", dtype=first.dtype, shape=first.declared_shape
+                    if first.declared_shape is not None else None, validate_shape=validate_shape,
+                    trainable=trainable, device=dev.spec,
+                )
+                comp._pending_shape = first._pending_shape
+            else:
+                comp = Variable(
+                    first, name=f"{name}/replica_{k}", validate_shape=validate_shape, trainable=trainable,
+                    device=dev.spec, shape=first.declared_shape if validate_shape else None,
+                )
+            components.append(comp)
+
+
+def _placeholder() -> Any:
+    raise InvalidArgumentError("a replica component is initialized by its distributed variable, not on its own")
