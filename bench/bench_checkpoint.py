@@ -737,8 +737,13 @@ def machine_info(folder: str) -> dict[str, Any]:
             info[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             info[pkg] = None
+    import gpuvars  # cheap: imports neither cupy nor jax
+
+    info["gpuvars_path"] = os.path.dirname(os.path.abspath(gpuvars.__file__))
     try:  # read-only git queries: the commit, and whether the library's sources differ from it
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        here = os.path.dirname(info["gpuvars_path"])
+        if not os.path.exists(os.path.join(here, ".git")):
+            raise OSError("gpuvars is not imported from a git checkout")
         info["commit"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
                                         capture_output=True, text=True, timeout=10).stdout.strip() or None
         changed = subprocess.run(["git", "--no-optional-locks", "-C", here, "status", "--porcelain", "--", "gpuvars", "backends"],
@@ -754,7 +759,8 @@ def machine_line(m: dict[str, Any]) -> str:
     torch = f", torch {m['torch']}" if m.get("torch") else ", torch absent"
     return (f"{m.get('cpu', '?')}, {m['cores']} cores, {m.get('ram_gib', '?')} GiB RAM, Linux {m['kernel']}, "
             f"files on {m.get('filesystem', '?')}; Python {m['python']}, numpy {m['numpy']}, "
-            f"safetensors {m['safetensors']}{torch}; gpuvars {m['gpuvars']} @ {m.get('commit') or '?'}")
+            f"safetensors {m['safetensors']}{torch}; gpuvars {m['gpuvars']} @ {m.get('commit') or '?'} "
+            f"(from {m.get('gpuvars_path')})")
 
 
 def spawn(cell: dict[str, Any], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -768,8 +774,9 @@ def spawn(cell: dict[str, Any], extra_env: dict[str, str] | None = None) -> dict
         print(f"--- profile: {cell['system']} {cell['workload']} {cell['phase']} ---\n{proc.stderr}", file=sys.stderr)
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        return {**{k: cell[k] for k in ("system", "workload", "phase")}, "error": " | ".join(tail) or f"rc={proc.returncode}"}
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        err = lines[-1].strip() if lines else f"exit status {proc.returncode}"  # the exception line
+        return {**{k: cell[k] for k in ("system", "workload", "phase")}, "error": err, "stderr_tail": lines[-15:]}
     return json.loads(lines[-1][len(RESULT_TAG):])
 
 

@@ -66,13 +66,95 @@ def main(argv: list[str] | None = None) -> int:
         "--ckpt-dir", default=None, help="checkpoint folder, kept (default: a temporary folder, removed at the end)"
     )
     parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument(
+        "--replicas", type=int, default=1,
+        help="data-parallel replicas: GPUs if enough are usable, else logical CPU devices (default 1)",
+    )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.every < 1 or args.keep < 1:
-        parser.error("--steps, --every and --keep must be >= 1")
+    if args.steps < 1 or args.every < 1 or args.keep < 1 or args.replicas < 1:
+        parser.error("--steps, --every, --keep and --replicas must be >= 1")
+    run = _run if args.replicas == 1 else _run_replicated
     if args.ckpt_dir is not None:
-        return _run(args, args.ckpt_dir)
+        return run(args, args.ckpt_dir)
     with tempfile.TemporaryDirectory(prefix="gpuvars-demo-") as ckpt_dir:
-        return _run(args, ckpt_dir)
+        return run(args, ckpt_dir)
+
+
+def _replica_devices(n: int) -> list[str]:
+    """``n`` GPUs when that many are usable, else ``n`` logical CPU devices."""
+    import backends
+
+    library = gv.config.get_gpu_backend()
+    for lib in (library,) if library else ("cupy", "jax"):
+        if backends.probe(lib, "gpu").count >= n:
+            gv.config.set_gpu_backend(lib)
+            return [f"/gpu:{k}" for k in range(n)]
+    gv.config.set_logical_devices("cpu", n)
+    return [f"/cpu:{k}" for k in range(n)]
+
+
+def _run_replicated(args: argparse.Namespace, ckpt_dir: str) -> int:
+    """Data-parallel training with mirrored variables, EXPAND checkpoints, reload without the strategy."""
+    n = args.replicas
+    devices = _replica_devices(n)
+    prefix = os.path.join(ckpt_dir, "model.ckpt")
+    x_host, y_host = _data(4096, 32, 10, seed=0)
+    policy = gv.SaveOptions(experimental_variable_policy=gv.VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES)
+    strategy = gv.MirroredStrategy(devices)
+    print(f"gpuvars demo: {n} replicas on {list(strategy.devices)}; checkpoints in {ckpt_dir}")
+    rows = x_host.shape[0] // n
+    with gv.Registry():
+        with strategy.scope():
+            w = gv.Variable(
+                gv.initializers.GlorotUniform(seed=1), shape=(32, 10), name="softmax/weights",
+                aggregation=gv.VariableAggregation.MEAN,
+            )
+            b = gv.Variable(gv.zeros([10]), name="softmax/bias", aggregation=gv.VariableAggregation.MEAN)
+        gv.global_variables_initializer().run()
+        shard = lambda a: strategy.experimental_distribute_values_from_function(  # noqa: E731
+            lambda ctx: gv.copy_to(a[ctx.replica_id_in_sync_group * rows : (ctx.replica_id_in_sync_group + 1) * rows],
+                                   devices[ctx.replica_id_in_sync_group])
+        )
+        xs, ys = shard(x_host), shard(y_host)
+        saver = gv.Saver(max_to_keep=args.keep, options=policy)
+        t0 = time.perf_counter()
+        for step in range(1, args.steps + 1):
+            # each replica: gradient of its shard; MEAN aggregation all-reduces the updates
+            losses = strategy.run(lambda x, y: _step(w, b, x, y, args.lr), args=(xs, ys))
+            if step % args.every == 0 or step == args.steps:
+                saved = saver.save(prefix, global_step=step)
+                loss = float(np.mean(losses.values))
+                print(f"  step {step:5d}  loss {loss:.4f}  saved {os.path.basename(saved)}")
+        if not (w.components_agree() and b.components_agree()):
+            print("ERROR: mirrored components diverged", file=sys.stderr)
+            return 1
+        x, y = gv.copy_to(x_host, w.device), gv.copy_to(y_host, w.device)
+        final = _loss(w, b, x, y)
+        print(f"trained {args.steps} steps in {time.perf_counter() - t0:.2f}s; loss now {final:.4f}")
+        print(f"files of the latest: {sorted(f for f in os.listdir(ckpt_dir) if f.startswith(os.path.basename(saved)))}")
+
+    latest = gv.latest_checkpoint(ckpt_dir)
+    if latest is None:
+        print("no checkpoint found", file=sys.stderr)
+        return 1
+    with gv.Registry():  # a process without the strategy: the checkpoint alone rebuilds the model
+        loaded = gv.load_checkpoint(latest)
+        w2, b2 = loaded["softmax/weights"], loaded["softmax/bias"]
+        print(f"loaded {os.path.basename(latest)} without a strategy: {type(w2).__name__} on {list(w2.devices)}")
+        x, y = gv.copy_to(x_host, w2.device), gv.copy_to(y_host, w2.device)
+        resumed = _loss(w2, b2, x, y)
+        if not np.isclose(resumed, final, rtol=1e-5, atol=1e-6):
+            print(f"ERROR: loaded loss {resumed} differs from the saved model's {final}", file=sys.stderr)
+            return 1
+        loss = resumed
+        for _ in range(args.every):  # cross-replica updates write every component
+            loss = _step(w2, b2, x, y, args.lr)
+        print(f"  resumed {args.every} more steps: loss {resumed:.4f} -> {loss:.4f}")
+        if not loss < resumed:
+            print("ERROR: the loss did not keep decreasing after the load", file=sys.stderr)
+            return 1
+    print("ok: training continued from the checkpoint")
+    return 0
 
 
 def _run(args: argparse.Namespace, ckpt_dir: str) -> int:

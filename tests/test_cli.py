@@ -144,3 +144,17 @@ def test_demo_job_default_folder_is_removed() -> None:
     assert "ok" in result.stdout
     folder = result.stdout.split("checkpoints in ", 1)[1].split()[0].rstrip(";")
     assert not os.path.exists(folder)
+
+
+def test_demo_replicas_trains_mirrored_and_loads_expand_without_strategy(tmp_path: Path) -> None:
+    result = run_cli("demo", "--replicas", "2", "--steps", "20", "--every", "10", "--ckpt-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 replicas on ['/cpu:0', '/cpu:1']" in result.stdout
+    assert "loaded model.ckpt-20 without a strategy: MirroredVariable on ['/cpu:0', '/cpu:1']" in result.stdout
+    assert (tmp_path / "model.ckpt-20.replica-1-of-2.safetensors").exists()
+    assert result.stdout.rstrip().endswith("ok: training continued from the checkpoint")
+    single = run_cli("demo", "--steps", "20", "--every", "10")
+    # MEAN-aggregated data parallelism over equal shards takes the full-batch step: same losses
+    assert [l for l in result.stdout.splitlines() if "step    10" in l][0].split("saved")[0] == [
+        l for l in single.stdout.splitlines() if "step    10" in l
+    ][0].split("saved")[0]

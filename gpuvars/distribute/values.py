@@ -121,6 +121,11 @@ class DistributedVariable(Variable):
     def shape(self) -> tuple[int, ...] | None:
         return self._components[0].shape
 
+    def _here(self) -> Variable:
+        """The component to read here: this replica's inside strategy.run, else the primary."""
+        local = self._local()
+        return self._components[0] if local is None else local
+
     def _local(self) -> Variable | None:
         """This replica's component inside strategy.run, else None."""
         ctx = get_replica_context()
@@ -161,12 +166,12 @@ class DistributedVariable(Variable):
 
     def read_value(self) -> Any:
         value = self.value()
-        local = self._local() or self._components[0]
+        local = self._here()
         return local._backend.asarray(value, value.dtype, local._device.backend_index) if local._backend.inplace else value
 
     def numpy(self) -> np.ndarray[Any, Any]:
         value = self.value()
-        backend = (self._local() or self._components[0])._backend
+        backend = self._here()._backend
         return np.array(value, copy=True) if backend.name == "numpy" else backend.to_numpy(value)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
@@ -184,7 +189,7 @@ class MirroredVariable(DistributedVariable):
     kind = "mirrored"
 
     def value(self) -> Any:
-        return (self._local() or self._components[0]).value()
+        return self._here().value()
 
     def _update(self, method: str, *args: Any) -> Variable:
         ctx = get_replica_context()
