@@ -111,10 +111,12 @@ def _run_replicated(args: argparse.Namespace, ckpt_dir: str) -> int:
             )
             b = gv.Variable(gv.zeros([10]), name="softmax/bias", aggregation=gv.VariableAggregation.MEAN)
         gv.global_variables_initializer().run()
-        shard = lambda a: strategy.experimental_distribute_values_from_function(  # noqa: E731
-            lambda ctx: gv.copy_to(a[ctx.replica_id_in_sync_group * rows : (ctx.replica_id_in_sync_group + 1) * rows],
-                                   devices[ctx.replica_id_in_sync_group])
-        )
+        def shard(a: np.ndarray[Any, Any]) -> gv.PerReplica:
+            """Replica k's rows of ``a``, on replica k's device."""
+            return strategy.experimental_distribute_values_from_function(
+                lambda ctx: gv.copy_to(a[ctx.replica_id_in_sync_group * rows :][:rows], devices[ctx.replica_id_in_sync_group])
+            )
+
         xs, ys = shard(x_host), shard(y_host)
         saver = gv.Saver(max_to_keep=args.keep, options=policy)
         t0 = time.perf_counter()
@@ -125,6 +127,7 @@ def _run_replicated(args: argparse.Namespace, ckpt_dir: str) -> int:
                 saved = saver.save(prefix, global_step=step)
                 loss = float(np.mean(losses.values))
                 print(f"  step {step:5d}  loss {loss:.4f}  saved {os.path.basename(saved)}")
+        assert isinstance(w, gv.MirroredVariable) and isinstance(b, gv.MirroredVariable)
         if not (w.components_agree() and b.components_agree()):
             print("ERROR: mirrored components diverged", file=sys.stderr)
             return 1
@@ -140,6 +143,7 @@ def _run_replicated(args: argparse.Namespace, ckpt_dir: str) -> int:
     with gv.Registry():  # a process without the strategy: the checkpoint alone rebuilds the model
         loaded = gv.load_checkpoint(latest)
         w2, b2 = loaded["softmax/weights"], loaded["softmax/bias"]
+        assert isinstance(w2, gv.MirroredVariable)
         print(f"loaded {os.path.basename(latest)} without a strategy: {type(w2).__name__} on {list(w2.devices)}")
         x, y = gv.copy_to(x_host, w2.device), gv.copy_to(y_host, w2.device)
         resumed = _loss(w2, b2, x, y)

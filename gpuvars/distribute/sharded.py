@@ -179,7 +179,8 @@ class ShardedVariable:
     def shape(self) -> tuple[int, ...]:
         first = self._shards[0].shape
         assert first is not None
-        return (sum(s.shape[0] for s in self._shards),) + tuple(first[1:])  # type: ignore[index]
+        rows = sum(int(s.shape[0]) for s in self._shards if s.shape)
+        return (rows,) + tuple(first[1:])
 
     @property
     def dtype(self) -> np.dtype[Any] | None:

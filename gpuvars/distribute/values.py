@@ -49,6 +49,8 @@ class DistributedVariable(Variable):
     """Base of mirrored and sync-on-read variables: a logical name over per-replica components."""
 
     kind = "distributed"
+    _components: tuple[Variable, ...]
+    _strategy: MirroredStrategy | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Built by _build (via gv.Variable inside strategy.scope()); Python calls __init__ again
@@ -90,7 +92,7 @@ class DistributedVariable(Variable):
         return self
 
     # the primary component's storage stands for the logical variable's (reads, init deps)
-    @property  # type: ignore[override]
+    @property
     def _storage(self) -> Any:
         return self._components[0]._storage
 
