@@ -145,9 +145,20 @@ def workload_specs(workload: str, quick: bool) -> list[tuple[str, tuple[int, ...
 
 
 def make_data(specs: list[tuple[str, tuple[int, ...]]], seed: int = 0) -> list[np.ndarray]:
-    """Seeded random float32 arrays (written by the generator, so already touched)."""
+    """Seeded random float32 arrays, distinct bytes everywhere (written here, so already touched).
+
+    One random block per distinct size, plus the tensor's index: different tensors never share
+    bytes, and it is ~5x quicker than drawing 1 GiB of random numbers in every cell.
+    """
     rng = np.random.default_rng(seed)
-    return [rng.random(math.prod(shape), dtype=np.float32).reshape(shape) for _, shape in specs]
+    blocks: dict[int, np.ndarray] = {}
+    out = []
+    for i, (_, shape) in enumerate(specs):
+        n = math.prod(shape)
+        if n not in blocks:
+            blocks[n] = rng.random(n, dtype=np.float32)
+        out.append(np.add(blocks[n], np.float32(i)).reshape(shape))
+    return out
 
 
 def st_header(specs: list[tuple[str, tuple[int, ...]]]) -> bytes:

@@ -930,3 +930,18 @@ def test_temps_of_a_dead_unreaped_process_are_stale(tmp_path: Path) -> None:
         assert not stale.exists()
     finally:
         zombie.wait()
+
+
+def test_progress_bar_on_request_and_silent_by_default(tmp_path, capsys) -> None:
+    pytest.importorskip("tqdm", reason="the progress bar needs tqdm (the test extra installs it)")
+    w = gv.Variable(np.zeros((64, 64), np.float32), name="w")  # noqa: F841 (the registry is weak)
+    saver = gv.Saver()
+    prefix = saver.save(str(tmp_path / "m"))  # small and not a terminal: no bar
+    saver.restore(prefix)
+    assert capsys.readouterr().err == ""
+    prefix = saver.save(str(tmp_path / "m2"), options=gv.SaveOptions(progress=True))
+    assert "saving m2" in capsys.readouterr().err
+    saver.restore(prefix, progress=True)
+    assert "restoring m2" in capsys.readouterr().err
+    with pytest.raises(gv.InvalidArgumentError, match="progress must be"):
+        saver.restore(prefix, progress="yes")  # type: ignore[arg-type]

@@ -101,6 +101,10 @@ class Read:
     checksum: str | None
     apply: Callable[[st.SafetensorsReader], None]
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * st.np_dtype(self.dtype).itemsize
+
 
 def plan(index: _format.Index, key: str, var: Saveable) -> list[Read]:
     """The reads that restore ``var`` from ``key`` of ``index``."""

@@ -58,6 +58,7 @@ def load_checkpoint(
     device_map: DeviceMap | None = None,
     *,
     verify_first: bool = False,
+    progress: bool | None = None,
 ) -> LoadedCheckpoint:
     """Create and fill one variable per checkpoint key, from the checkpoint alone.
 
@@ -130,7 +131,7 @@ def load_checkpoint(
             created[key] = var
             if key in saved and var.device != saved[key]["device"]:
                 moved[key] = (saved[key]["device"], var.device)
-        restore_variables(index.prefix, created, verify_first=verify_first)
+        restore_variables(index.prefix, created, verify_first=verify_first, progress=progress)
         if fallbacks:
             warnings.warn(
                 f"load_checkpoint({index.prefix!r}): soft placement put {len(fallbacks)} variable(s) on "

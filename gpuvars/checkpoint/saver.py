@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gpuvars.checkpoint import _files, _format, _logical, _transfer
+from gpuvars.checkpoint import _files, _format, _logical, _progress, _transfer
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.policy import SaveOptions, VariablePolicy
 from gpuvars.errors import (
@@ -188,7 +188,7 @@ class Saver:
         if step is not None:
             base = f"{base}-{step}"
         prefix = os.path.join(folder, base)
-        write_checkpoint(prefix, self._vars, opts.policy, step)
+        write_checkpoint(prefix, self._vars, opts.policy, step, progress=opts.progress)
         self._after_commit(prefix, folder)
         return prefix
 
@@ -220,6 +220,7 @@ class Saver:
         *,
         verify_first: bool = False,
         var_list: Any = None,
+        progress: bool | None = None,
     ) -> RestoreResult:
         """Fill this saver's variables (or ``var_list``, a subset) from ``save_path``, in place.
 
@@ -236,6 +237,7 @@ class Saver:
                 without it a checksum failure marks the variables already written as
                 uninitialized and names them.
             var_list: restore only these (list or dict, as in the constructor).
+            progress: a progress bar on stderr (None: only on a terminal for >= 256 MiB; needs tqdm).
 
         Raises:
             CheckpointNotFoundError: no committed checkpoint at ``save_path``.
@@ -245,13 +247,19 @@ class Saver:
         if save_path is None:
             raise InvalidArgumentError("Can't load save_path when it is None.")
         targets = self._vars if var_list is None else _var_map(var_list, allow_empty=False)
-        return restore_variables(os.fspath(save_path), targets, verify_first=verify_first)
+        return restore_variables(os.fspath(save_path), targets, verify_first=verify_first, progress=progress)
 
 
 # --- the machinery, shared with gv.load_checkpoint ------------------------------------------------
 
 
-def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: VariablePolicy, step: int | None) -> None:
+def write_checkpoint(
+    prefix: str,
+    variables: Mapping[str, Variable],
+    policy: VariablePolicy,
+    step: int | None,
+    progress: bool | None = None,
+) -> None:
     """Write and commit the checkpoint ``prefix`` of ``variables`` (validated first)."""
     folder, base = os.path.split(prefix)
     entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
@@ -280,8 +288,13 @@ def write_checkpoint(prefix: str, variables: Mapping[str, Variable], policy: Var
             metadata={"format": _format.FORMAT, "version": str(_format.VERSION)},
         )
         try:
-            for key in writer.order:
-                writer.write(key, _logical.save_source(variables[key]))
+            meter = _progress.bar(sum(writer.infos[k].nbytes for k in writer.order), f"saving {base}", progress)
+            try:
+                for key in writer.order:
+                    writer.write(key, _logical.save_source(variables[key]))
+                    meter.update(writer.infos[key].nbytes)
+            finally:
+                meter.close()
             record = writer.commit()
         except BaseException:
             writer.abort()
@@ -431,7 +444,9 @@ def _check_compatible(index: _format.Index, targets: Mapping[str, Variable]) -> 
         )
 
 
-def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_first: bool = False) -> RestoreResult:
+def restore_variables(
+    prefix: str, targets: Mapping[str, Variable], *, verify_first: bool = False, progress: bool | None = None
+) -> RestoreResult:
     """Validate ``prefix`` against ``targets`` completely, then stream each tensor in.
 
     ``prefix`` is a committed checkpoint or a plain ``.safetensors`` file. Nothing is
@@ -449,6 +464,7 @@ def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_fi
         for r in reads:
             by_file.setdefault(r.file, {})[r.key] = (r.shape, r.dtype)
     readers: dict[str, st.SafetensorsReader] = {}
+    meter: Any = _progress.bar(0, "", False)
     try:
         for name, expected in by_file.items():  # open and validate every header before any byte is written
             readers[name] = _format.open_file(index, name, expected)
@@ -462,12 +478,15 @@ def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_fi
                         f"{index.path(name)!r}: checksum failed for {', '.join(map(repr, bad))}; nothing was restored"
                     )
         done: list[Any] = []
+        total = sum(r.nbytes for reads in plans.values() for r in reads)
+        meter = _progress.bar(total, f"restoring {os.path.basename(index.prefix)}", progress)
         for key, reads in plans.items():
             var = targets[key]
             done.append(var)
             try:
                 for r in reads:
                     r.apply(readers[r.file])
+                    meter.update(r.nbytes)
             except BaseException as exc:
                 for v in done:
                     v._mark_uninitialized()
@@ -482,6 +501,7 @@ def restore_variables(prefix: str, targets: Mapping[str, Variable], *, verify_fi
                     exc.add_note(f"restoring {index.prefix!r}: {note}")
                 raise
     finally:
+        meter.close()
         for reader in readers.values():
             reader.close()
     differences = {
