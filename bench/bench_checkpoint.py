@@ -29,7 +29,10 @@ Workloads: ``big`` = 64 float32 tensors of 16 MiB (1 GiB, shapes vary: 2048x2048
 Method (the project's rules for benchmarks on these VMs):
 
 - Each (system, workload, phase) cell runs in a fresh process (this program re-invokes
-  itself with ``--cell``) that builds the data, times one step and prints one JSON line.
+  itself with ``--cell``) that builds the data, runs the step once untimed (``--warmup``:
+  imports, lazy set-up and first-use effects; measured here, the very first readinto of a
+  freshly written file in a process ran up to 1.8x slower than the next ones), times one
+  step and prints one JSON line.
   Every cell runs once per round, ``--repeats`` rounds (default 3), the order of the
   systems rotating between rounds so drift spreads over all of them; the table quotes the
   median over rounds and the min-max. ``--profile`` adds one cProfiled, untimed step to the
@@ -639,56 +642,63 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         file_bytes = 0
         ok = True
 
-        def one(i: int, timed: Callable[[], None], warm_folder: str | None) -> None:
-            nonlocal file_bytes
+        def measured(step: Callable[[], None], warm_folder: str | None) -> tuple[float, int]:
+            """(seconds, peak extra RSS KiB) of one step, free pages warmed and VmHWM reset first."""
             warm_free_pages(data_bytes + WARM_MARGIN, warm_folder)
             gc.collect()
             reset_hwm()
             rss0 = proc_status()["VmRSS"]
             t0 = time.perf_counter()
-            timed()
+            step()
             t1 = time.perf_counter()
             hwm = proc_status()["VmHWM"]
-            times.append(t1 - t0)
-            extra_kib.append(hwm - rss0 if hwm_ok else -1)
+            return t1 - t0, (hwm - rss0 if hwm_ok else -1)
 
-        if phase == "save":
-            for i in range(repeats + (1 if profile else 0)):
-                base = sysobj.base(folder, i)
-                if isinstance(sysobj, Gpuvars):
-                    sysobj.prepare_save()
-                if i == repeats:  # the profiled extra repeat, not in the times
-                    _profile(lambda: sysobj.save(base))
-                else:
-                    one(i, lambda: sysobj.save(base), folder)
-                    file_bytes = folder_bytes(folder)
-                clear_folder(folder)
-        else:
+        # warm-up steps (untimed: imports, lazy set-up, first-use effects of the kernel), then the
+        # timed ones, then optionally one under cProfile. Extra RSS is kept for warm-ups too: a
+        # first call can grow the heap more than a later one that reuses it.
+        schedule = ["warmup"] * cell["warmup"] + ["timed"] * repeats + (["profile"] if profile else [])
+        warm_rss: list[int] = []
+        if phase != "save":
             base = sysobj.base(folder, 0)
             if isinstance(sysobj, Gpuvars):
                 sysobj.prepare_save()
-            sysobj.save(base)  # untimed: the checkpoint every repeat restores
+            sysobj.save(base)  # untimed: the checkpoint every step restores
             file_bytes = folder_bytes(folder)
-            for i in range(repeats + (1 if profile else 0)):
-                if phase == "verify":
-                    assert isinstance(sysobj, Gpuvars)
-                    step: Callable[[], None] = lambda: sysobj.verify(base)  # noqa: E731
+        for i, kind in enumerate(schedule):
+            if phase == "save":
+                base = sysobj.base(folder, i)
+                if isinstance(sysobj, Gpuvars):
+                    sysobj.prepare_save()
+                step: Callable[[], None] = lambda: sysobj.save(base)  # noqa: E731
+            elif phase == "verify":
+                assert isinstance(sysobj, Gpuvars)
+                step = lambda: sysobj.verify(base)  # noqa: E731
+            else:
+                sysobj.prepare_restore()
+                step = lambda: sysobj.restore(base)  # noqa: E731
+            if cold and phase != "save":
+                drop_page_cache()
+            if kind == "profile":
+                _profile(step)
+            else:
+                seconds, kib = measured(step, folder if phase == "save" else None)
+                if kind == "timed":
+                    times.append(seconds)
+                    extra_kib.append(kib)
                 else:
-                    sysobj.prepare_restore()
-                    step = lambda: sysobj.restore(base)  # noqa: E731
-                if cold:
-                    drop_page_cache()
-                if i == repeats:
-                    _profile(step)
-                else:
-                    one(i, step, None)
-                    if phase == "restore":
-                        ok = ok and sysobj.check()
-            clear_folder(folder)
+                    warm_rss.append(kib)
+            if phase == "save":
+                if kind == "timed":
+                    file_bytes = folder_bytes(folder)
+                clear_folder(folder)
+            elif phase == "restore":
+                ok = ok and sysobj.check()
+        clear_folder(folder)
         return {
             "system": system, "workload": workload, "phase": phase, "ok": ok,
             "n_tensors": len(specs), "data_bytes": data_bytes, "file_bytes": file_bytes,
-            "times_s": times, "extra_rss_kib": extra_kib, "hwm_reset": hwm_ok,
+            "times_s": times, "extra_rss_kib": extra_kib, "warmup_extra_rss_kib": warm_rss, "hwm_reset": hwm_ok,
             "cache": "cold" if cold else "warm",
         }
     finally:
@@ -770,8 +780,8 @@ def machine_line(m: dict[str, Any]) -> str:
     torch = f", torch {m['torch']}" if m.get("torch") else ", torch absent"
     return (f"{m.get('cpu', '?')}, {m['cores']} cores, {m.get('ram_gib', '?')} GiB RAM, Linux {m['kernel']}, "
             f"files on {m.get('filesystem', '?')}; Python {m['python']}, numpy {m['numpy']}, "
-            f"safetensors {m['safetensors']}{torch}; gpuvars {m['gpuvars']} @ {m.get('commit') or '?'} "
-            f"(from {m.get('gpuvars_path')})")
+            f"safetensors {m['safetensors']}{torch}; gpuvars {m['gpuvars']}"
+            + (f" @ {m['commit']}" if m.get("commit") else "") + f" (from {m.get('gpuvars_path')})")
 
 
 def spawn(cell: dict[str, Any], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -795,7 +805,7 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     if "error" in r:
         return r
     t = r["times_s"]
-    rss = [x for x in r["extra_rss_kib"] if x >= 0]
+    rss = [x for x in r["extra_rss_kib"] + r.get("warmup_extra_rss_kib", []) if x >= 0]
     r["median_s"] = statistics.median(t)
     r["min_s"], r["max_s"] = min(t), max(t)
     r["gib_s"] = r["data_bytes"] / GiB / r["median_s"] if r["median_s"] > 0 else float("inf")
@@ -871,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(CPU_SYSTEMS), help=f"comma list of {CPU_SYSTEMS}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of big, small")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of save, restore, verify")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one in every cell (default 1)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each restore (root)")
     ap.add_argument("--gpu", action="store_true", help=f"also run {GPU_SYSTEMS} where CuPy/JAX see /gpu:0")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra (untimed) gpuvars repeat per cell")
@@ -948,6 +959,7 @@ def main(argv: list[str] | None = None) -> int:
                 if phase == "verify" and system != "gpuvars":
                     continue
                 cell = {"system": system, "workload": wl, "phase": phase, "repeats": 1, "quick": args.quick,
+                        "warmup": args.warmup,
                         "dir": args.dir, "cold": args.cold,
                         "profile": args.profile and rnd == 0 and system.startswith("gpuvars")}
                 t0 = time.perf_counter()
@@ -959,9 +971,10 @@ def main(argv: list[str] | None = None) -> int:
                     m = merged[key]
                     m["times_s"] += r["times_s"]
                     m["extra_rss_kib"] += r["extra_rss_kib"]
+                    m["warmup_extra_rss_kib"] += r["warmup_extra_rss_kib"]
                     m["ok"] = m["ok"] and r["ok"]
                 msg = r.get("error") or (f"{r['times_s'][0]:.3f} s, extra RSS "
-                                         f"{max(r['extra_rss_kib']) / 1024:.1f} MiB")
+                                         f"{max(r['extra_rss_kib'] + r['warmup_extra_rss_kib']) / 1024:.1f} MiB")
                 print(f"  round {rnd + 1}/{repeats} [{time.perf_counter() - t0:5.1f} s] {wl:5} {phase:7} "
                       f"{system:12} {msg}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
@@ -974,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = "cold (page cache dropped before each restore)" if args.cold else "warm (file pages cached)"
     print(f"Medians over {repeats} round(s), every cell in a fresh process each round; restores {cache}. 'x base' = time / "
           "the same workload and phase's raw (GPU: base-*) time. GiB/s counts tensor bytes. Peak extra RSS = "
-          "VmHWM during the step - VmRSS before it (worst repeat). safetensors, np.savez and torch.save get an "
+          "VmHWM during the step - VmRSS before it (worst of the timed and warm-up steps). Each cell runs "
+          f"{args.warmup} untimed warm-up step(s) before the timed one. safetensors, np.savez and torch.save get an "
           "added fsync of the file in the timed step (their APIs do not fsync); gpuvars does its own (data, "
           "index, state file, folder). raw and gpuvars restore into existing buffers; safetensors, numpy, "
           "torch allocate their results.")

@@ -10,5 +10,6 @@ rc=0
 python3 -m pytest -q -m "gpu or multi_gpu" tests/ -rs || rc=1
 python3 bench/bench_ops.py --quick || rc=1
 python3 bench/bench_checkpoint.py --gpu --quick || rc=1
+python3 bench/bench_distribute.py --gpu --quick || rc=1
 python3 -m gpuvars demo --steps 100 || rc=1
 exit $rc

@@ -301,3 +301,35 @@ def test_expand_checkpoint_loads_without_strategy(four_cpus: str, tmp_path) -> N
         # loaded mirrored variables work without a strategy: cross-replica writes reach every copy
         w2.assign_add(np.ones(4, np.float32))
         assert w2.components_agree()
+
+
+def test_sync_on_read_sum_assign_casts_and_accepts_lists(strategy: gv.MirroredStrategy) -> None:
+    with strategy.scope():
+        count = gv.Variable(
+            np.zeros(2, np.int32), name="count",
+            synchronization=gv.VariableSynchronization.ON_READ, aggregation=gv.VariableAggregation.SUM,
+        )
+        total = gv.Variable(
+            np.zeros(2, np.float32), name="total",
+            synchronization=gv.VariableSynchronization.ON_READ, aggregation=gv.VariableAggregation.SUM,
+        )
+    count.assign(np.array([8, 9], np.int32))  # 8/4, 9/4 -> cast back to int32 (TF casts too)
+    assert [c.numpy().tolist() for c in count.values] == [[2, 2]] * 4
+    assert count.numpy().dtype == np.int32
+    total.assign([8.0, 4.0])
+    np.testing.assert_array_equal(total.numpy(), [8.0, 4.0])
+
+
+def test_all_reduce_reduces_once_per_collective(strategy: gv.MirroredStrategy) -> None:
+    calls = []
+    original = strategy._reduce_to
+
+    def counting(op, values, replica):  # type: ignore[no-untyped-def]
+        calls.append(len(values))
+        return original(op, values, replica)
+
+    strategy._reduce_to = counting  # type: ignore[method-assign]
+    out = strategy.run(lambda: gv.get_replica_context().all_reduce("mean", np.ones(2, np.float32)))
+    assert calls == [4]  # one reduction of the 4 values, not one per replica
+    for v in out.values:
+        np.testing.assert_array_equal(np.asarray(v), [1, 1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from gpuvars.errors import GpuvarsError, InvalidArgumentError
 
@@ -59,31 +59,47 @@ class PerReplica:
 
 
 class _Rendezvous:
-    """All replicas deposit a value and each gets the full list back (a reusable barrier)."""
+    """All replicas deposit a value; one of them combines the list once and every replica
+    gets that result (a reusable two-phase barrier)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self._slots: list[Any] = [None] * n
+        self._result: Any = None
         self._barrier = threading.Barrier(n)
 
-    def exchange(self, replica: int, value: Any) -> list[Any]:
+    def exchange(self, replica: int, value: Any, combine: Callable[[list[Any]], Any] = list) -> Any:
+        """``combine([value of replica 0, ..., value of replica n-1])``, computed by one replica."""
         if self.n == 1:
-            return [value]
+            return combine([value])
         self._slots[replica] = value
         try:
+            if self._barrier.wait(RENDEZVOUS_TIMEOUT_S) == 0:  # exactly one thread gets 0
+                try:
+                    self._result = combine(list(self._slots))
+                except BaseException as exc:
+                    self._result = _Failed(exc)
             self._barrier.wait(RENDEZVOUS_TIMEOUT_S)
-            out = list(self._slots)
-            self._barrier.wait(RENDEZVOUS_TIMEOUT_S)
+            out = self._result
         except threading.BrokenBarrierError:
             raise _ReplicaAborted(
                 f"replica {replica}: another replica failed or did not reach the same collective "
                 f"within {RENDEZVOUS_TIMEOUT_S:.0f}s (every replica must make the same aggregated "
                 "updates in the same order)"
             ) from None
+        if isinstance(out, _Failed):
+            raise out.exc
         return out
 
     def abort(self) -> None:
         self._barrier.abort()
+
+
+class _Failed:
+    """The combine step raised: every replica re-raises it."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class _ReplicaAborted(GpuvarsError, RuntimeError):
@@ -107,14 +123,17 @@ class ReplicaContext:
         """This replica's device."""
         return self.strategy.devices[self.replica_id_in_sync_group]
 
-    def _exchange(self, value: Any) -> list[Any]:
-        return self._rendezvous.exchange(self.replica_id_in_sync_group, value)
+    def _exchange(self, value: Any, combine: Callable[[list[Any]], Any] = list) -> Any:
+        return self._rendezvous.exchange(self.replica_id_in_sync_group, value, combine)
 
     def all_reduce(self, reduce_op: Any, value: Any) -> Any:
-        """Combine ``value`` across replicas; every replica gets the result on its own device."""
+        """Combine ``value`` across replicas; every replica gets the result on its own device.
+
+        The reduction runs once (on replica 0's device); each replica then copies the result.
+        """
         op = ReduceOp.from_obj(reduce_op)
-        values = self._exchange(value)
-        return self.strategy._reduce_to(op, values, self.replica_id_in_sync_group)
+        total = self._exchange(value, lambda values: self.strategy._reduce_to(op, values, 0))
+        return self.strategy._to_replica(total, self.replica_id_in_sync_group)
 
     def __repr__(self) -> str:
         return f"<ReplicaContext replica {self.replica_id_in_sync_group} of {self.num_replicas_in_sync}>"

@@ -18,7 +18,7 @@ from gpuvars.distribute._context import (
     _strategy,
     get_replica_context,
 )
-from gpuvars.distribute.values import MirroredVariable, SyncOnReadVariable, reduce_values
+from gpuvars.distribute.values import MirroredVariable, SyncOnReadVariable, on_device, reduce_values
 from gpuvars.errors import InvalidArgumentError
 from gpuvars.placement import PhysicalDevice
 from gpuvars.registry import Registry
@@ -201,6 +201,10 @@ class MirroredStrategy:
 
     def _reduce_to(self, op: ReduceOp, values: Sequence[Any], replica: int) -> Any:
         return reduce_values(op, values, self._devices[replica])
+
+    def _to_replica(self, value: Any, replica: int) -> Any:
+        """``value`` on replica ``replica``'s device (an explicit copy when it lives elsewhere)."""
+        return on_device(value, self._devices[replica])
 
     def __repr__(self) -> str:
         return f"MirroredStrategy(devices={list(self.devices)})"

@@ -32,17 +32,34 @@ __all__ = ["DistributedVariable", "MirroredVariable", "SyncOnReadVariable", "red
 
 
 def reduce_values(op: ReduceOp, values: Sequence[Any], dest: PhysicalDevice) -> Any:
-    """Sum (or average) arrays living on any devices into a new array on ``dest``."""
-    backend = dest.backend
-    acc = None
-    for v in values:
-        arr = copy_to(v, dest)  # explicit: collectives are never implicit transfers
-        acc = arr if acc is None else backend.apply("add", acc, arr, dest.backend_index)
-    if acc is None:
+    """Sum (or average) arrays living on any devices into a new array on ``dest``.
+
+    One private copy for the accumulator; every other value is added where it already is
+    when it lives on ``dest`` (or in host memory for a host ``dest``), copied over otherwise.
+    Collectives are explicit copies, never implicit transfers.
+    """
+    if not values:
         raise InvalidArgumentError("cannot reduce an empty list of values")
+    backend = dest.backend
+    acc = copy_to(values[0], dest)
+    for v in values[1:]:
+        acc = backend.apply("add", acc, on_device(v, dest), dest.backend_index)
     if op is ReduceOp.MEAN:
         acc = acc / len(values)
     return acc
+
+
+def on_device(value: Any, dest: PhysicalDevice, where: tuple[Any, Any] | None = None) -> Any:
+    """``value`` usable on ``dest`` without an implicit transfer: itself when it is already
+    there (or is host data for a host device), else an explicit copy. ``where`` is
+    ``device_of_array(value)`` when the caller already knows it."""
+    if isinstance(value, Variable):
+        value = value.value()
+        where = None
+    backend, device = device_of_array(value) if where is None else where
+    if device is dest or (dest.kind == "cpu" and dest.backend.name == "numpy" and (backend is None or backend.name == "numpy")):
+        return value
+    return copy_to(value, dest)
 
 
 class DistributedVariable(Variable):
@@ -196,8 +213,9 @@ class MirroredVariable(DistributedVariable):
     def _update(self, method: str, *args: Any) -> Variable:
         ctx = get_replica_context()
         if ctx is None:  # cross-replica: the same update on every component (an explicit broadcast)
+            where = [None if isinstance(a, Variable) else device_of_array(a) for a in args]
             for c in self._components:
-                getattr(c, method)(*(_to(a, c) for a in args))
+                getattr(c, method)(*(on_device(a, c._device, w) for a, w in zip(args, where)))
             return self
         local = self._local()
         assert local is not None
@@ -210,18 +228,19 @@ class MirroredVariable(DistributedVariable):
                 f"Cannot update non-float variables with VariableAggregation.MEAN aggregation in replica "
                 f"context: variable '{self._name}' has dtype {self._dtype}; use SUM or ONLY_FIRST_REPLICA"
             )
-        everyone = ctx._exchange(args)
-        rid = ctx.replica_id_in_sync_group
-        if agg is VariableAggregation.ONLY_FIRST_REPLICA:
-            chosen = tuple(_to(a, local) for a in everyone[0])
-        elif method.startswith("scatter_"):
+        if method.startswith("scatter_") and agg is not VariableAggregation.ONLY_FIRST_REPLICA:
             raise InvalidArgumentError(
                 f"{method} on mirrored variable '{self._name}' in replica context supports aggregation "
                 f"NONE or ONLY_FIRST_REPLICA, not {agg.name}"
             )
-        else:
+        if agg is VariableAggregation.ONLY_FIRST_REPLICA:
+            first = ctx._exchange(args, lambda everyone: everyone[0])
+            chosen = tuple(on_device(a, local._device) for a in first)
+        else:  # reduced once, by one replica, on the primary's device; each replica copies the result
             op = ReduceOp.SUM if agg is VariableAggregation.SUM else ReduceOp.MEAN
-            chosen = (reduce_values(op, [a[0] for a in everyone], self._components[rid]._device),)
+            primary = self._components[0]._device
+            total = ctx._exchange(args[0], lambda values: reduce_values(op, values, primary))
+            chosen = (on_device(total, local._device),)
         getattr(local, method)(*chosen)
         return self
 
@@ -286,11 +305,15 @@ class SyncOnReadVariable(DistributedVariable):
                 f"is set to `VariableAggregation.SUM` (variable '{self._name}')"
             )
         n = len(self._components)
+        divide = method == "assign" and self._aggregation is VariableAggregation.SUM and n > 1
+        if divide:  # TF: each replica holds value / n, cast back to the variable's dtype
+            arr = value.numpy() if isinstance(value, Variable) else value
+            backend, _ = device_of_array(arr)
+            host = np.asarray(arr) if backend is None or backend.name == "numpy" else backend.to_numpy(arr)
+            value = (host / n).astype(self._dtype_for_values())
+        where = None if isinstance(value, Variable) else device_of_array(value)
         for c in self._components:
-            v = _to(value, c)
-            if method == "assign" and self._aggregation is VariableAggregation.SUM:
-                v = v / n
-            getattr(c, method)(v)
+            getattr(c, method)(on_device(value, c._device, where))
         return self
 
     def _dispatch(self, method: str, value: Any) -> Variable:
@@ -314,15 +337,3 @@ class SyncOnReadVariable(DistributedVariable):
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
         raise InvalidArgumentError(f"scatter_{op} is not supported on SyncOnReadVariable '{self._name}'")
-
-
-def _to(value: Any, component: Variable) -> Any:
-    """``value`` on ``component``'s device by an explicit copy (a broadcast is never an implicit
-    transfer); host data for a host component and same-device arrays pass through."""
-    if isinstance(value, Variable):
-        value = value.value()
-    backend, device = device_of_array(value)
-    on_host = backend is None or backend.name == "numpy"
-    if device is component._device or (on_host and component._device.kind == "cpu"):
-        return value
-    return copy_to(value, component._device)
