@@ -87,7 +87,8 @@ def _unary(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda self: _Apply(fn, (self,))
 
 
-for _name, _fn in [
+#: the elementwise operators expressions and variables both support (Variable adds matmul)
+BINARY_OPS: list[tuple[str, Callable[[Any, Any], Any]]] = [
     ("add", operator.add),
     ("sub", operator.sub),
     ("mul", operator.mul),
@@ -95,13 +96,18 @@ for _name, _fn in [
     ("floordiv", operator.floordiv),
     ("mod", operator.mod),
     ("pow", operator.pow),
-]:
+]
+COMPARISONS: list[tuple[str, Callable[[Any, Any], Any]]] = [
+    ("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge)
+]
+UNARY_OPS: list[tuple[str, Callable[[Any], Any]]] = [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs)]
+
+for _name, _fn in BINARY_OPS:
     setattr(Expression, f"__{_name}__", _binary(_fn))
     setattr(Expression, f"__r{_name}__", _binary(_fn, reflected=True))
-for _name, _fn in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge)]:
+for _name, _fn in COMPARISONS:
     setattr(Expression, f"__{_name}__", _binary(_fn))
-_UNARY: list[tuple[str, Callable[[Any], Any]]] = [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs)]
-for _name, _fn1 in _UNARY:
+for _name, _fn1 in UNARY_OPS:
     setattr(Expression, f"__{_name}__", _unary(_fn1))
 
 

@@ -928,21 +928,12 @@ def _read_operator(fn: Callable[[Any, Any], Any], reflected: bool = False) -> Ca
     return method
 
 
-for _name, _fn in [
-    ("add", operator.add),
-    ("sub", operator.sub),
-    ("mul", operator.mul),
-    ("truediv", operator.truediv),
-    ("floordiv", operator.floordiv),
-    ("mod", operator.mod),
-    ("pow", operator.pow),
-    ("matmul", operator.matmul),
-]:
+for _name, _fn in [*_expr.BINARY_OPS, ("matmul", operator.matmul)]:
     setattr(Variable, f"__{_name}__", _read_operator(_fn))
     setattr(Variable, f"__r{_name}__", _read_operator(_fn, reflected=True))
-for _name, _fn in [("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge)]:
+for _name, _fn in _expr.COMPARISONS:
     setattr(Variable, f"__{_name}__", _read_operator(_fn))
-for _name, _un in [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs)]:
+for _name, _un in _expr.UNARY_OPS:
     setattr(Variable, f"__{_name}__", lambda self, _f=_un: self._read(_f))
 
 
