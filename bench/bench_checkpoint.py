@@ -45,7 +45,8 @@ Method (the project's rules for benchmarks on these VMs):
   and unlinks a scratch file of that size in the same folder (distinct content in every page),
   so that the kernel's free pages the step will use are already backed. Allocating loaders
   therefore pay ordinary page faults, not the VM's first-touch cost.
-- Peak extra RSS = VmHWM after the timed step - VmRSS just before it, with VmHWM reset by
+- Peak extra RSS = VmHWM after a step - VmRSS just before it (the worst of the warm-up and
+  timed steps: a first call may grow the heap more than a later one), with VmHWM reset by
   writing ``5`` to ``/proc/self/clear_refs`` (checked at start). It counts file pages that
   a loader maps (safetensors mmaps the file) as well as allocations. Children run with
   ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's default, pinned) so freed big arrays go back to
@@ -70,7 +71,7 @@ skips them.
 Usage::
 
     python bench/bench_checkpoint.py                  # ~4-5 min on a 2-core VM, 3 rounds
-    python bench/bench_checkpoint.py --quick          # ~40 s: 1 round, big = 256 MiB, small = 5,000
+    python bench/bench_checkpoint.py --quick          # ~25 s: 1 round, big = 256 MiB, small = 5,000
     python bench/bench_checkpoint.py --json out.json  # also every cell, the machine, the goals
     python bench/bench_checkpoint.py --systems raw,gpuvars --workloads big --phases save
     python bench/bench_checkpoint.py --profile        # cProfile one extra gpuvars repeat per cell
@@ -327,7 +328,7 @@ class Raw(System):
             (n,) = struct.unpack("<Q", f.read(8))
             f.seek(8 + n)
             for a in self.arrays:
-                view = memoryview(a).cast("B")
+                view = a.data.cast("B")
                 if f.readinto(view) != a.nbytes:
                     raise OSError("short read")
 
@@ -346,7 +347,7 @@ class Gpuvars(System):
         self.registry = gv.Registry()
         self.registry.__enter__()
         self.vars = [gv.Variable(self.to_device(a), name=n, device=self.device) for (n, _), a in zip(specs, data)]
-        self.zeros = {}
+        self.zeros: dict[tuple[int, ...], Any] = {}
 
     def to_device(self, a: np.ndarray) -> Any:
         return a
@@ -363,7 +364,7 @@ class Gpuvars(System):
     def prepare_restore(self) -> None:
         self._saver = self.saver()
         for v in self.vars:
-            shape = tuple(v.shape)
+            shape = tuple(v.shape or ())
             if shape not in self.zeros:
                 self.zeros[shape] = self.to_device(np.zeros(shape, np.float32))
             v.assign(self.zeros[shape])
@@ -416,7 +417,7 @@ class Numpy(System):
         self.result: dict[str, Any] | None = None
 
     def save(self, base: str) -> None:
-        np.savez(base + ".npz", **self.tensors)
+        np.savez(base + ".npz", **self.tensors)  # type: ignore[arg-type]
         fsync_path(base + ".npz")
 
     def prepare_restore(self) -> None:
@@ -522,7 +523,7 @@ class BaseJax(System):
         super().__init__(specs, data)
         import jax
 
-        self.jax = jax
+        self.jax: Any = jax
         self.dev = jax.devices("gpu")[0]
         self.arrays = [jax.device_put(a, self.dev) for a in data]
         self.header = st_header(specs)
@@ -604,7 +605,7 @@ class GpuvarsJax(GpuvarsCupy):
     def _init_lib(self) -> None:
         import jax
 
-        self.jax = jax
+        self.jax: Any = jax
         self.dev = jax.devices("gpu")[0]
 
     def to_device(self, a: np.ndarray) -> Any:
@@ -798,7 +799,8 @@ def spawn(cell: dict[str, Any], extra_env: dict[str, str] | None = None) -> dict
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         err = lines[-1].strip() if lines else f"exit status {proc.returncode}"  # the exception line
         return {**{k: cell[k] for k in ("system", "workload", "phase")}, "error": err, "stderr_tail": lines[-15:]}
-    return json.loads(lines[-1][len(RESULT_TAG):])
+    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_TAG):])
+    return result
 
 
 def summarize(r: dict[str, Any]) -> dict[str, Any]:
@@ -839,7 +841,7 @@ def fmt_table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def goals(rows: list[dict[str, Any]], cache: str = "warm") -> list[dict[str, Any]]:
     by = {(r["system"], r["workload"], r["phase"]): r for r in rows if "median_s" in r}
 
     def ratio(a: tuple[str, str, str], b: tuple[str, str, str]) -> float | None:
@@ -859,7 +861,7 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     add("small save: gpuvars / np.savez", ratio(("gpuvars", "small", "save"), ("numpy", "small", "save")), 1.0, "x")
     add("small restore: gpuvars / np.load", ratio(("gpuvars", "small", "restore"), ("numpy", "small", "restore")), 1.0, "x")
     for wl in ("big", "small"):
-        add(f"{wl} verify / gpuvars warm restore", ratio(("gpuvars", wl, "verify"), ("gpuvars", wl, "restore")),
+        add(f"{wl} verify / gpuvars {cache} restore", ratio(("gpuvars", wl, "verify"), ("gpuvars", wl, "restore")),
             GOAL_VERIFY, "x")
     for gsys in ("gpuvars-cupy", "gpuvars-jax"):
         base = BASELINE[gsys]
@@ -992,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
           "added fsync of the file in the timed step (their APIs do not fsync); gpuvars does its own (data, "
           "index, state file, folder). raw and gpuvars restore into existing buffers; safetensors, numpy, "
           "torch allocate their results.")
-    goal_rows = goals(rows)
+    goal_rows = goals(rows, "cold" if args.cold else "warm")
     print()
     for g in goal_rows:
         if g["measured"] is None:

@@ -670,21 +670,43 @@ class Variable:
             self._host
             and type(value) is np.ndarray
             and storage is not None
+            and value.dtype is storage.dtype  # identity: the common case, and cheap
             and value.shape == storage.shape
-            and value.dtype == storage.dtype
         ):
-            np.copyto(storage, value)  # the hot path: host to host, nothing to convert
+            # The hot path: host to host, nothing to convert. Slice assignment skips
+            # np.copyto's dispatch (16 elements: 254 ns vs 509 ns, bench/README.md).
+            storage[...] = value
             return self if read_value else None
         self._apply("assign", value)
         return self if read_value else None
 
     def assign_add(self, delta: Any, read_value: bool = True) -> Variable | None:
         """Add ``delta`` (same shape) to the variable, on its device; returns the variable."""
+        storage = self._storage
+        if (
+            self._host
+            and type(delta) is np.ndarray
+            and storage is not None
+            and delta.dtype is storage.dtype
+            and delta.shape == storage.shape
+        ):
+            np.add(storage, delta, storage)  # the hot path, as in assign
+            return self if read_value else None
         self._apply("add", delta)
         return self if read_value else None
 
     def assign_sub(self, delta: Any, read_value: bool = True) -> Variable | None:
         """Subtract ``delta`` (same shape) from the variable, on its device; returns the variable."""
+        storage = self._storage
+        if (
+            self._host
+            and type(delta) is np.ndarray
+            and storage is not None
+            and delta.dtype is storage.dtype
+            and delta.shape == storage.shape
+        ):
+            np.subtract(storage, delta, storage)
+            return self if read_value else None
         self._apply("sub", delta)
         return self if read_value else None
 
@@ -715,8 +737,11 @@ class Variable:
             raise self._uninitialized()
         if storage.ndim == 0:
             raise InvalidArgumentError(f"{what}: a scalar variable has no rows to scatter into")
-        idx_backend, _ = device_of_array(indices)
-        idx_host = np.asarray(indices) if idx_backend is None or idx_backend.name == "numpy" else idx_backend.to_numpy(indices)
+        if type(indices) is np.ndarray:  # the common case: no need to ask which library owns it
+            idx_host = indices
+        else:
+            idx_backend, _ = device_of_array(indices)
+            idx_host = np.asarray(indices) if idx_backend is None or idx_backend.name == "numpy" else idx_backend.to_numpy(indices)
         if idx_host.dtype.kind not in "iu":
             raise InvalidArgumentError(f"{what}: indices must be integers, got dtype {idx_host.dtype}")
         rows = storage.shape[0]

@@ -59,8 +59,9 @@ def write_bytes_atomic(path: str, data: bytes, *, sync_dir: bool = True) -> None
 
 
 def dump_json(obj: Any) -> bytes:
-    """Stable, human-readable JSON bytes."""
-    return (json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n").encode()
+    """Compact JSON bytes (``indent=`` bypasses the C encoder: 130 ms vs 25 ms for a
+    20,000-tensor index here); ``python -m gpuvars inspect`` is the human view."""
+    return (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
 def read_json(path: str, what: str) -> Any:

@@ -15,6 +15,7 @@ per-replica state, no re-slicing.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
@@ -103,7 +104,7 @@ class Read:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * st.np_dtype(self.dtype).itemsize
+        return math.prod(self.shape) * st.np_dtype(self.dtype).itemsize
 
 
 def plan(index: _format.Index, key: str, var: Saveable) -> list[Read]:

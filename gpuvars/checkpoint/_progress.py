@@ -16,6 +16,8 @@ THRESHOLD = 256 << 20
 
 
 class _Silent:
+    silent = True
+
     def update(self, n: int) -> None:
         pass
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gpuvars.checkpoint import _files, _format, _logical, _progress, _transfer
+from gpuvars.checkpoint import _files, _format, _logical, _parallel, _progress, _transfer
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.policy import SaveOptions, VariablePolicy
 from gpuvars.errors import (
@@ -477,29 +477,34 @@ def restore_variables(
                     raise CheckpointCorruptError(
                         f"{index.path(name)!r}: checksum failed for {', '.join(map(repr, bad))}; nothing was restored"
                     )
-        done: list[Any] = []
-        total = sum(r.nbytes for reads in plans.values() for r in reads)
+        total = sum(r.nbytes for reads in plans.values() for r in reads) if progress is not False else 0
         meter = _progress.bar(total, f"restoring {os.path.basename(index.prefix)}", progress)
-        for key, reads in plans.items():
-            var = targets[key]
-            done.append(var)
-            try:
-                for r in reads:
-                    r.apply(readers[r.file])
+        counting = not getattr(meter, "silent", False)
+        started: list[Any] = []  # list.append is atomic: safe from the I/O threads
+
+        def restore_one(key: str) -> None:
+            started.append(targets[key])
+            for r in plans[key]:
+                r.apply(readers[r.file])
+                if counting:
                     meter.update(r.nbytes)
-            except BaseException as exc:
-                for v in done:
-                    v._mark_uninitialized()
-                names = ", ".join(f"'{v.name}'" for v in done)
-                note = (
-                    f"the restore had already written {names}, now marked uninitialized "
-                    "(restore with verify_first=True to leave variables untouched on damage)"
-                )
-                if isinstance(exc, CheckpointCorruptError):
-                    raise CheckpointCorruptError(f"{exc}; {note}") from exc
-                if hasattr(exc, "add_note"):  # Python 3.11+
-                    exc.add_note(f"restoring {index.prefix!r}: {note}")
-                raise
+
+        keys = list(plans)
+        try:  # runs of tensors on a few threads when the checkpoint is large (_parallel)
+            _parallel.run(keys, [sum(r.nbytes for r in plans[k]) for k in keys], restore_one)
+        except BaseException as exc:
+            for v in started:
+                v._mark_uninitialized()
+            names = ", ".join(f"'{v.name}'" for v in started)
+            note = (
+                f"the restore had already written {names}, now marked uninitialized "
+                "(restore with verify_first=True to leave variables untouched on damage)"
+            )
+            if isinstance(exc, CheckpointCorruptError):
+                raise CheckpointCorruptError(f"{exc}; {note}") from exc
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"restoring {index.prefix!r}: {note}")
+            raise
     finally:
         meter.close()
         for reader in readers.values():
