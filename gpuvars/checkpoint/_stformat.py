@@ -1,4 +1,4 @@
-"""The safetensors byte format, streamed: no whole-tensor copies, never a pickle, every
+"""The safetensors byte format, streamed: no whole-tensor copies, no Python-object deserialization, every
 size from a header bounded before allocating.
 
 A file is an 8-byte little-endian header length N, N bytes of UTF-8 JSON padded with
