@@ -101,6 +101,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from _common import warm_free_pages
 import xxhash
 
 CPU_SYSTEMS = ("raw", "gpuvars", "safetensors", "numpy", "torch")
@@ -218,25 +219,6 @@ def hwm_reset_works() -> bool:
     return after < before - 16 * 1024
 
 
-def warm_free_pages(nbytes: int, folder: str | None) -> None:
-    """Touch then free ``nbytes`` of anonymous memory and (with ``folder``) write and unlink a
-    scratch file of ``nbytes``, so the free pages the timed step takes are host-backed.
-
-    The content is distinct in every page (a counter), never a repeated pattern: the host may
-    merge identical pages, and a write to a merged page is slow again.
-    """
-    block = np.arange(nbytes // 8, dtype=np.uint64)
-    del block
-    if folder is not None:
-        chunk = np.arange(2 * MiB, dtype=np.uint64)  # 16 MiB
-        path = os.path.join(folder, ".scratch")
-        with open(path, "wb") as f:
-            left = nbytes
-            while left > 0:
-                f.write(chunk.data[: min(left, chunk.nbytes)])
-                left -= chunk.nbytes
-                chunk += chunk.size
-        os.unlink(path)
 
 
 def drop_page_cache() -> None:

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -87,6 +86,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from _common import MiB, warm_free_pages
+from _common import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
 
 SIZES = (16, 1 << 20)
 REPLICAS = (1, 2, 4)
@@ -98,7 +99,6 @@ OPS = ("assign", "mirrored_assign", "assign_add", "run_noop", "run_none", "run_s
 POLICIES = ("NONE", "EXPAND")
 N_VARS = 16
 VAR_SHAPE = (1024, 1024)  # float32: 4 MiB
-MiB = 1 << 20
 GiB = 1 << 30
 WARM_MARGIN = 64 * MiB
 RESULT_TAG = "BENCH-DISTRIBUTE-CELL "
@@ -112,22 +112,6 @@ class Skip(Exception):
 # --- helpers shared by the cells ------------------------------------------------------------------
 
 
-def warm_free_pages(nbytes: int, folder: str | None = None) -> None:
-    """Touch then free ``nbytes`` of anonymous memory and (with ``folder``) write and unlink a
-    scratch file of ``nbytes``, so the free pages the timed step takes are host-backed. The
-    content differs in every page (a counter), so the host cannot merge the pages."""
-    block = np.arange(max(nbytes, 8) // 8, dtype=np.uint64)
-    del block
-    if folder is not None:
-        chunk = np.arange(2 * MiB, dtype=np.uint64)  # 16 MiB
-        path = os.path.join(folder, ".scratch")
-        with open(path, "wb") as f:
-            left = nbytes
-            while left > 0:
-                f.write(chunk.data[: min(left, chunk.nbytes)])
-                left -= chunk.nbytes
-                chunk += chunk.size
-        os.unlink(path)
 
 
 def proc_io() -> dict[str, int]:
@@ -441,11 +425,6 @@ def spawn(cell: dict[str, Any], args: list[str] | None = None) -> dict[str, Any]
     return out
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def machine_info(folder: str) -> dict[str, Any]:
@@ -488,18 +467,8 @@ def machine_line(m: dict[str, Any]) -> str:
             f"files on {m.get('filesystem', '?')}; {', '.join(libs)}; gpuvars {m['gpuvars']} @ {m.get('commit') or '?'}")
 
 
-def _fmt_ns(ns: float | None) -> str:
-    if ns is None:
-        return "-"
-    if ns >= 1e6:
-        return f"{ns / 1e6:.2f} ms"
-    if ns >= 1e4:
-        return f"{ns / 1e3:.1f} us"
-    return f"{ns:,.0f} ns"
 
 
-def _fmt_size(size: int) -> str:
-    return f"{size >> 20}M" if size >= MiB and size % MiB == 0 else str(size)
 
 
 def ops_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:

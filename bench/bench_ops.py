@@ -44,7 +44,6 @@ assign on numpy costs no more than 2x ``np.copyto``. Speed is reported, never as
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -57,6 +56,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from _common import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
 
 SIZES = (16, 1 << 20)
 OPS = ("assign", "assign_add", "scatter_add")
@@ -403,11 +403,6 @@ def _spawn_cell(system: str, backend: str, size: int, args: argparse.Namespace) 
 # --- reporting --------------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def machine_info() -> dict[str, Any]:
@@ -450,18 +445,8 @@ def _machine_line(m: dict[str, Any]) -> str:
     return f"machine: {m['platform']} | {m['cpu']} | {m['cores']} cores | " + " | ".join(libs)
 
 
-def _fmt_ns(ns: float | None) -> str:
-    if ns is None:
-        return "-"
-    if ns >= 1e6:
-        return f"{ns / 1e6:.2f} ms"
-    if ns >= 1e4:
-        return f"{ns / 1e3:.1f} us"
-    return f"{ns:,.0f} ns"
 
 
-def _fmt_size(size: int) -> str:
-    return f"{size >> 20}M" if size >= 1 << 20 and size % (1 << 20) == 0 else str(size)
 
 
 def build_rows(results: list[dict[str, Any]], backends: list[str], sizes: list[int]) -> list[dict[str, Any]]:
