@@ -27,11 +27,9 @@ import numpy as np
 
 from backends import Backend
 from gpuvars import _expr, config, devices
+from gpuvars._backend_errors import map_backend_error
 from gpuvars.errors import (
-    BackendError,
-    GpuvarsError,
     InvalidArgumentError,
-    ResourceExhaustedError,
     TransferGuardError,
     UninitializedVariableError,
 )
@@ -142,14 +140,9 @@ def _keras_style(value: Any) -> bool:
 
 def _raise_mapped(exc: BaseException, device: PhysicalDevice, what: str) -> None:
     """Map a backend library's failure to gpuvars' hierarchy (the one boundary); else return."""
-    if isinstance(exc, GpuvarsError):
-        return
-    backend = device.backend
-    text = str(exc)
-    if isinstance(exc, backend.oom_errors + (MemoryError,)) or "RESOURCE_EXHAUSTED" in text:
-        raise ResourceExhaustedError(f"{what} ran out of memory on {device.name}: {text}") from exc
-    if isinstance(exc, backend.errors):
-        raise BackendError(f"{what} failed in {backend.name} on {device.name}: {text}") from exc
+    mapped = map_backend_error(exc, device, what)
+    if mapped is not None:
+        raise mapped from exc
 
 
 class Variable:
@@ -1056,3 +1049,33 @@ def is_variable_initialized(variable: Variable) -> bool:
     if not isinstance(variable, Variable):
         raise InvalidArgumentError(f"is_variable_initialized expects a Variable, got {type(variable).__name__}")
     return variable.initialized
+
+
+# --- the engine's access to storage (checkpoint adapters use only these) -----------------------
+
+
+def restore_target(variable: Variable, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+    """A writable buffer on ``variable``'s device to restore a tensor of ``shape`` into: the
+    existing storage when it has that shape, else a new uninitialized array. Runs no
+    initializer. Adopt the filled buffer with :func:`adopt`.
+
+    Raises:
+        InvalidArgumentError: ``shape`` does not fit the variable's declared shape.
+    """
+    return variable._restore_buffer(tuple(shape), dtype)
+
+
+def adopt(variable: Variable, storage: Any) -> None:
+    """Make ``storage`` (on the variable's device, its dtype, owned by nobody else) the value."""
+    variable._set_storage(storage)
+
+
+def install(variable: Variable, array: Any) -> None:
+    """Write ``array`` (a private array on the variable's device, its dtype) as the value:
+    into the existing buffer when the shape is unchanged, else adopted as new storage."""
+    variable._install(array)
+
+
+def invalidate(variable: Variable) -> None:
+    """Drop the value: the variable becomes uninitialized (a failed restore does this)."""
+    variable._mark_uninitialized()
