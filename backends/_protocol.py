@@ -25,6 +25,7 @@ class Backend(Protocol):
     name: str  #: "numpy" | "cupy" | "jax"
     platform: str  #: "cpu" | "gpu"
     inplace: bool  #: True when updates write into the existing buffer (numpy, CuPy)
+    host: bool  #: True when arrays are numpy arrays in host memory (read on the host without a copy)
     xp: Any  #: the library's array namespace (numpy, cupy, jax.numpy) for math on its arrays
     oom_errors: tuple[type[BaseException], ...]  #: the library's out-of-memory errors
     errors: tuple[type[BaseException], ...]  #: the library's other runtime errors

@@ -23,6 +23,7 @@ class CupyBackend:
     name = "cupy"
     platform = "gpu"
     inplace = True
+    host = False
     xp = cupy
     oom_errors: tuple[type[BaseException], ...] = (cupy.cuda.memory.OutOfMemoryError,)
     errors: tuple[type[BaseException], ...] = (

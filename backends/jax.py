@@ -30,6 +30,7 @@ class JaxBackend:
 
     name = "jax"
     inplace = False
+    host = False
     xp = jnp
 
     def __init__(self, platform: str) -> None:

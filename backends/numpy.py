@@ -25,6 +25,7 @@ class NumpyBackend:
     name = "numpy"
     platform = "cpu"
     inplace = True
+    host = True
     xp = np
     oom_errors: tuple[type[BaseException], ...] = (MemoryError,)
     errors: tuple[type[BaseException], ...] = (FloatingPointError,)
@@ -63,14 +64,16 @@ class NumpyBackend:
         if op == "assign":
             np.copyto(dst, src, casting="unsafe")
         else:
-            _UFUNCS[op](dst, src, out=dst, casting="unsafe")
+            with np.errstate(all="ignore"):  # TF's semantics: inf and nan, quietly
+                _UFUNCS[op](dst, src, out=dst, casting="unsafe")
         return dst
 
     def scatter(self, op: str, dst: Any, indices: Any, updates: Any, device: int) -> Any:
         if op == "update":
             dst[indices] = updates
         else:
-            _UFUNCS[op].at(dst, indices, updates)
+            with np.errstate(all="ignore"):  # scatter_div by zero gives inf/nan, as in TF
+                _UFUNCS[op].at(dst, indices, updates)
         return dst
 
     def random(

@@ -42,6 +42,7 @@ from gpuvars.errors import (
     InvalidArgumentError,
     PlacementWarning,
     ResourceExhaustedError,
+    SerializationError,
     TransferGuardError,
     UninitializedVariableError,
 )
@@ -54,18 +55,18 @@ from gpuvars.initializers import (
     truncated_normal,
     zeros,
 )
-from gpuvars.placement import copy_to, list_devices
-from gpuvars.registry import Registry, global_variables, trainable_variables
-from gpuvars.variable import (
+from gpuvars._creator import variable_creator_scope
+from gpuvars._transfer import copy_to
+from gpuvars.init_ops import (
     Op,
-    Variable,
-    VariableAggregation,
-    VariableSynchronization,
     global_variables_initializer,
     is_variable_initialized,
     report_uninitialized_variables,
     variables_initializer,
 )
+from gpuvars.placement import list_devices
+from gpuvars.registry import Registry, RegistryMember, global_variables, trainable_variables
+from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization
 
 __version__ = "0.1.0"
 
@@ -92,8 +93,10 @@ __all__ = [
     "ReduceOp",
     "Registry",
     "ReplicaContext",
+    "RegistryMember",
     "ResourceExhaustedError",
     "SaveOptions",
+    "SerializationError",
     "Saver",
     "ShardedVariable",
     "SyncOnReadVariable",
@@ -125,6 +128,7 @@ __all__ = [
     "set_random_seed",
     "trainable_variables",
     "truncated_normal",
+    "variable_creator_scope",
     "variables_initializer",
     "zeros",
 ]

@@ -11,6 +11,7 @@ that does not know gpuvars::
     ├── TransferGuardError(RuntimeError)         an implicit copy under transfer_guard("disallow")
     ├── ResourceExhaustedError(MemoryError)      a device ran out of memory
     ├── BackendError(RuntimeError)               any other failure inside numpy/CuPy/JAX
+    ├── SerializationError(TypeError)            pickling a variable (gpuvars never pickles)
     └── CheckpointError                          a missing, damaged or mismatched checkpoint
         ├── CheckpointNotFoundError(FileNotFoundError)
         ├── CheckpointCorruptError(ValueError)   header, size or checksum damage
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidArgumentError",
     "PlacementWarning",
     "ResourceExhaustedError",
+    "SerializationError",
     "TransferGuardError",
     "UninitializedVariableError",
 ]
@@ -65,6 +67,10 @@ class ResourceExhaustedError(GpuvarsError, MemoryError):
 
 class BackendError(GpuvarsError, RuntimeError):
     """numpy, CuPy or JAX failed in a way gpuvars has no more specific class for."""
+
+
+class SerializationError(GpuvarsError, TypeError):
+    """An object was pickled: gpuvars never uses pickle; save with gv.Saver instead."""
 
 
 class CheckpointError(GpuvarsError):

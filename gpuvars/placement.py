@@ -13,15 +13,13 @@ import threading
 import warnings
 from typing import Any
 
-import numpy as np
-
 import backends
 from backends import Backend
 from gpuvars import config
 from gpuvars.devices import DeviceSpec
 from gpuvars.errors import DevicePlacementError, InvalidArgumentError, PlacementWarning
 
-__all__ = ["PhysicalDevice", "copy_to", "default_device", "host_array", "host_device", "list_devices", "resolve"]
+__all__ = ["PhysicalDevice", "default_device", "devices_of_platform", "host_device", "list_devices", "resolve"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -199,76 +197,9 @@ def host_device() -> PhysicalDevice:
     return PhysicalDevice("cpu", 0, backends.get("numpy", "cpu"), 0)
 
 
-_PY_DEFAULTS = {"f": np.dtype(np.float32), "c": np.dtype(np.complex64)}
-
-
-def host_array(value: Any) -> np.ndarray[Any, Any]:
-    """A host array from a Python scalar, list or host array-like, with TF/JAX default dtypes.
-
-    Python floats become float32, Python ints int32 (int64 when they do not fit), complex
-    complex64; numpy arrays and scalars keep their dtype.
-
-    Raises:
-        InvalidArgumentError: the value has no numeric array form (strings, ragged lists, ...).
-    """
-    if isinstance(value, (np.ndarray, np.generic)):
-        return np.asarray(value)
-    try:
-        host = np.asarray(value)
-    except Exception as exc:  # ragged lists, objects numpy cannot convert, ...
-        raise InvalidArgumentError(f"cannot convert {type(value).__name__} to an array: {exc}") from None
-    dtype = host.dtype
-    # kind "V" is also ml_dtypes' bfloat16/float8; only a plain void (bytes, records) is not numeric
-    if dtype.kind not in "biufcV" or dtype.type is np.void:
-        raise InvalidArgumentError(f"cannot convert {type(value).__name__} {value!r:.60} to a numeric array")
-    if dtype.kind in _PY_DEFAULTS and dtype.itemsize == 2 * _PY_DEFAULTS[dtype.kind].itemsize:
-        return host.astype(_PY_DEFAULTS[dtype.kind])
-    if dtype == np.int64 and (host.size == 0 or (host.min() >= -(2**31) and host.max() < 2**31)):
-        return host.astype(np.int32)
-    return host
-
-
-def device_of_array(array: Any) -> tuple[Backend | None, PhysicalDevice | None]:
-    """The backend of ``array`` and the device holding it (None for host memory or non-arrays)."""
-    backend = backends.owner_of(array)
-    if backend is None:
-        return None, None
-    index = backend.device_of(array)
-    if index is None:
-        return backend, None
-    pool = _table.gpu_devices() if backend.platform == "gpu" else _table.cpu_devices()
-    for dev in pool:
-        if dev.backend is backend and dev.backend_index == index:
-            return backend, dev
-    return backend, None
-
-
-def copy_to(value: Any, device: str | DeviceSpec | PhysicalDevice) -> Any:
-    """Explicitly copy ``value`` (array-like or Variable) to ``device``; never blocked by the transfer guard.
-
-    Returns the backend's array on that device (numpy for ``/cpu:N``).
-
-    Example:
-        >>> import gpuvars as gv, numpy as np
-        >>> gv.copy_to(np.arange(3), "/cpu:0")
-        array([0, 1, 2])
-    """
-    target = device if isinstance(device, PhysicalDevice) else resolve(device, "gv.copy_to", stacklevel=2)
-    value = getattr(value, "_gpuvars_value", lambda: value)()
-    backend, _ = device_of_array(value)
-    if backend is None:
-        try:
-            value = host_array(value)
-        except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"gv.copy_to to {target.name}: {exc}") from None
-    elif backend is not target.backend and backend.name != "numpy":
-        value = backend.to_numpy(value)  # between libraries: through the host
-    dtype = np.dtype(value.dtype)
-    try:
-        target.backend.check_dtype(dtype)
-    except TypeError as exc:
-        raise InvalidArgumentError(f"gv.copy_to to {target.name}: {exc}") from None
-    return target.backend.asarray(value, dtype, target.backend_index)
+def devices_of_platform(platform: str) -> list[PhysicalDevice]:
+    """This process's devices of ``platform`` ("cpu" or "gpu"), building the table if needed."""
+    return _table.gpu_devices() if platform == "gpu" else _table.cpu_devices()
 
 
 def _reset_for_tests() -> None:

@@ -2,53 +2,46 @@
 
 One concrete class holds a backend and a device; backend differences sit behind the
 backend protocol. Every mutation runs on the variable's device whatever ``gv.device``
-scope encloses it; values from elsewhere are copied over (or refused by the transfer
-guard). numpy and CuPy storage is updated in place (same buffer); JAX storage is
-rebound to a new array on the same device.
+scope encloses it; values from elsewhere go through the one transfer boundary
+(:mod:`gpuvars._transfer`, which the transfer guard judges). numpy and CuPy storage is
+updated in place (same buffer); JAX storage is rebound to a new array on the same device.
 
 Aliasing (DESIGN decision 1): ``value()`` and ``np.asarray(v)`` give the live storage
 without a copy: a read-only numpy view for host variables, the CuPy array itself (do not
-mutate it), the current immutable array on JAX. ``read_value()`` and ``numpy()`` are
-snapshots. A dynamic-shape assign that changes the shape reallocates.
+mutate it), the current immutable array on JAX. ``read_value()``, ``numpy()`` and
+indexing (``v[0]``) are snapshots. A dynamic-shape assign that changes the shape reallocates.
+
+Only this module touches a Variable's fields; the rest of gpuvars uses the public
+surface and the engine functions at the end of this file (:func:`restore_target`,
+:func:`adopt`, :func:`install`, :func:`invalidate`).
 """
 
 from __future__ import annotations
 
 import enum
-import functools
-import inspect
-import logging
-import operator
-import threading
-import weakref
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Literal, Sequence, overload
 
 import numpy as np
 
-from backends import Backend
-from gpuvars import _expr, config, devices
-from gpuvars._backend_errors import map_backend_error
-from gpuvars.errors import (
-    InvalidArgumentError,
-    TransferGuardError,
-    UninitializedVariableError,
-)
+from gpuvars import _creator, _expr, _shapes, _transfer, devices
+from gpuvars._backend_errors import backend_errors
+from gpuvars._operators import ReadOperators
+from gpuvars.errors import InvalidArgumentError, SerializationError, UninitializedVariableError
+from gpuvars.init_ops import InitPlan, Op, is_deferred, keras_style, run_init
 from gpuvars.initializers import Initializer
-from gpuvars.placement import PhysicalDevice, device_of_array, host_array, resolve
-from gpuvars.registry import Registry, current_registry
+from gpuvars.placement import PhysicalDevice, resolve
+from gpuvars.registry import current_registry
 
 __all__ = [
-    "Op",
     "Variable",
     "VariableAggregation",
     "VariableSynchronization",
-    "global_variables_initializer",
-    "is_variable_initialized",
-    "report_uninitialized_variables",
-    "variables_initializer",
+    "adopt",
+    "check_variable_args",
+    "install",
+    "invalidate",
+    "restore_target",
 ]
-
-_log = logging.getLogger("gpuvars")
 
 
 class VariableSynchronization(enum.Enum):
@@ -69,83 +62,44 @@ class VariableAggregation(enum.Enum):
     ONLY_FIRST_REPLICA = 3
 
 
-class Op:
-    """A runnable operation (TF's init ops): call it, or call ``.run()``.
-
-    Example:
-        >>> import gpuvars as gv
-        >>> with gv.Registry():
-        ...     v = gv.Variable(gv.zeros([2]), name="v")
-        ...     gv.global_variables_initializer()()
-        ...     v.numpy()
-        array([0., 0.], dtype=float32)
-    """
-
-    __slots__ = ("name", "_fn")
-
-    def __init__(self, name: str, fn: Callable[[], None]) -> None:
-        self.name = name
-        self._fn = fn
-
-    def run(self) -> None:
-        """Run the operation."""
-        self._fn()
-
-    __call__ = run
-
-    def __repr__(self) -> str:
-        return f"<gpuvars.Op {self.name!r}>"
+def check_variable_args(
+    what: str, synchronization: Any, aggregation: Any, trainable: Any, validate_shape: Any = True
+) -> bool:
+    """Validate the arguments every kind of variable shares; returns ``trainable`` resolved
+    (default True, False for ``synchronization=ON_READ``)."""
+    if not isinstance(synchronization, VariableSynchronization):
+        raise InvalidArgumentError(f"{what}: synchronization must be a gv.VariableSynchronization, got {synchronization!r}")
+    if not isinstance(aggregation, VariableAggregation):
+        raise InvalidArgumentError(f"{what}: aggregation must be a gv.VariableAggregation, got {aggregation!r}")
+    if not isinstance(validate_shape, bool):
+        raise InvalidArgumentError(f"{what}: validate_shape must be a bool, got {validate_shape!r}")
+    on_read = synchronization is VariableSynchronization.ON_READ
+    if trainable is None:
+        return not on_read
+    if not isinstance(trainable, bool):
+        raise InvalidArgumentError(f"{what}: trainable must be a bool, got {trainable!r}")
+    if trainable and on_read:
+        raise InvalidArgumentError(f"{what}: synchronization=ON_READ can only be set for non-trainable variables")
+    return trainable
 
 
-# --- value conversion ------------------------------------------------------------------
+class _VariableMeta(type):
+    """TF's variable-creator hook: inside ``strategy.scope()``, ``gv.Variable(...)`` is made
+    by the innermost creator (a distributed variable, still an instance of gv.Variable)."""
 
-def _check_cast(src: np.dtype[Any], dst: np.dtype[Any], what: str) -> None:
-    if src != dst and not np.can_cast(src, dst, casting="same_kind"):
-        raise InvalidArgumentError(
-            f"{what}: cannot cast a value of dtype {src} to the variable's dtype {dst} "
-            "(only same-kind casts, e.g. float64 -> float32, happen implicitly)"
-        )
-
-
-def _fits(shape: tuple[int, ...], declared: tuple[int | None, ...] | None) -> bool:
-    if declared is None:
-        return True
-    return len(shape) == len(declared) and all(d is None or d == s for s, d in zip(shape, declared))
-
-
-def _fmt_declared(declared: tuple[int | None, ...] | None) -> str:
-    return "<any>" if declared is None else str(declared)
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Variable:
+            creator = _creator.current_creator()
+            if creator is not None:
+                if len(args) > 1:
+                    raise TypeError(f"gv.Variable takes 1 positional argument but {len(args)} were given")
+                if args:
+                    kwargs["initial_value"] = args[0]
+                return creator(**kwargs)
+        return super().__call__(*args, **kwargs)
 
 
-def _keras_style(value: Any) -> bool:
-    """Whether ``value`` is an initializer object called as ``init(shape, dtype)`` (Keras),
-    as opposed to a zero-argument callable (TF): it needs arguments and takes two."""
-    if not callable(value) or hasattr(value, "__array__") or isinstance(value, _expr.Expression):
-        return False
-    try:
-        sig = inspect.signature(value)
-    except (TypeError, ValueError):  # some builtins have no signature: call them with none
-        return False
-    try:
-        sig.bind()
-        return False
-    except TypeError:
-        pass
-    try:
-        sig.bind((), None)
-    except TypeError:
-        return False
-    return True
-
-
-def _raise_mapped(exc: BaseException, device: PhysicalDevice, what: str) -> None:
-    """Map a backend library's failure to gpuvars' hierarchy (the one boundary); else return."""
-    mapped = map_backend_error(exc, device, what)
-    if mapped is not None:
-        raise mapped from exc
-
-
-class Variable:
+class Variable(ReadOperators, metaclass=_VariableMeta):
     """A named, typed buffer on one device, updated in place by ops that run on that device.
 
     Args:
@@ -164,6 +118,8 @@ class Variable:
         device: a device string or DeviceSpec; beats the enclosing ``gv.device`` scopes.
         synchronization, aggregation: used by distribution strategies.
 
+    Every argument after ``initial_value`` is keyword-only.
+
     Raises:
         InvalidArgumentError: a bad argument, shape or dtype.
         DevicePlacementError: the device does not exist and soft placement is off.
@@ -178,41 +134,15 @@ class Variable:
     """
 
     __slots__ = (
-        "_name",
-        "_device",
-        "_backend",
-        "_host",
-        "_dtype",
-        "_declared",
-        "_pending_shape",
-        "_fix_on_init",
-        "_storage",
-        "_ro",
-        "_init",
-        "_init_shape",
-        "_deps",
-        "_trainable",
-        "_synchronization",
-        "_aggregation",
-        "_registry",
-        "_lock",
-        "__weakref__",
+        "_name", "_device", "_backend", "_host", "_dtype", "_declared", "_pending_shape",
+        "_fix_on_init", "_storage", "_ro", "_init", "_init_shape", "_deps", "_trainable",
+        "_synchronization", "_aggregation", "__weakref__",
     )
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Variable:
-        # TF's variable-creator scope: inside strategy.scope(), gv.Variable(...) makes the
-        # strategy's distributed variable (a Variable subclass) instead.
-        if cls is Variable:
-            from gpuvars.distribute._context import _strategy
-
-            strategy = _strategy.get()
-            if strategy is not None:
-                return strategy._create_variable(*args, **kwargs)
-        return super().__new__(cls)
 
     def __init__(
         self,
         initial_value: Any = None,
+        *,
         name: str | None = None,
         dtype: Any = None,
         shape: Sequence[int | None] | None = None,
@@ -223,56 +153,25 @@ class Variable:
         aggregation: VariableAggregation = VariableAggregation.NONE,
     ) -> None:
         registry = current_registry()
-        requested = "Variable" if name is None else name
         self._storage: Any = None
         self._dtype: np.dtype[Any] | None = None
         self._pending_shape: tuple[int, ...] | None = None
-        self._name = registry._claim(requested, self)
-        self._registry: Registry | None = registry
+        self._name = registry.add(self, "Variable" if name is None else name)
         try:
-            self._setup(initial_value, dtype, shape, validate_shape, trainable, device, synchronization, aggregation)
+            what = f"variable '{self._name}'"
+            self._trainable = check_variable_args(what, synchronization, aggregation, trainable, validate_shape)
+            self._synchronization, self._aggregation = synchronization, aggregation
+            self._setup(initial_value, dtype, shape, validate_shape, device, what)
         except BaseException:
-            registry._release(self._name, self)
-            self._registry = None
+            registry.remove(self)
             raise
 
-    # --- construction --------------------------------------------------------------
-
-    def _setup(
-        self,
-        initial_value: Any,
-        dtype: Any,
-        shape: Sequence[int | None] | None,
-        validate_shape: bool,
-        trainable: bool | None,
-        device: str | devices.DeviceSpec | None,
-        synchronization: VariableSynchronization,
-        aggregation: VariableAggregation,
-    ) -> None:
-        what = f"variable '{self._name}'"
-        if not isinstance(synchronization, VariableSynchronization):
-            raise InvalidArgumentError(f"{what}: synchronization must be a gv.VariableSynchronization, got {synchronization!r}")
-        if not isinstance(aggregation, VariableAggregation):
-            raise InvalidArgumentError(f"{what}: aggregation must be a gv.VariableAggregation, got {aggregation!r}")
-        if trainable is None:
-            trainable = synchronization is not VariableSynchronization.ON_READ
-        elif not isinstance(trainable, bool):
-            raise InvalidArgumentError(f"{what}: trainable must be a bool, got {trainable!r}")
-        if trainable and synchronization is VariableSynchronization.ON_READ:
-            raise InvalidArgumentError(
-                f"{what}: synchronization=ON_READ can only be set for non-trainable variables"
-            )
-        if not isinstance(validate_shape, bool):
-            raise InvalidArgumentError(f"{what}: validate_shape must be a bool, got {validate_shape!r}")
+    def _setup(self, initial_value: Any, dtype: Any, shape: Any, validate_shape: bool, device: Any, what: str) -> None:
         if initial_value is None:
             raise InvalidArgumentError(
                 f"{what}: initial_value must be given (an array-like, an initializer, a callable or "
                 "another variable's initialized_value())"
             )
-        self._trainable = trainable
-        self._synchronization = synchronization
-        self._aggregation = aggregation
-        self._lock = threading.Lock()
         self._deps: tuple[Variable, ...] = ()
         self._init: Any = None
         self._init_shape: tuple[int, ...] | None = None
@@ -281,38 +180,43 @@ class Variable:
             requested_dtype = None if dtype is None else np.dtype(dtype)
         except TypeError:
             raise InvalidArgumentError(f"{what}: {dtype!r} is not a dtype") from None
-        declared = None if shape is None else self._parse_shape(shape, what)
+        declared = None if shape is None else _shapes.parse_shape(shape, what)
 
         # Placement: explicit device= is the innermost scope; the enclosing scopes fill the gaps.
         with devices.device(device if device is not None else ""):
             spec = devices.current_device_spec("Variable", self._name)
-        self._device: PhysicalDevice = resolve(spec, what, stacklevel=3)  # warn at the user's line
+        self._device: PhysicalDevice = resolve(spec, what, stacklevel=4)  # warn at the user's line
         self._backend = self._device.backend
-        self._host = self._backend.name == "numpy"
+        self._host = self._backend.host
         if requested_dtype is not None:
             self._set_dtype(requested_dtype, what)
 
+        if not is_deferred(initial_value):
+            arr = self._convert(initial_value, what, explicit=True)
+            self._declare(declared, validate_shape, tuple(arr.shape), what)
+            self._install(arr)
+            return
+        self._init = initial_value
+        actual: tuple[int, ...] | None = None
         if isinstance(initial_value, _expr.Expression):
-            self._init = initial_value
             self._deps = tuple(initial_value.variables())
             if self._dtype is None and initial_value.dtype is not None:
                 self._set_dtype(initial_value.dtype, what)
-            self._declare(declared, validate_shape, initial_value.shape, what)
-        elif isinstance(initial_value, Initializer) or _keras_style(initial_value):
+            actual = initial_value.shape
+        elif isinstance(initial_value, Initializer) or keras_style(initial_value):
             # an initializer object drawn as init(shape, dtype): its own shape, else shape=
             own = initial_value.shape if isinstance(initial_value, Initializer) else None
             shp = own if own is not None else declared
             if shp is None or any(d is None for d in shp):
                 raise InvalidArgumentError(
                     f"{what}: the initializer {type(initial_value).__name__} needs a fully defined "
-                    f"shape= (got {_fmt_declared(declared)})"
+                    f"shape= (got {_shapes.fmt(declared)})"
                 )
-            if own is not None and declared is not None and not _fits(own, declared):
+            if own is not None and declared is not None and not _shapes.fits(own, declared):
                 raise InvalidArgumentError(
                     f"{what}: the initializer's shape {own} is not compatible with the supplied shape {declared}"
                 )
-            self._init = initial_value
-            self._init_shape = tuple(d for d in shp if d is not None)
+            actual = self._init_shape = tuple(d for d in shp if d is not None)
             if self._dtype is None:
                 own_dtype = initial_value.dtype if isinstance(initial_value, Initializer) else None
                 self._set_dtype(np.dtype(np.float32) if own_dtype is None else own_dtype, what)
@@ -321,14 +225,7 @@ class Variable:
                     initial_value.check_dtype(self._dtype)  # type: ignore[arg-type]  # set just above
                 except InvalidArgumentError as exc:
                     raise InvalidArgumentError(f"{what}: {exc}") from None
-            self._declare(declared, validate_shape, self._init_shape, what)
-        elif callable(initial_value) and not hasattr(initial_value, "__array__"):
-            self._init = initial_value  # a zero-argument callable, called by the init op
-            self._declare(declared, validate_shape, None, what)
-        else:
-            arr = self._convert(initial_value, what, explicit=True)
-            self._declare(declared, validate_shape, tuple(arr.shape), what)
-            self._install(arr)
+        self._declare(declared, validate_shape, actual, what)
 
     def _set_dtype(self, dtype: np.dtype[Any], what: str) -> None:
         """Fix the storage dtype, once, after asking the backend whether it can hold it."""
@@ -338,24 +235,7 @@ class Variable:
             raise InvalidArgumentError(f"{what} on {self._device.name}: {exc}") from None
         self._dtype = dtype
 
-    @staticmethod
-    def _parse_shape(shape: Any, what: str) -> tuple[int | None, ...]:
-        try:
-            dims = tuple(shape)
-            out = tuple(None if d is None else int(d) for d in dims)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"{what}: shape must be a sequence of ints or None, got {shape!r}") from None
-        if any(d is not None and d < 0 for d in out):
-            raise InvalidArgumentError(f"{what}: shape dims must be >= 0 or None, got {shape!r}")
-        return out
-
-    def _declare(
-        self,
-        declared: tuple[int | None, ...] | None,
-        validate_shape: bool,
-        actual: tuple[int, ...] | None,
-        what: str,
-    ) -> None:
+    def _declare(self, declared: _shapes.Declared, validate_shape: bool, actual: tuple[int, ...] | None, what: str) -> None:
         """Record the shape constraint: declared, or the initial value's, or none at all.
 
         A deferred callable with no ``shape=`` fixes its shape at its first initialization.
@@ -363,9 +243,9 @@ class Variable:
         self._pending_shape = actual
         self._fix_on_init = False
         if not validate_shape:
-            self._declared: tuple[int | None, ...] | None = None
+            self._declared: _shapes.Declared = None
             return
-        if declared is not None and actual is not None and not _fits(actual, declared):
+        if declared is not None and actual is not None and not _shapes.fits(actual, declared):
             raise InvalidArgumentError(
                 f"In {what} creation, the initial value's shape {actual} is not compatible with the "
                 f"explicitly supplied shape {declared}"
@@ -373,18 +253,44 @@ class Variable:
         self._declared = declared if declared is not None else actual
         self._fix_on_init = self._declared is None
 
-    # storage helpers ------------------------------------------------------------------
-
     def _install(self, arr: Any) -> None:
         """Make ``arr`` (a private array on our device, our dtype) the value: written into the
         existing buffer when the shape is unchanged, else adopted as the new storage."""
         storage = self._storage
         if storage is not None and self._backend.inplace and storage.shape == arr.shape:
-            self._backend.apply("assign", storage, arr, self._device.backend_index)
+            with backend_errors(self._device, f"writing variable '{self._name}'"):
+                self._backend.apply("assign", storage, arr, self._device.backend_index)
             return
         if self._host and not (arr.flags.c_contiguous and arr.flags.writeable):
             arr = np.array(arr, order="C", copy=True)
         self._set_storage(arr)
+
+    def _set_storage(self, storage: Any) -> None:
+        """Adopt ``storage`` (on our device, our dtype); the first value of a deferred callable
+        with no ``shape=`` fixes the shape."""
+        self._storage = storage
+        self._pending_shape = tuple(storage.shape)
+        self._ro = None
+        if self._dtype is None:  # a deferred callable restored before it ever ran
+            self._dtype = np.dtype(storage.dtype)
+        if self._fix_on_init:
+            self._declared, self._fix_on_init = self._pending_shape, False
+
+    def _restore_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        if not _shapes.fits(shape, self._declared):
+            raise InvalidArgumentError(
+                f"variable '{self._name}': checkpoint shape {shape} is not compatible with the "
+                f"declared shape {_shapes.fmt(self._declared)}"
+            )
+        storage = self._storage
+        if storage is None or tuple(storage.shape) != shape:
+            with backend_errors(self._device, f"allocating variable '{self._name}' for a restore"):
+                storage = self._backend.empty(shape, dtype, self._device.backend_index)
+        return storage
+
+    def _mark_uninitialized(self) -> None:
+        self._storage = None
+        self._ro = None
 
     # --- identity and metadata ------------------------------------------------------------
 
@@ -406,7 +312,7 @@ class Variable:
     @property
     def backend(self) -> str:
         """The array library holding the storage: "numpy", "cupy" or "jax"."""
-        return self._backend.name
+        return self.physical_device.backend.name
 
     @property
     def dtype(self) -> np.dtype[Any] | None:
@@ -414,34 +320,42 @@ class Variable:
         return self._dtype
 
     @property
-    def shape(self) -> tuple[int, ...] | None:
-        """The current concrete shape (the pending shape while uninitialized; None if unknown)."""
+    def shape(self) -> tuple[int, ...]:
+        """The current concrete shape (the pending shape while uninitialized).
+
+        Raises:
+            UninitializedVariableError: a deferred callable without ``shape=`` that never ran.
+        """
+        shape = self._known_shape()
+        if shape is None:
+            raise UninitializedVariableError(f"variable '{self.name}' has no known shape until it is initialized")
+        return shape
+
+    def _known_shape(self) -> tuple[int, ...] | None:
         if self._storage is not None:
             return tuple(self._storage.shape)
         return self._pending_shape
 
+    def _known_dtype(self) -> np.dtype[Any] | None:
+        return self.dtype
+
     @property
-    def declared_shape(self) -> tuple[int | None, ...] | None:
+    def declared_shape(self) -> _shapes.Declared:
         """The declared shape constraint: ``None`` dims are free; None means any shape (validate_shape=False)."""
         return self._declared
 
     @property
     def ndim(self) -> int:
-        shape = self.shape
-        if shape is None:
-            raise UninitializedVariableError(f"variable '{self._name}' has no known shape until it is initialized")
-        return len(shape)
+        return len(self.shape)
 
     @property
     def size(self) -> int:
-        shape = self.shape
-        if shape is None:
-            raise UninitializedVariableError(f"variable '{self._name}' has no known shape until it is initialized")
-        return int(np.prod(shape, dtype=np.int64))
+        return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def nbytes(self) -> int:
-        return self.size * (self._dtype.itemsize if self._dtype is not None else 0)
+        dtype = self.dtype
+        return self.size * (dtype.itemsize if dtype is not None else 0)
 
     @property
     def trainable(self) -> bool:
@@ -459,12 +373,6 @@ class Variable:
     def initialized(self) -> bool:
         """Whether the variable holds a value."""
         return self._storage is not None
-
-    def _known_shape(self) -> tuple[int, ...] | None:
-        return self.shape
-
-    def _known_dtype(self) -> np.dtype[Any] | None:
-        return self._dtype
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -494,47 +402,44 @@ class Variable:
             self._ro = ro
         return ro
 
-    _gpuvars_value = value
+    def _gpuvars_locate(self) -> tuple[Any, PhysicalDevice]:
+        """(live value, device): how the transfer boundary sees a variable used as a value."""
+        return self.value(), self.physical_device
 
     def read_value(self) -> Any:
         """A snapshot of the value on the variable's device (a copy; JAX arrays are immutable)."""
-        storage = self._storage
-        if storage is None:
-            raise self._uninitialized()
-        if not self._backend.inplace:
-            return storage
-        return self._backend.asarray(storage, storage.dtype, self._device.backend_index)
+        value, device = self._gpuvars_locate()
+        backend = device.backend
+        if not backend.inplace:
+            return value
+        with backend_errors(device, f"reading variable '{self.name}'"):
+            return backend.asarray(value, value.dtype, device.backend_index)
 
     def numpy(self) -> np.ndarray[Any, Any]:
         """A host numpy copy of the value."""
-        storage = self._storage
-        if storage is None:
-            raise self._uninitialized()
-        return self._backend.to_numpy(storage)
+        value, device = self._gpuvars_locate()
+        with backend_errors(device, f"copying variable '{self.name}' to the host"):
+            return device.backend.to_numpy(value)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
         out: np.ndarray[Any, Any]
-        if self._host and not copy:
+        host = self.physical_device.backend.host
+        if host and not copy:
             out = self.value()
         elif copy is False:
-            raise ValueError(f"variable '{self._name}' lives on {self.device}; a host array needs a copy")
+            raise ValueError(f"variable '{self.name}' lives on {self.device}; a host array needs a copy")
         else:
             out = self.numpy()
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __dlpack__(self, **kwargs: Any) -> Any:
-        """DLPack export of ``value()``: a read-only live view for host variables.
-
-        A consumer that cannot receive the read-only flag (DLPack < 1.0, e.g. JAX) gets a
-        snapshot instead, never a writable alias of the storage.
-        """
-        value = self.value()
-        try:
-            return value.__dlpack__(**kwargs)
-        except BufferError:
-            if not self._host:
-                raise
+        """DLPack export of the value: a snapshot for host variables (a consumer such as
+        torch may ignore DLPack's read-only flag, so a live view could be written through),
+        the live array on a device (CuPy: do not mutate it; JAX: immutable)."""
+        value, device = self._gpuvars_locate()
+        if device.backend.host:
             return np.array(value).__dlpack__(**kwargs)
+        return value.__dlpack__(**kwargs)
 
     def __dlpack_device__(self) -> Any:
         return self.value().__dlpack_device__()
@@ -552,102 +457,55 @@ class Variable:
     # --- updates --------------------------------------------------------------------------
 
     def _convert(self, value: Any, what: str, explicit: bool = False) -> Any:
-        """``value`` as an array on our device with our dtype; applies the transfer guard to
-        implicit copies. With ``explicit`` (creation, init ops) the result is always a private
-        copy that may become the storage; otherwise a same-device array of our dtype is
-        returned as it is (the update reads it once)."""
-        device = self._device
-        src_backend: Backend | None
-        src_device: PhysicalDevice | None
-        if isinstance(value, Variable):
-            src = value.value()
-            src_backend, src_device = value._backend, value._device
-        else:
-            src_backend, src_device = device_of_array(value)
-            src = value
-        kind: str | None = None
-        if src_backend is None or src_backend.name == "numpy":  # host memory
-            arr_src: Any = host_array(src) if src_backend is None else np.asarray(src)
-            if device.kind == "gpu":
-                kind = "host-to-device"
-            elif src_device is not None and src_device is not device:
-                kind = "device-to-device"  # a variable on another logical CPU device
-        else:
-            arr_src = src
-            if src_device is not device:
-                kind = "device-to-device"
-        if kind is not None and not explicit:
-            self._guard(kind, value, src_device, what)
-        src_dtype = np.dtype(arr_src.dtype)
+        """``value`` as an array on our device with our dtype. Implicit copies are judged by
+        the transfer guard unless ``explicit`` (creation, init ops), whose result is always a
+        private copy that may become the storage."""
+        located = _transfer.locate(value) if explicit else _transfer.admit(value, (self._device,), what)
+        src_dtype = np.dtype(located[0].dtype)
         if self._dtype is None:
             self._set_dtype(src_dtype, what)
         dtype: np.dtype[Any] = self._dtype  # type: ignore[assignment]  # set just above
-        _check_cast(src_dtype, dtype, what)
-        try:
-            if not explicit and src_device is device and src_dtype == dtype:
-                return arr_src
-            if src_backend is None or src_backend.name == "numpy" or src_backend is self._backend:
-                return self._backend.asarray(arr_src, dtype, device.backend_index)
-            host = src_backend.to_numpy(arr_src)  # another library: through the host
-            return self._backend.asarray(host, dtype, device.backend_index)
-        except Exception as exc:
-            _raise_mapped(exc, device, what)
-            raise
+        _shapes.check_cast(src_dtype, dtype, what)
+        if located[1] is None and not isinstance(value, (np.ndarray, np.generic)):
+            _shapes.check_int_range(located[0], dtype, what)  # Python ints never wrap
+        return _transfer.move(located, self._device, dtype, private=explicit, what=what)
 
-    def _guard(self, kind: str, value: Any, src_device: PhysicalDevice | None, what: str) -> None:
-        mode = config.get_transfer_guard()
-        if mode == "allow":
-            return
-        if isinstance(value, Variable):
-            src = f"variable '{value._name}' on {value.device}"
-        elif src_device is not None:
-            src = f"{type(value).__name__} on {src_device.name}"
+    def _operand(self, value: Any, op: str, what: str | None = None) -> Any:
+        """``value`` ready to combine with the storage: on our device, our dtype and (for
+        ``op`` "assign", "add" or "sub") a shape the update accepts; a scatter passes its
+        own ``what`` and checks the shape itself."""
+        any_shape = what is not None
+        what = what or f"{op} to variable '{self._name}'"
+        storage, dtype = self._storage, self._dtype
+        if self._host and dtype is not None and type(value) is np.ndarray:
+            _shapes.check_cast(value.dtype, dtype, what)
+            src = value
         else:
-            src = f"{type(value).__name__} from {'host memory' if kind == 'host-to-device' else 'another device'}"
-        text = f"{what} on {self._device.name}: implicit {kind} copy of {src}"
-        if mode == "disallow":
-            raise TransferGuardError(
-                f"{text} is disallowed by transfer_guard('disallow'); copy it explicitly first "
-                f"with gv.copy_to(x, '{self._device.name}')"
-            )
-        _log.warning("%s", text)
-
-    @staticmethod
-    def _host_operand(value: Any) -> Any:
-        """``value`` as host memory without a copy (a host variable's operand), or None when
-        it lives on a device or is a Variable (those go through :meth:`_convert`)."""
-        if type(value) is np.ndarray:
-            return value
-        if isinstance(value, Variable) or device_of_array(value)[0] is not None:
-            return None
-        return host_array(value)
-
-    def _operand(self, value: Any, op: str) -> Any:
-        """``value`` ready to combine with the storage: on our device, our dtype, our shape."""
-        storage = self._storage
-        dtype = self._dtype
-        src = self._host_operand(value) if self._host and dtype is not None else None
-        if src is None:
-            src = self._convert(value, f"{op} to variable '{self._name}'")
-        elif src.dtype != dtype:
-            _check_cast(src.dtype, dtype, f"{op} to variable '{self._name}'")  # type: ignore[arg-type]
+            src = self._convert(value, what)
         shape = src.shape
-        if storage is not None and shape == storage.shape:
+        if any_shape or (storage is not None and shape == storage.shape):
             return src
         if storage is None:  # an assign that initializes: the declared shape still binds
-            ok, current = _fits(shape, self._declared), self._declared
+            ok, current = _shapes.fits(shape, self._declared), self._declared
         else:
             current = storage.shape
-            ok = op == "assign" and _fits(shape, self._declared)
+            ok = op == "assign" and _shapes.fits(shape, self._declared)
         if not ok:
             raise InvalidArgumentError(
                 f"Cannot {op} value to variable '{self._name}': shape mismatch. The variable shape "
-                f"{_fmt_declared(current)} (declared {_fmt_declared(self._declared)}) and the value "
+                f"{_shapes.fmt(current)} (declared {_shapes.fmt(self._declared)}) and the value "
                 f"shape {shape} are incompatible"
             )
         return src
 
-    def assign(self, value: Any, read_value: bool = True) -> Variable | None:
+    @overload
+    def assign(self, value: Any, *, read_value: Literal[True] = ...) -> Variable: ...
+    @overload
+    def assign(self, value: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign(self, value: Any, *, read_value: bool) -> Variable | None: ...
+
+    def assign(self, value: Any, *, read_value: bool = True) -> Variable | None:
         """Write ``value`` into the variable, on its device; returns the variable.
 
         Same-shape assigns write numpy/CuPy storage in place (same buffer); a dynamic-shape
@@ -673,32 +531,33 @@ class Variable:
         self._apply("assign", value)
         return self if read_value else None
 
-    def assign_add(self, delta: Any, read_value: bool = True) -> Variable | None:
+    @overload
+    def assign_add(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
+    @overload
+    def assign_add(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_add(self, delta: Any, *, read_value: bool) -> Variable | None: ...
+
+    def assign_add(self, delta: Any, *, read_value: bool = True) -> Variable | None:
         """Add ``delta`` (same shape) to the variable, on its device; returns the variable."""
         storage = self._storage
-        if (
-            self._host
-            and type(delta) is np.ndarray
-            and storage is not None
-            and delta.dtype is storage.dtype
-            and delta.shape == storage.shape
-        ):
-            # the hot path, as in assign (inlined on purpose: a shared helper costs a call)
-            np.add(storage, delta, storage)
+        if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
+            np.add(storage, delta, storage)  # the hot path, as in assign (inlined: a helper costs a call)
             return self if read_value else None
         self._apply("add", delta)
         return self if read_value else None
 
-    def assign_sub(self, delta: Any, read_value: bool = True) -> Variable | None:
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: bool) -> Variable | None: ...
+
+    def assign_sub(self, delta: Any, *, read_value: bool = True) -> Variable | None:
         """Subtract ``delta`` (same shape) from the variable, on its device; returns the variable."""
         storage = self._storage
-        if (
-            self._host
-            and type(delta) is np.ndarray
-            and storage is not None
-            and delta.dtype is storage.dtype
-            and delta.shape == storage.shape
-        ):
+        if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
             np.subtract(storage, delta, storage)
             return self if read_value else None
         self._apply("sub", delta)
@@ -710,19 +569,14 @@ class Variable:
             raise self._uninitialized()
         src = self._operand(value, op)
         device = self._device
-        try:
+        with backend_errors(device, f"{op} to variable '{self._name}'"):
             if storage is None or src.shape != storage.shape:
                 # first value, or a dynamic-shape reallocation: the storage needs a private copy
                 self._install(self._backend.asarray(src, self._dtype, device.backend_index))  # type: ignore[arg-type]
                 return
             new = self._backend.apply(op, storage, src, device.backend_index)
-        except Exception as exc:
-            _raise_mapped(exc, device, f"{op} to variable '{self._name}'")
-            raise
         if new is not storage:
             self._storage = new
-
-    # scatter ---------------------------------------------------------------------------------
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
         storage = self._storage
@@ -731,41 +585,20 @@ class Variable:
             raise self._uninitialized()
         if storage.ndim == 0:
             raise InvalidArgumentError(f"{what}: a scalar variable has no rows to scatter into")
-        if type(indices) is np.ndarray:  # the common case: no need to ask which library owns it
-            idx_host = indices
-        else:
-            idx_backend, _ = device_of_array(indices)
-            idx_host = np.asarray(indices) if idx_backend is None or idx_backend.name == "numpy" else idx_backend.to_numpy(indices)
-        if idx_host.dtype.kind not in "iu":
-            raise InvalidArgumentError(f"{what}: indices must be integers, got dtype {idx_host.dtype}")
-        rows = storage.shape[0]
-        if idx_host.size and (idx_host.min() < 0 or idx_host.max() >= rows):
-            bad = idx_host[(idx_host < 0) | (idx_host >= rows)].reshape(-1)[0]
-            raise InvalidArgumentError(f"{what}: index {int(bad)} is out of range [0, {rows})")
-        upd = self._operand_any_shape(updates, what)
-        expected = tuple(idx_host.shape) + tuple(storage.shape[1:])
+        flat_idx = scatter_indices(indices, storage.shape[0], what)
+        upd = self._operand(updates, f"scatter_{op}", what)
+        expected = tuple(np.shape(indices)) + tuple(storage.shape[1:])
         if tuple(upd.shape) != expected:
             raise InvalidArgumentError(
                 f"{what}: updates must have shape indices.shape + variable.shape[1:] = {expected}, "
                 f"got {tuple(upd.shape)}"
             )
-        flat_idx = idx_host.reshape(-1).astype(np.int64, copy=False)
-        flat_upd = upd.reshape((flat_idx.size,) + tuple(storage.shape[1:]))
-        try:
+        with backend_errors(self._device, what):
+            flat_upd = upd.reshape((flat_idx.size,) + tuple(storage.shape[1:]))
             new = self._backend.scatter(op, storage, flat_idx, flat_upd, self._device.backend_index)
-        except Exception as exc:
-            _raise_mapped(exc, self._device, what)
-            raise
         if new is not storage:
             self._storage = new
         return self
-
-    def _operand_any_shape(self, value: Any, what: str) -> Any:
-        src = self._host_operand(value) if self._host else None
-        if src is None:
-            return self._convert(value, what)
-        _check_cast(src.dtype, self._dtype, what)  # type: ignore[arg-type]  # initialized: dtype set
-        return src
 
     def scatter_update(self, indices: Any, updates: Any) -> Variable:
         """Set rows ``indices`` (along axis 0) to ``updates`` (shape ``indices.shape + shape[1:]``)."""
@@ -784,7 +617,7 @@ class Variable:
         return self._scatter("mul", indices, updates)
 
     def scatter_div(self, indices: Any, updates: Any) -> Variable:
-        """Divide rows ``indices`` by ``updates``; repeated indices divide in turn."""
+        """Divide rows ``indices`` by ``updates`` (by zero: inf or nan, quietly, as in TF)."""
         return self._scatter("div", indices, updates)
 
     def scatter_min(self, indices: Any, updates: Any) -> Variable:
@@ -801,121 +634,69 @@ class Variable:
     def initializer(self) -> Op:
         """An op that (re)initializes this variable from its initial value (a no-op for a
         variable made from a concrete value, as in TF2 eager)."""
+        import weakref
+
         ref = weakref.ref(self)
 
         def run() -> None:
             var = ref()
             if var is not None:
-                _run_init([var])
+                run_init([var])
 
-        return Op(f"{self._name}/Assign", run)
+        return Op(f"{self.name}/Assign", run)
+
+    def _init_plans(self) -> list[InitPlan]:
+        if self._init is None:
+            return []
+        return [InitPlan(self, self._name, self._deps, self._materialize, self._install)]
 
     def _materialize(self, resolve_dep: Callable[[Variable], Any]) -> Any:
         """A fresh private array of the initial value on our device (the init op calls this)."""
         what = f"initializing variable '{self._name}'"
-        init = self._init
-        device = self._device
-        try:
+        init, device = self._init, self._device
+        with backend_errors(device, what):
             if isinstance(init, Initializer):
                 assert self._init_shape is not None and self._dtype is not None
                 arr = init.materialize(device, self._init_shape, self._dtype)
-                if self._host and not arr.flags.writeable:
-                    arr = np.array(arr)
-                return arr
+                return np.array(arr) if self._host and not arr.flags.writeable else arr
             if isinstance(init, _expr.Expression):
                 with self._backend.scope(device.backend_index):  # CuPy computes on the current GPU
-                    value = init.evaluate(resolve_dep)
+                    value = init.evaluate(lambda dep: _transfer.on_device(resolve_dep(dep), device))
             elif self._init_shape is not None:  # Keras-style initializer object
                 value = init(self._init_shape, self._dtype)
             else:
                 value = init()
             arr = self._convert(value, what, explicit=True)
-        except Exception as exc:
-            _raise_mapped(exc, device, what)
-            raise
-        shape = tuple(arr.shape)
-        if not _fits(shape, self._declared):
+        if not _shapes.fits(tuple(arr.shape), self._declared):
             raise InvalidArgumentError(
-                f"{what}: the initial value's shape {shape} is not compatible with the declared shape "
-                f"{_fmt_declared(self._declared)}"
+                f"{what}: the initial value's shape {tuple(arr.shape)} is not compatible with the declared "
+                f"shape {_shapes.fmt(self._declared)}"
             )
         return arr
-
-    def _resolve_for(self, dep: Variable, fresh: dict[int, Any]) -> Any:
-        """``dep``'s value for an expression of ours: fresh from this run, else current; on our device."""
-        if id(dep) in fresh:
-            value = fresh[id(dep)]
-        elif dep._storage is not None:
-            value = dep._storage
-        else:
-            raise UninitializedVariableError(
-                f"variable '{self._name}' is initialized from '{dep._name}' (via initialized_value()), "
-                f"but '{dep._name}' is not initialized and is not part of this init op"
-            )
-        if dep._device is self._device:
-            return value
-        backend = dep._backend
-        host = value if backend.name == "numpy" else backend.to_numpy(value)
-        if self._device.kind == "cpu" and self._host:
-            return host
-        return self._backend.asarray(host, host.dtype, self._device.backend_index)
-
-    def _restore_buffer_check(self, shape: tuple[int, ...]) -> None:
-        """Raise unless a checkpoint tensor of ``shape`` may be restored into this variable."""
-        if not _fits(tuple(shape), self._declared):
-            raise InvalidArgumentError(
-                f"variable '{self._name}': checkpoint shape {tuple(shape)} is not compatible with the "
-                f"declared shape {_fmt_declared(self._declared)}"
-            )
-
-    def _restore_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
-        """Storage to restore into, allocated without running the initializer (Saver uses this)."""
-        self._restore_buffer_check(shape)
-        storage = self._storage
-        if storage is None or tuple(storage.shape) != shape:
-            storage = self._backend.empty(shape, dtype, self._device.backend_index)
-        return storage
-
-    def _set_storage(self, storage: Any) -> None:
-        """Adopt ``storage`` (already on our device, our dtype) as the value.
-
-        The first value of a deferred callable with no ``shape=`` fixes the shape.
-        """
-        self._storage = storage
-        self._pending_shape = tuple(storage.shape)
-        self._ro = None
-        if self._dtype is None:  # a deferred callable restored before it ever ran
-            self._dtype = np.dtype(storage.dtype)
-        if self._fix_on_init:
-            self._declared, self._fix_on_init = self._pending_shape, False
-
-    def _mark_uninitialized(self) -> None:
-        """Drop the value (a failed restore does this to what it had already written)."""
-        self._storage = None
-        self._ro = None
 
     # --- Python protocols -------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        device = getattr(self, "_device", None)  # unset while a failing constructor runs
-        where = device.name if device is not None else "<unplaced>"
-        head = f"<gpuvars.Variable '{self._name}' shape={self.shape} dtype={self._dtype} device={where}"
-        if self._storage is None:
+        head = f"<gpuvars.{type(self).__name__} '{self.name}' shape={self._known_shape()} dtype={self.dtype} device={self.device}"
+        if not self.initialized:
             return head + " uninitialized>"
         return head + f", value={np.array2string(self.numpy(), threshold=6, edgeitems=2)}>"
 
     def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(value, *args)`` with the variable's device current (CuPy computes there)."""
-        with self._backend.scope(self._device.backend_index):
-            return fn(self.value(), *args)
+        value, device = self._gpuvars_locate()
+        with device.backend.scope(device.backend_index):
+            return fn(value, *args)
 
     def __getitem__(self, key: Any) -> Any:
-        return self._read(operator.getitem, key)
+        """A snapshot of ``value()[key]`` (as TF's ``v[0]``; not a live view)."""
+        out = self._read(lambda value: value[key])
+        return out.copy() if self.physical_device.backend.inplace and hasattr(out, "copy") else out
 
     def __len__(self) -> int:
         shape = self.shape
         if not shape:
-            raise TypeError(f"len() of a scalar variable '{self._name}'")
+            raise TypeError(f"len() of a scalar variable '{self.name}'")
         return shape[0]
 
     def __float__(self) -> float:
@@ -928,127 +709,56 @@ class Variable:
         return bool(self._read(bool))
 
     def __index__(self) -> int:
-        return int(self._read(operator.index))
+        return int(self._read(lambda value: value.__index__()))
+
+    __hash__ = object.__hash__
+
+    def __copy__(self) -> Variable:
+        """The variable itself: a variable is a handle (TF's ``copy.copy(v) is v``)."""
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Variable:
+        """An independent variable: a copy of the value on the same device, the same dtype,
+        shape constraint and flags, registered under the same name (uniquified)."""
+        if type(self) is not Variable:
+            raise InvalidArgumentError(
+                f"copy.deepcopy of the {type(self).__name__} '{self.name}' is not supported; "
+                "create a new variable inside the strategy's scope from its value"
+            )
+        new: Variable = object.__new__(Variable)
+        for field in Variable.__slots__[:-1]:
+            setattr(new, field, getattr(self, field))
+        new._ro = None
+        if self._storage is not None:
+            with backend_errors(self._device, f"copying variable '{self._name}'"):
+                new._storage = self._backend.asarray(self._storage, self._storage.dtype, self._device.backend_index)
+        new._name = current_registry().add(new, self._name)
+        memo[id(self)] = new
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise SerializationError(
+            f"variable '{self.name}' cannot be pickled: gpuvars never uses pickle (loading a pickle "
+            "can run arbitrary code). Save variables with gv.Saver(...).save(prefix), copy a value "
+            "with v.numpy(), or make an independent copy with copy.deepcopy(v)"
+        )
 
 
-def _read_operator(fn: Callable[[Any, Any], Any], reflected: bool = False) -> Callable[[Variable, Any], Any]:
-    """An operator that reads the value (TF: ``v + 1`` reads ``v``); an expression operand
-    defers to the expression's reflected operator."""
-
-    def method(self: Variable, other: Any) -> Any:
-        if isinstance(other, _expr.Expression):
-            return NotImplemented
-        if isinstance(other, Variable):
-            other = other.value()
-        if reflected:
-            return self._read(lambda value: fn(other, value))
-        return self._read(fn, other)
-
-    return method
-
-
-for _name, _fn in [*_expr.BINARY_OPS, ("matmul", operator.matmul)]:
-    setattr(Variable, f"__{_name}__", _read_operator(_fn))
-    setattr(Variable, f"__r{_name}__", _read_operator(_fn, reflected=True))
-for _name, _fn in _expr.COMPARISONS:
-    setattr(Variable, f"__{_name}__", _read_operator(_fn))
-for _name, _un in _expr.UNARY_OPS:
-    setattr(Variable, f"__{_name}__", lambda self, _f=_un: self._read(_f))
-
-
-# --- init ops --------------------------------------------------------------------------------
-
-
-def _init_order(targets: list[Variable]) -> list[Variable]:
-    """``targets`` in dependency order; a cycle is an InvalidArgumentError naming it."""
-    members = {id(v) for v in targets}
-    order: list[Variable] = []
-    state: dict[int, int] = {}  # 1 = visiting, 2 = done
-
-    def visit(v: Variable, path: list[str]) -> None:
-        mark = state.get(id(v))
-        if mark == 2:
-            return
-        if mark == 1:
-            cycle = path[path.index(v._name):] + [v._name]
-            raise InvalidArgumentError(f"initial values form a dependency cycle: {' -> '.join(cycle)}")
-        state[id(v)] = 1
-        for dep in v._deps:
-            if id(dep) in members:
-                visit(dep, path + [v._name])
-        state[id(v)] = 2
-        order.append(v)
-
-    for v in targets:
-        visit(v, [])
-    return order
-
-
-def _run_init(variables: Iterable[Variable]) -> None:
-    """Initialize ``variables`` (those with a deferred initial value) in dependency order."""
-    targets = [v for v in variables if v._init is not None]
-    order = _init_order(targets)
-    members = {id(v) for v in order}
-    for v in order:  # fail before any work if a dependency outside the op is uninitialized
-        for dep in v._deps:
-            if id(dep) not in members and dep._storage is None:
-                raise UninitializedVariableError(
-                    f"variable '{v._name}' is initialized from '{dep._name}' (via initialized_value()), "
-                    f"but '{dep._name}' is not initialized and is not part of this init op"
-                )
-    fresh: dict[int, Any] = {}
-    for v in order:
-        arr = v._materialize(functools.partial(v._resolve_for, fresh=fresh))
-        fresh[id(v)] = arr
-        v._install(arr)
-
-
-def variables_initializer(var_list: Iterable[Variable], name: str = "init") -> Op:
-    """An op that initializes ``var_list`` in dependency order (TF's variables_initializer).
-
-    The list is taken now; the op holds the variables weakly.
-
-    Raises:
-        InvalidArgumentError: an item is not a Variable.
-    """
-    refs = []
-    for v in var_list:
-        if not isinstance(v, Variable):
-            raise InvalidArgumentError(f"variables_initializer expects Variables, got {type(v).__name__}")
-        refs.append(weakref.ref(v))
-
-    def run() -> None:
-        _run_init([v for v in (r() for r in refs) if v is not None])
-
-    return Op(name, run)
-
-
-def global_variables_initializer() -> Op:
-    """An op that initializes every variable alive now in the current registry.
-
-    Example:
-        >>> import gpuvars as gv
-        >>> with gv.Registry():
-        ...     w = gv.Variable(gv.ones([2]), name="w")
-        ...     w2 = gv.Variable(w.initialized_value() * 2.0, name="w2")
-        ...     gv.global_variables_initializer().run()
-        ...     w2.numpy()
-        array([2., 2.], dtype=float32)
-    """
-    return variables_initializer(current_registry().variables())
-
-
-def report_uninitialized_variables(var_list: Iterable[Variable] | None = None) -> list[str]:
-    """Names of the uninitialized variables among ``var_list`` (default: the current registry)."""
-    vs = current_registry().variables() if var_list is None else list(var_list)
-    return [v.name for v in vs if not v.initialized]
-
-
-def is_variable_initialized(variable: Variable) -> bool:
-    """Whether ``variable`` holds a value."""
-    if not isinstance(variable, Variable):
-        raise InvalidArgumentError(f"is_variable_initialized expects a Variable, got {type(variable).__name__}")
-    return variable.initialized
+def scatter_indices(indices: Any, rows: int, what: str) -> np.ndarray[Any, Any]:
+    """``indices`` as a flat host int64 array, each checked to lie in ``[0, rows)`` (one pass)."""
+    if type(indices) is np.ndarray:
+        idx = indices
+    else:
+        backend = _transfer.device_of_array(indices)[0]
+        idx = np.asarray(indices) if backend is None else _transfer.to_host(indices, backend)
+    if idx.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"{what}: indices must be integers, got dtype {idx.dtype}")
+    flat = idx.reshape(-1).astype(np.int64, copy=False)
+    if flat.size:
+        bad = (flat < 0) | (flat >= rows)
+        if bad.any():
+            raise InvalidArgumentError(f"{what}: index {int(flat[bad][0])} is out of range [0, {rows})")
+    return flat
 
 
 # --- the engine's access to storage (checkpoint adapters use only these) -----------------------
@@ -1061,6 +771,7 @@ def restore_target(variable: Variable, shape: tuple[int, ...], dtype: np.dtype[A
 
     Raises:
         InvalidArgumentError: ``shape`` does not fit the variable's declared shape.
+        ResourceExhaustedError: no memory for the buffer.
     """
     return variable._restore_buffer(tuple(shape), dtype)
 
@@ -1072,10 +783,11 @@ def adopt(variable: Variable, storage: Any) -> None:
 
 def install(variable: Variable, array: Any) -> None:
     """Write ``array`` (a private array on the variable's device, its dtype) as the value:
-    into the existing buffer when the shape is unchanged, else adopted as new storage."""
+    into the existing buffer when the shape is unchanged, else adopted as new storage
+    (a distributed variable writes every component)."""
     variable._install(array)
 
 
 def invalidate(variable: Variable) -> None:
-    """Drop the value: the variable becomes uninitialized (a failed restore does this)."""
+    """Drop the value: the variable (every component of a distributed one) becomes uninitialized."""
     variable._mark_uninitialized()

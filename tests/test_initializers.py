@@ -414,7 +414,9 @@ def test_zero_argument_callable(cpu_backend: str) -> None:
         return [1.0, 2.0, 3.0]
 
     v = gv.Variable(make, name="v")
-    assert not v.initialized and v.shape is None and calls == []
+    assert not v.initialized and v.declared_shape is None and calls == []
+    with pytest.raises(gv.UninitializedVariableError, match="no known shape"):
+        _ = v.shape
     init_all()
     assert v.dtype == np.float32 and v.shape == (3,) and v.declared_shape == (3,)
     assert v.numpy().tolist() == [1.0, 2.0, 3.0] and calls == [1]

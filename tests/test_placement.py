@@ -12,6 +12,7 @@ import pytest
 
 import backends
 import gpuvars as gv
+from gpuvars import _transfer
 from conftest import _gpu_count, jax_device_of, needs_jax
 from gpuvars import config, placement
 
@@ -382,8 +383,8 @@ def test_jax_array_from_another_cpu_is_device_to_device() -> None:
 
 def test_device_of_array(four_cpus: str) -> None:
     v = gv.Variable(np.zeros(2, np.float32), name="v", device="/cpu:3")
-    backend, dev = placement.device_of_array(v.value())
+    backend, dev = _transfer.device_of_array(v.value())
     assert backend is v.physical_device.backend
     # host numpy memory has no device; a JAX array knows its own
     assert dev is (v.physical_device if four_cpus == "jax" else None)
-    assert placement.device_of_array([1, 2]) == (None, None)
+    assert _transfer.device_of_array([1, 2]) == (None, None)

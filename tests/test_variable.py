@@ -461,11 +461,21 @@ def test_dlpack_round_trip(cpu_backend: str) -> None:
     v = gv.Variable(np.arange(4, dtype=np.float32), name="v")
     out = np.from_dlpack(v)
     np.testing.assert_array_equal(out, [0.0, 1.0, 2.0, 3.0])
-    if cpu_backend == "numpy":
-        assert not out.flags.writeable
-        v.assign([4.0, 3.0, 2.0, 1.0])
-        assert out.tolist() == [4.0, 3.0, 2.0, 1.0]  # numpy takes the read-only live view
+    # a consumer may ignore DLPack's read-only flag (torch does): a host variable exports a
+    # snapshot, so writing through the import can never rewrite the variable
+    if cpu_backend == "numpy":  # (JAX arrays are immutable: sharing them is safe)
+        assert not np.shares_memory(out, v.value())
+    v.assign([4.0, 3.0, 2.0, 1.0])
+    assert out.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert v.__dlpack_device__()[0] == 1  # kDLCPU
+
+
+def test_torch_from_dlpack_cannot_write_through_a_host_variable() -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed (the dlpack aliasing check needs it)")
+    v = gv.Variable(np.arange(4, dtype=np.float32), name="v", device="/cpu:0")
+    t = torch.from_dlpack(v)
+    t.add_(100)
+    assert v.numpy().tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 @needs_jax
@@ -638,7 +648,9 @@ def test_assign_initializes_a_deferred_variable(cpu_backend: str) -> None:
 
 def test_assign_initializes_a_deferred_callable() -> None:
     v = gv.Variable(lambda: np.zeros(4, np.int16), name="v")
-    assert v.dtype is None and v.shape is None
+    assert v.dtype is None and v.declared_shape is None
+    with pytest.raises(gv.UninitializedVariableError, match="variable 'v' has no known shape until it is initialized"):
+        _ = v.shape
     v.assign([1, 2, 3])  # the first value fixes dtype (int32: a Python int list) and shape
     assert v.dtype == np.int32 and v.declared_shape == (3,)
     with pytest.raises(gv.InvalidArgumentError, match="shape mismatch"):

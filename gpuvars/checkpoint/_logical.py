@@ -22,8 +22,8 @@ import numpy as np
 
 from gpuvars.checkpoint import _format, _transfer
 from gpuvars.checkpoint import _stformat as st
-from gpuvars.placement import copy_to
-from gpuvars.variable import Variable, VariableAggregation
+from gpuvars._transfer import copy_to
+from gpuvars.variable import Variable, VariableAggregation, adopt, install
 
 if TYPE_CHECKING:
     from gpuvars.distribute import ShardedVariable
@@ -135,14 +135,14 @@ def plan(index: _format.Index, key: str, var: Saveable) -> list[Read]:
 
 def _into(key: str, var: Variable, checksum: str | None) -> Callable[[st.SafetensorsReader], None]:
     def apply(reader: st.SafetensorsReader) -> None:
-        var._set_storage(_transfer.restore(reader, key, var, checksum))
+        adopt(var, _transfer.restore(reader, key, var, checksum))
 
     return apply
 
 
 def _broadcast(reader: st.SafetensorsReader, key: str, comps: Any, checksum: str | None, divide_by: int) -> None:
     primary = comps[0]
-    primary._set_storage(_transfer.restore(reader, key, primary, checksum))
+    adopt(primary, _transfer.restore(reader, key, primary, checksum))
     if divide_by == 1 and len(comps) == 1:
         return
     host = primary.numpy()
@@ -150,7 +150,7 @@ def _broadcast(reader: st.SafetensorsReader, key: str, comps: Any, checksum: str
         host = (host / divide_by).astype(host.dtype)
     for c in comps:
         if c is not primary or divide_by != 1:
-            c._install(copy_to(host, c._device))
+            install(c, copy_to(host, c.physical_device))
 
 
 def _reslice(reader: st.SafetensorsReader, key: str, var: ShardedVariable, checksum: str | None) -> None:
@@ -159,4 +159,4 @@ def _reslice(reader: st.SafetensorsReader, key: str, var: ShardedVariable, check
     reader.read_into(key, host, expected_checksum=checksum)
     for shard, offset in zip(var.variables, var.offsets):
         rows = int(shard.shape[0])  # type: ignore[index]
-        shard._install(copy_to(host[offset : offset + rows], shard._device))
+        install(shard, copy_to(host[offset : offset + rows], shard.physical_device))

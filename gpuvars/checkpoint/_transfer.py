@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from gpuvars.checkpoint import _stformat as st
+from gpuvars.variable import restore_target
 
 if TYPE_CHECKING:
     from gpuvars.variable import Variable
@@ -21,9 +22,9 @@ CHUNK_BYTES = 64 << 20
 
 def source(var: Variable) -> Any:
     """What the writer streams for ``var``: its host array, or an iterator of host chunks."""
-    storage = var._storage
-    backend = var._backend
-    if backend.name == "numpy":
+    storage = var.value()
+    backend = var.physical_device.backend
+    if backend.host:
         return storage
     if backend.platform == "cpu":  # JAX CPU arrays: a host view, no copy
         return np.asarray(storage)
@@ -34,7 +35,7 @@ def _device_chunks(var: Variable, storage: Any) -> Iterator[np.ndarray[Any, Any]
     flat = storage.reshape(-1)
     per = max(1, CHUNK_BYTES // max(1, storage.dtype.itemsize))
     for start in range(0, int(flat.shape[0]), per):
-        yield var._backend.to_numpy(flat[start : start + per])
+        yield var.physical_device.backend.to_numpy(flat[start : start + per])
 
 
 def restore(reader: st.SafetensorsReader, key: str, var: Variable, checksum: str | None) -> Any:
@@ -45,14 +46,14 @@ def restore(reader: st.SafetensorsReader, key: str, var: Variable, checksum: str
     """
     info = reader.tensors[key]
     dtype = np.dtype(info.dtype)
-    backend = var._backend
-    index = var._device.backend_index
-    if backend.name == "numpy":
-        buf = var._restore_buffer(info.shape, dtype)
+    backend = var.physical_device.backend
+    index = var.physical_device.backend_index
+    if backend.host:
+        buf = restore_target(var, info.shape, dtype)
         reader.read_into(key, buf, expected_checksum=checksum)
         return buf
     if backend.inplace:  # CuPy: chunks through a host staging buffer into the device buffer
-        buf = var._restore_buffer(info.shape, dtype)
+        buf = restore_target(var, info.shape, dtype)
         dst = buf.reshape(-1).view(np.uint8)
         staging = np.empty(min(max(info.nbytes, 1), CHUNK_BYTES), dtype=np.uint8)
         offset = 0

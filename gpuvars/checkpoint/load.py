@@ -22,6 +22,7 @@ from gpuvars.checkpoint.saver import restore_variables
 from gpuvars.errors import CheckpointCorruptError, CheckpointMismatchError, InvalidArgumentError, PlacementWarning
 from gpuvars.initializers import Initializer, Zeros
 from gpuvars.placement import list_devices, resolve
+from gpuvars.registry import current_registry
 from gpuvars.variable import Variable
 
 __all__ = ["CheckpointReader", "LoadedCheckpoint", "load_checkpoint"]
@@ -143,8 +144,7 @@ def load_checkpoint(
             )
     except BaseException:
         for var in created.values():  # leave nothing half-loaded in the registry
-            if var._registry is not None:
-                var._registry._release(var.name, var)
+            current_registry().remove(var)
         raise
     out = LoadedCheckpoint(created)
     out.moved = moved
@@ -195,7 +195,7 @@ def _rebuild_distributed(
     parts = build_components(name, physical, Zeros(entry.shape, dtype), trainable=False)
     cls = SyncOnReadVariable if entry.kind == "sync_on_read" else MirroredVariable
     return cls._build(
-        name, parts, strategy=None, initial=None, trainable=entry.trainable,
+        name, parts, strategy=None, trainable=entry.trainable,
         synchronization=synchronization, aggregation=aggregation,
     )
 

@@ -30,7 +30,7 @@ from gpuvars.errors import (
     UninitializedVariableError,
 )
 from gpuvars.registry import current_registry
-from gpuvars.variable import Variable
+from gpuvars.variable import Variable, invalidate
 
 __all__ = ["CheckpointState", "RestoreResult", "Saver", "get_checkpoint_state", "latest_checkpoint"]
 
@@ -494,7 +494,7 @@ def restore_variables(
             _parallel.run(keys, [sum(r.nbytes for r in plans[k]) for k in keys], restore_one)
         except BaseException as exc:
             for v in started:
-                v._mark_uninitialized()
+                invalidate(v)
             names = ", ".join(f"'{v.name}'" for v in started)
             note = (
                 f"the restore had already written {names}, now marked uninitialized "

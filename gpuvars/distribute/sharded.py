@@ -8,14 +8,18 @@ and is checkpointed as one full tensor, so a checkpoint restores into any shard 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, overload
 
 import numpy as np
 
-from gpuvars import placement
+from gpuvars import _shapes, variable
+from gpuvars._creator import plain_variables
+from gpuvars._transfer import admit, copy_to, on_device, to_host
 from gpuvars.errors import InvalidArgumentError
+from gpuvars.init_ops import InitPlan, Op, run_init
+from gpuvars.placement import PhysicalDevice
 from gpuvars.registry import Registry, current_registry
-from gpuvars.variable import Variable
+from gpuvars.variable import Variable, scatter_indices
 
 __all__ = ["FixedShardsPartitioner", "MaxSizePartitioner", "MinSizePartitioner", "ShardedVariable", "Partitioner"]
 
@@ -103,6 +107,7 @@ class ShardedVariable:
         self,
         initial_value: Any,
         partitioner: Partitioner | int,
+        *,
         name: str | None = None,
         devices: Sequence[str] | None = None,
         dtype: Any = None,
@@ -113,7 +118,7 @@ class ShardedVariable:
         if not callable(partitioner):
             raise InvalidArgumentError(f"partitioner must be a Partitioner or an int, got {partitioner!r}")
         full = initial_value.numpy() if isinstance(initial_value, Variable) else initial_value
-        with Registry():  # validates the value with Variable's own rules, on the host
+        with plain_variables(), Registry():  # validates the value with Variable's own rules, on the host
             probe = Variable(full, dtype=dtype, name="probe", device="/cpu:0")
             host = probe.numpy()
         if host.ndim == 0:
@@ -123,7 +128,7 @@ class ShardedVariable:
         sizes = shard_sizes(host.shape[0], n)
         logical = "Variable" if name is None else name
         shards: list[Variable] = []
-        with Registry():
+        with plain_variables(), Registry():  # plain shards, registered only through the logical variable
             start = 0
             for k, rows in enumerate(sizes):
                 shards.append(
@@ -144,16 +149,13 @@ class ShardedVariable:
     def _init_from_shards(self, name: str, shards: list[Variable], trainable: bool) -> None:
         if not shards:
             raise InvalidArgumentError(f"ShardedVariable {name!r} needs at least one shard")
-        tail = shards[0].shape[1:] if shards[0].shape else None
+        tail = shards[0].shape[1:]
         for s in shards:
-            if s.dtype != shards[0].dtype or (s.shape or (None,))[1:] != tail:
+            if s.dtype != shards[0].dtype or not s.shape or s.shape[1:] != tail:
                 raise InvalidArgumentError(f"ShardedVariable {name!r}: shards must share dtype and trailing dims")
-            s._registry = None
         self._shards = shards
         self._trainable = trainable
-        registry = current_registry()
-        self._name = registry._claim(name, self)  # type: ignore[arg-type]
-        self._registry = registry
+        self._name = current_registry().add(self, name)
 
     # --- metadata --------------------------------------------------------------------------------
 
@@ -172,15 +174,14 @@ class ShardedVariable:
         out, start = [], 0
         for s in self._shards:
             out.append(start)
-            start += s.shape[0]  # type: ignore[index]
+            start += s.shape[0]
         return out
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The full (logical) shape: the shards' rows added up."""
         first = self._shards[0].shape
-        assert first is not None
-        rows = sum(int(s.shape[0]) for s in self._shards if s.shape)
-        return (rows,) + tuple(first[1:])
+        return (sum(s.shape[0] for s in self._shards),) + tuple(first[1:])
 
     @property
     def dtype(self) -> np.dtype[Any] | None:
@@ -202,9 +203,17 @@ class ShardedVariable:
     def device(self) -> str:
         return self._shards[0].device
 
+    @property
+    def initializer(self) -> Op:
+        """An op that initializes every shard whose initial value is deferred."""
+        return Op(f"{self._name}/Assign", lambda: run_init([self]))
+
+    def _init_plans(self) -> list[InitPlan]:
+        return [p for s in self._shards for p in s._init_plans()]
+
     def _mark_uninitialized(self) -> None:
         for s in self._shards:
-            s._mark_uninitialized()
+            variable.invalidate(s)
 
     # --- reads and writes --------------------------------------------------------------------------
 
@@ -214,9 +223,9 @@ class ShardedVariable:
 
     def value(self) -> Any:
         """The concatenation, on the first shard's device."""
-        first = self._shards[0]
-        parts = [placement.copy_to(s, first.physical_device) for s in self._shards]
-        return first.physical_device.backend.xp.concatenate(parts, axis=0)
+        first = self._shards[0].physical_device
+        parts = [copy_to(s, first) for s in self._shards]
+        return first.backend.xp.concatenate(parts, axis=0)
 
     read_value = value
 
@@ -224,47 +233,78 @@ class ShardedVariable:
         out = self.numpy()
         return out if dtype is None else out.astype(dtype, copy=False)
 
-    def _split(self, value: Any, what: str) -> list[Any]:
-        host = value.numpy() if isinstance(value, (Variable, ShardedVariable)) else value
-        backend, _ = placement.device_of_array(host)
-        if backend is not None and backend.name != "numpy":
-            host = backend.to_numpy(host)
-        host = np.asarray(host)
-        if host.shape != self.shape:
+    def _targets(self) -> list[PhysicalDevice]:
+        return [s.physical_device for s in self._shards]
+
+    def _host_value(self, value: Any, shape: tuple[int, ...], what: str) -> np.ndarray[Any, Any]:
+        """``value`` admitted (the transfer guard judges it against every shard's device),
+        on the host, cast to the variable's dtype, with exactly ``shape``."""
+        located = admit(value, self._targets(), what)
+        host = to_host(located[0], located[1])
+        dtype = self.dtype
+        assert dtype is not None
+        _shapes.check_cast(host.dtype, dtype, what)
+        if located[1] is None and not isinstance(value, (np.ndarray, np.generic)):
+            _shapes.check_int_range(host, dtype, what)
+        if host.shape != shape:
             raise InvalidArgumentError(
-                f"Cannot {what} value to sharded variable '{self._name}': shape {host.shape} is not {self.shape}"
+                f"{what}: the value has shape {host.shape}, expected {shape}"
             )
-        return [host[o : o + s.shape[0]] for o, s in zip(self.offsets, self._shards)]  # type: ignore[index]
+        return host.astype(dtype, copy=False)
 
-    def assign(self, value: Any, read_value: bool = True) -> ShardedVariable | None:
+    def _split(self, value: Any, what: str) -> list[Any]:
+        host = self._host_value(value, self.shape, f"Cannot {what} value to sharded variable '{self._name}'")
+        return [host[o : o + s.shape[0]] for o, s in zip(self.offsets, self._shards)]
+
+    def _each(self, method: str, value: Any) -> None:
+        for part, s in zip(self._split(value, method), self._shards):
+            getattr(s, method)(on_device(part, s.physical_device))
+
+    @overload
+    def assign(self, value: Any, *, read_value: Literal[True] = ...) -> ShardedVariable: ...
+    @overload
+    def assign(self, value: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign(self, value: Any, *, read_value: bool) -> ShardedVariable | None: ...
+
+    def assign(self, value: Any, *, read_value: bool = True) -> ShardedVariable | None:
         """Split ``value`` along axis 0 and assign each part to its shard."""
-        for part, s in zip(self._split(value, "assign"), self._shards):
-            s.assign(part)
+        self._each("assign", value)
         return self if read_value else None
 
-    def assign_add(self, delta: Any, read_value: bool = True) -> ShardedVariable | None:
-        for part, s in zip(self._split(delta, "assign_add"), self._shards):
-            s.assign_add(part)
+    @overload
+    def assign_add(self, delta: Any, *, read_value: Literal[True] = ...) -> ShardedVariable: ...
+    @overload
+    def assign_add(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_add(self, delta: Any, *, read_value: bool) -> ShardedVariable | None: ...
+
+    def assign_add(self, delta: Any, *, read_value: bool = True) -> ShardedVariable | None:
+        self._each("assign_add", delta)
         return self if read_value else None
 
-    def assign_sub(self, delta: Any, read_value: bool = True) -> ShardedVariable | None:
-        for part, s in zip(self._split(delta, "assign_sub"), self._shards):
-            s.assign_sub(part)
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: Literal[True] = ...) -> ShardedVariable: ...
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: bool) -> ShardedVariable | None: ...
+
+    def assign_sub(self, delta: Any, *, read_value: bool = True) -> ShardedVariable | None:
+        self._each("assign_sub", delta)
         return self if read_value else None
 
     def _scatter(self, method: str, indices: Any, updates: Any) -> ShardedVariable:
-        idx = np.asarray(indices).reshape(-1)
-        if idx.dtype.kind not in "iu":
-            raise InvalidArgumentError(f"{method} on '{self._name}': indices must be integers, got {idx.dtype}")
+        what = f"{method} on sharded variable '{self._name}'"
         rows = self.shape[0]
-        if idx.size and (idx.min() < 0 or idx.max() >= rows):
-            raise InvalidArgumentError(f"{method} on '{self._name}': an index is out of range [0, {rows})")
-        upd = np.asarray(updates).reshape((idx.size,) + self.shape[1:])
+        idx = scatter_indices(indices, rows, what)
+        upd = self._host_value(updates, tuple(np.shape(indices)) + self.shape[1:], what)
+        upd = upd.reshape((idx.size,) + self.shape[1:])
         bounds = self.offsets + [rows]
         for k, s in enumerate(self._shards):
             mask = (idx >= bounds[k]) & (idx < bounds[k + 1])
             if mask.any():
-                getattr(s, method)(idx[mask] - bounds[k], upd[mask])
+                getattr(s, method)(idx[mask] - bounds[k], on_device(upd[mask], s.physical_device))
         return self
 
     def scatter_update(self, indices: Any, updates: Any) -> ShardedVariable:

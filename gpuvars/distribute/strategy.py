@@ -18,11 +18,15 @@ from gpuvars.distribute._context import (
     _strategy,
     get_replica_context,
 )
-from gpuvars.distribute.values import MirroredVariable, SyncOnReadVariable, on_device, reduce_values
+from gpuvars._creator import plain_variables, variable_creator_scope
+from gpuvars._transfer import on_device
+from gpuvars.distribute.values import MirroredVariable, SyncOnReadVariable, reduce_values
 from gpuvars.errors import InvalidArgumentError
+from gpuvars.init_ops import is_deferred
+from gpuvars.initializers import Initializer
 from gpuvars.placement import PhysicalDevice
 from gpuvars.registry import Registry
-from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization
+from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization, check_variable_args
 
 __all__ = ["MirroredStrategy", "ValueContext"]
 
@@ -86,11 +90,12 @@ class MirroredStrategy:
         ``synchronization=ON_READ``) with one component per replica device."""
         token = _strategy.set(self)
         try:
-            yield self
+            with variable_creator_scope(self._create_variable):
+                yield self
         finally:
             _strategy.reset(token)
 
-    # --- variable creation (called by gv.Variable.__new__ inside scope()) ---------------------------
+    # --- variable creation (the creator scope() pushes) -------------------------------------------
 
     def _create_variable(
         self,
@@ -108,28 +113,16 @@ class MirroredStrategy:
             raise InvalidArgumentError(
                 "create variables in strategy.scope() (cross-replica context), not inside strategy.run"
             )
-        if not isinstance(synchronization, VariableSynchronization):
-            raise InvalidArgumentError(f"synchronization must be a gv.VariableSynchronization, got {synchronization!r}")
-        if not isinstance(aggregation, VariableAggregation):
-            raise InvalidArgumentError(f"aggregation must be a gv.VariableAggregation, got {aggregation!r}")
-        on_read = synchronization is VariableSynchronization.ON_READ
-        if trainable is None:
-            trainable = not on_read
-        elif trainable and on_read:
-            raise InvalidArgumentError(
-                f"variable {name!r}: synchronization=ON_READ can only be set for non-trainable variables"
-            )
         logical = "Variable" if name is None else name
+        trainable = check_variable_args(f"variable {logical!r}", synchronization, aggregation, trainable, validate_shape)
         components = build_components(
             logical, self._devices, initial_value, dtype=dtype, shape=shape, validate_shape=validate_shape
         )
-        cls = SyncOnReadVariable if on_read else MirroredVariable
-        deferred = None if components[0].initialized else initial_value
+        cls = SyncOnReadVariable if synchronization is VariableSynchronization.ON_READ else MirroredVariable
         return cls._build(
             logical,
             components,
             strategy=self,
-            initial=deferred,
             trainable=trainable,
             synchronization=synchronization,
             aggregation=aggregation,
@@ -225,55 +218,39 @@ def build_components(
     An eager initial value is copied to each device; a deferred one leaves the components
     uninitialized (the logical variable's init op materializes it once and copies it).
     """
-    from gpuvars.initializers import Initializer
-    from gpuvars._expr import Expression
-
-    deferred = isinstance(initial_value, (Initializer, Expression)) or (
-        callable(initial_value) and not isinstance(initial_value, Variable) and not hasattr(initial_value, "__array__")
-    )
+    deferred = is_deferred(initial_value)
     components: list[Variable] = []
-    token = _strategy.set(None)  # components are plain variables, even inside strategy.scope()
-    try:
-        _build_into(components, name, devices, initial_value, deferred, dtype, shape, validate_shape, trainable)
-    finally:
-        _strategy.reset(token)
-    for c in components:
-        c._registry = None
-    return components
-
-
-def _build_into(
-    components: list[Variable],
-    name: str,
-    devices: Sequence[PhysicalDevice],
-    initial_value: Any,
-    deferred: bool,
-    dtype: Any,
-    shape: Any,
-    validate_shape: bool,
-    trainable: bool,
-) -> None:
-    with Registry():  # a private registry: components are not registered on their own
+    with plain_variables(), Registry():  # plain components, in a private registry of their own
         first = Variable(
             initial_value, name=f"{name}/replica_0", dtype=dtype, shape=shape,
             validate_shape=validate_shape, trainable=trainable, device=devices[0].spec,
         )
         components.append(first)
+        declared = first.declared_shape
         for k, dev in enumerate(devices[1:], start=1):
-            if deferred:
-                comp = Variable(
-                    _placeholder, name=f"{name}/replica_{k}", dtype=first.dtype, shape=first.declared_shape
-                    if first.declared_shape is not None else None, validate_shape=validate_shape,
-                    trainable=trainable, device=dev.spec,
+            source: Any = first
+            if deferred:  # filled by the logical variable's init op (or a restore), never on its own
+                source = Placeholder(first) if first._known_shape() is not None else _unfilled
+            components.append(
+                Variable(
+                    source, name=f"{name}/replica_{k}", dtype=first.dtype, shape=declared,
+                    validate_shape=validate_shape, trainable=trainable, device=dev.spec,
                 )
-                comp._pending_shape = first._pending_shape
-            else:
-                comp = Variable(
-                    first, name=f"{name}/replica_{k}", validate_shape=validate_shape, trainable=trainable,
-                    device=dev.spec, shape=first.declared_shape if validate_shape else None,
-                )
-            components.append(comp)
+            )
+    return components
 
 
-def _placeholder() -> Any:
+def _unfilled() -> Any:
     raise InvalidArgumentError("a replica component is initialized by its distributed variable, not on its own")
+
+
+class Placeholder(Initializer):
+    """The initial value of replica components 1..N-1 of a deferred distributed variable: its
+    shape and dtype are the primary's; the logical variable's init op fills every component."""
+
+    def __init__(self, primary: Variable) -> None:
+        known = primary._known_shape()
+        super().__init__(known, primary.dtype)
+
+    def _draw(self, device: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+        raise InvalidArgumentError("a replica component is initialized by its distributed variable, not on its own")

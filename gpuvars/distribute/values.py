@@ -2,7 +2,9 @@
 
 ``isinstance(mirrored, gv.Variable)`` holds (TF's variable-creator pattern). Components
 are named ``name/replica_K`` and are not registered on their own; the logical variable
-registers once. Every mutation of a component runs on that component's device.
+registers once. Every mutation of a component runs on that component's device. A
+distributed variable reaches its components only through their public surface and the
+engine functions of :mod:`gpuvars.variable`.
 
 - MirroredVariable: cross-replica writes update every component; replica-context writes
   follow the aggregation (NONE: the local copy; SUM/MEAN: all-reduced, then every replica
@@ -15,15 +17,19 @@ registers once. Every mutation of a component runs on that component's device.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence, overload
 
 import numpy as np
 
+from gpuvars import _shapes, variable
+from gpuvars._backend_errors import backend_errors
+from gpuvars._transfer import admit, copy_to, on_device, to_host
 from gpuvars.distribute._context import ReduceOp, get_replica_context
 from gpuvars.errors import InvalidArgumentError
-from gpuvars.placement import PhysicalDevice, copy_to, device_of_array
+from gpuvars.init_ops import InitPlan
+from gpuvars.placement import PhysicalDevice
 from gpuvars.registry import current_registry
-from gpuvars.variable import Op, Variable, VariableAggregation, VariableSynchronization
+from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization
 
 if TYPE_CHECKING:
     from gpuvars.distribute.strategy import MirroredStrategy
@@ -42,37 +48,35 @@ def reduce_values(op: ReduceOp, values: Sequence[Any], dest: PhysicalDevice) -> 
         raise InvalidArgumentError("cannot reduce an empty list of values")
     backend = dest.backend
     acc = copy_to(values[0], dest)
-    for v in values[1:]:
-        acc = backend.apply("add", acc, on_device(v, dest), dest.backend_index)
-    if op is ReduceOp.MEAN:
-        acc = acc / len(values)
+    with backend_errors(dest, f"reducing {len(values)} values on {dest.name}"):
+        for v in values[1:]:
+            acc = backend.apply("add", acc, on_device(v, dest), dest.backend_index)
+        if op is ReduceOp.MEAN:
+            acc = acc / len(values)
     return acc
 
 
-def on_device(value: Any, dest: PhysicalDevice, where: tuple[Any, Any] | None = None) -> Any:
-    """``value`` usable on ``dest`` without an implicit transfer: itself when it is already
-    there (or is host data for a host device), else an explicit copy. ``where`` is
-    ``device_of_array(value)`` when the caller already knows it."""
-    if isinstance(value, Variable):
-        value = value.value()
-        where = None
-    backend, device = device_of_array(value) if where is None else where
-    if device is dest or (dest.kind == "cpu" and dest.backend.name == "numpy" and (backend is None or backend.name == "numpy")):
-        return value
-    return copy_to(value, dest)
-
-
 class DistributedVariable(Variable):
-    """Base of mirrored and sync-on-read variables: a logical name over per-replica components."""
+    """Base of mirrored and sync-on-read variables: a logical name over per-replica components.
 
+    Made by a strategy (``gv.Variable(...)`` inside ``strategy.scope()``) or by
+    ``gv.load_checkpoint``; not constructed directly.
+    """
+
+    __slots__ = ("_logical", "_components", "_strategy", "_flags", "_deferred")
     kind = "distributed"
+    _logical: str
     _components: tuple[Variable, ...]
     _strategy: MirroredStrategy | None
+    _flags: tuple[bool, VariableSynchronization, VariableAggregation]
+    _deferred: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Built by _build (via gv.Variable inside strategy.scope()); Python calls __init__ again
-        # on the object gv.Variable.__new__ returned, which must not rebuild it.
-        pass
+        raise InvalidArgumentError(
+            f"gv.{type(self).__name__} is not constructed directly: create gv.Variable(...) inside "
+            "a strategy's scope() (e.g. with gv.MirroredStrategy([...]).scope(): ...), or load one "
+            "with gv.load_checkpoint"
+        )
 
     @classmethod
     def _build(
@@ -81,41 +85,55 @@ class DistributedVariable(Variable):
         components: Sequence[Variable],
         *,
         strategy: MirroredStrategy | None,
-        initial: Any,
         trainable: bool,
         synchronization: VariableSynchronization,
         aggregation: VariableAggregation,
     ) -> DistributedVariable:
+        """The logical variable over ``components`` (plain, unregistered), registered as ``name``."""
         self = object.__new__(cls)
-        primary = components[0]
         self._components = tuple(components)
         self._strategy = strategy
-        self._trainable = trainable
-        self._synchronization = synchronization
-        self._aggregation = aggregation
-        self._device = primary._device
-        self._backend = primary._backend
-        self._host = primary._host
-        self._dtype = primary._dtype
-        self._declared = primary._declared
-        self._fix_on_init = primary._fix_on_init
-        self._pending_shape = primary._pending_shape
-        self._init = initial
-        self._deps = tuple(initial.variables()) if hasattr(initial, "variables") else ()
-        self._ro = None
-        registry = current_registry()
-        self._name = registry._claim(name, self)
-        self._registry = registry
+        self._flags = (trainable, synchronization, aggregation)
+        self._deferred = not components[0].initialized
+        self._logical = current_registry().add(self, name)
         return self
 
-    # the primary component's storage stands for the logical variable's (reads, init deps)
-    @property
-    def _storage(self) -> Any:
-        return self._components[0]._storage
+    # --- identity: the logical name, the local (or primary) component's device -------------------
 
-    @_storage.setter
-    def _storage(self, value: Any) -> None:
-        raise AttributeError("a distributed variable's storage lives in its components")
+    @property
+    def name(self) -> str:
+        return self._logical
+
+    @property
+    def physical_device(self) -> PhysicalDevice:
+        return self._here().physical_device
+
+    @property
+    def device(self) -> str:
+        return self._here().device
+
+    @property
+    def dtype(self) -> np.dtype[Any] | None:
+        return self._components[0].dtype
+
+    def _known_shape(self) -> tuple[int, ...] | None:
+        return self._components[0]._known_shape()
+
+    @property
+    def declared_shape(self) -> _shapes.Declared:
+        return self._components[0].declared_shape
+
+    @property
+    def trainable(self) -> bool:
+        return self._flags[0]
+
+    @property
+    def synchronization(self) -> VariableSynchronization:
+        return self._flags[1]
+
+    @property
+    def aggregation(self) -> VariableAggregation:
+        return self._flags[2]
 
     @property
     def values(self) -> tuple[Variable, ...]:
@@ -136,9 +154,8 @@ class DistributedVariable(Variable):
     def initialized(self) -> bool:
         return all(c.initialized for c in self._components)
 
-    @property
-    def shape(self) -> tuple[int, ...] | None:
-        return self._components[0].shape
+    def _targets(self) -> list[PhysicalDevice]:
+        return [c.physical_device for c in self._components]
 
     def _here(self) -> Variable:
         """The component to read here: this replica's inside strategy.run, else the primary."""
@@ -153,129 +170,138 @@ class DistributedVariable(Variable):
         rid = ctx.replica_id_in_sync_group
         if rid >= len(self._components):
             raise InvalidArgumentError(
-                f"variable '{self._name}' has {len(self._components)} components but runs in replica {rid}"
+                f"variable '{self.name}' has {len(self._components)} components but runs in replica {rid}"
             )
         return self._components[rid]
 
-    def _dtype_for_values(self) -> np.dtype[Any]:
-        assert self._dtype is not None
-        return self._dtype
+    def _gpuvars_locate(self) -> tuple[Any, PhysicalDevice]:
+        return self.value(), self._here().physical_device
 
-    # --- init ops: materialize once on the primary, then copy to every component ---------------
+    # --- init ops and restores: materialize once on the primary, then copy to every component ----
 
-    def _materialize(self, resolve_dep: Any) -> Any:
-        return self._components[0]._materialize(resolve_dep)
+    def _init_plans(self) -> list[InitPlan]:
+        if not self._deferred:
+            return []
+        primary = self._components[0]._init_plans()
+        if not primary:
+            return []
+        return [InitPlan(self, self.name, primary[0].deps, primary[0].materialize, self._install)]
 
     def _install(self, arr: Any) -> None:
         for c in self._components:
-            c._install(copy_to(arr, c._device))
-        self._pending_shape = self._components[0]._pending_shape
-
-    @property
-    def initializer(self) -> Op:
-        from gpuvars.variable import _run_init
-
-        return Op(f"{self._name}/Assign", lambda: _run_init([self]))
+            variable.install(c, copy_to(arr, c.physical_device))
 
     def _mark_uninitialized(self) -> None:
         for c in self._components:
-            c._mark_uninitialized()
+            variable.invalidate(c)
 
-    # --- reads -----------------------------------------------------------------------------------
+    def _restore_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+        raise InvalidArgumentError(f"'{self.name}' is distributed: restore its components, not the logical variable")
 
-    def read_value(self) -> Any:
-        value = self.value()
-        local = self._here()
-        return local._backend.asarray(value, value.dtype, local._device.backend_index) if local._backend.inplace else value
-
-    def numpy(self) -> np.ndarray[Any, Any]:
-        value = self.value()
-        backend = self._here()._backend
-        return np.array(value, copy=True) if backend.name == "numpy" else backend.to_numpy(value)
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
-        out = self.numpy()
-        return out if dtype is None else out.astype(dtype, copy=False)
+    def _set_storage(self, storage: Any) -> None:
+        raise InvalidArgumentError(f"'{self.name}' is distributed: its storage lives in its components")
 
     def __repr__(self) -> str:
-        kind = type(self).__name__
-        return f"<gpuvars.{kind} '{self._name}' shape={self.shape} dtype={self._dtype} devices={list(self.devices)}>"
+        return (
+            f"<gpuvars.{type(self).__name__} '{self.name}' shape={self._known_shape()} dtype={self.dtype} "
+            f"devices={list(self.devices)}>"
+        )
+
+    # --- writes: one dispatch per kind; the generic methods below only name the operation -------
+
+    def _update(self, method: str, *args: Any) -> Variable:
+        raise NotImplementedError
+
+    @overload
+    def assign(self, value: Any, *, read_value: Literal[True] = ...) -> Variable: ...
+    @overload
+    def assign(self, value: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign(self, value: Any, *, read_value: bool) -> Variable | None: ...
+
+    def assign(self, value: Any, *, read_value: bool = True) -> Variable | None:
+        self._update("assign", value)
+        return self if read_value else None
+
+    @overload
+    def assign_add(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
+    @overload
+    def assign_add(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_add(self, delta: Any, *, read_value: bool) -> Variable | None: ...
+
+    def assign_add(self, delta: Any, *, read_value: bool = True) -> Variable | None:
+        self._update("assign_add", delta)
+        return self if read_value else None
+
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: bool) -> Variable | None: ...
+
+    def assign_sub(self, delta: Any, *, read_value: bool = True) -> Variable | None:
+        self._update("assign_sub", delta)
+        return self if read_value else None
+
+    def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
+        return self._update(f"scatter_{op}", indices, updates)
+
+    def _broadcast(self, method: str, args: tuple[Any, ...], what: str, admitted: bool = False) -> None:
+        """Cross-replica: the value is admitted once (the transfer guard judges it against
+        every component's device), then copied explicitly to each component."""
+        if not admitted:
+            admit(args[-1], self._targets(), what)
+        for c in self._components:
+            dev = c.physical_device
+            getattr(c, method)(*(on_device(a, dev) for a in args))
 
 
 class MirroredVariable(DistributedVariable):
     """A variable kept identical on every replica's device (tf.distribute MirroredVariable)."""
 
+    __slots__ = ()
     kind = "mirrored"
 
     def value(self) -> Any:
         return self._here().value()
 
     def _update(self, method: str, *args: Any) -> Variable:
+        what = f"{method} to mirrored variable '{self.name}'"
         ctx = get_replica_context()
-        if ctx is None:  # cross-replica: the same update on every component (an explicit broadcast)
-            where = [None if isinstance(a, Variable) else device_of_array(a) for a in args]
-            for c in self._components:
-                getattr(c, method)(*(on_device(a, c._device, w) for a, w in zip(args, where)))
+        if ctx is None:  # cross-replica: the same update on every component
+            self._broadcast(method, args, what)
             return self
         local = self._local()
         assert local is not None
-        agg = self._aggregation
+        agg = self.aggregation
         if agg is VariableAggregation.NONE:
             getattr(local, method)(*args)
             return self
-        if agg is VariableAggregation.MEAN and self._dtype is not None and self._dtype.kind not in "fc":
+        dtype = self.dtype
+        if agg is VariableAggregation.MEAN and dtype is not None and dtype.kind not in "fc":
             raise InvalidArgumentError(
                 f"Cannot update non-float variables with VariableAggregation.MEAN aggregation in replica "
-                f"context: variable '{self._name}' has dtype {self._dtype}; use SUM or ONLY_FIRST_REPLICA"
+                f"context: variable '{self.name}' has dtype {dtype}; use SUM or ONLY_FIRST_REPLICA"
             )
         if method.startswith("scatter_") and agg is not VariableAggregation.ONLY_FIRST_REPLICA:
             raise InvalidArgumentError(
-                f"{method} on mirrored variable '{self._name}' in replica context supports aggregation "
+                f"{method} on mirrored variable '{self.name}' in replica context supports aggregation "
                 f"NONE or ONLY_FIRST_REPLICA, not {agg.name}"
             )
+        admit(args[-1], [local.physical_device], what)  # this replica's value, judged where it goes
+        dev = local.physical_device
         if agg is VariableAggregation.ONLY_FIRST_REPLICA:
             first = ctx._exchange(args, lambda everyone: everyone[0])
-            chosen = tuple(on_device(a, local._device) for a in first)
+            chosen = tuple(on_device(a, dev) for a in first)
         else:  # reduced once, by one replica, on the primary's device; each replica copies the result
             op = ReduceOp.SUM if agg is VariableAggregation.SUM else ReduceOp.MEAN
-            primary = self._components[0]._device
+            primary = self._components[0].physical_device
             total = ctx._exchange(args[0], lambda values: reduce_values(op, values, primary))
-            chosen = (on_device(total, local._device),)
+            chosen = (on_device(total, dev),)
         getattr(local, method)(*chosen)
         return self
-
-    def assign(self, value: Any, read_value: bool = True) -> Variable | None:
-        self._update("assign", value)
-        return self if read_value else None
-
-    def assign_add(self, delta: Any, read_value: bool = True) -> Variable | None:
-        self._update("assign_add", delta)
-        return self if read_value else None
-
-    def assign_sub(self, delta: Any, read_value: bool = True) -> Variable | None:
-        self._update("assign_sub", delta)
-        return self if read_value else None
-
-    def scatter_update(self, indices: Any, updates: Any) -> Variable:
-        return self._update("scatter_update", indices, updates)
-
-    def scatter_add(self, indices: Any, updates: Any) -> Variable:
-        return self._update("scatter_add", indices, updates)
-
-    def scatter_sub(self, indices: Any, updates: Any) -> Variable:
-        return self._update("scatter_sub", indices, updates)
-
-    def scatter_mul(self, indices: Any, updates: Any) -> Variable:
-        return self._update("scatter_mul", indices, updates)
-
-    def scatter_div(self, indices: Any, updates: Any) -> Variable:
-        return self._update("scatter_div", indices, updates)
-
-    def scatter_min(self, indices: Any, updates: Any) -> Variable:
-        return self._update("scatter_min", indices, updates)
-
-    def scatter_max(self, indices: Any, updates: Any) -> Variable:
-        return self._update("scatter_max", indices, updates)
 
     def components_agree(self) -> bool:
         """Whether every component holds the primary's value (checked on the host)."""
@@ -286,54 +312,40 @@ class MirroredVariable(DistributedVariable):
 class SyncOnReadVariable(DistributedVariable):
     """Per-replica values reduced when read across replicas (tf.distribute SyncOnReadVariable)."""
 
+    __slots__ = ()
     kind = "sync_on_read"
 
     def value(self) -> Any:
         local = self._local()
         if local is not None:
             return local.value()
-        agg = self._aggregation
+        agg = self.aggregation
         if agg in (VariableAggregation.SUM, VariableAggregation.MEAN):
             op = ReduceOp.SUM if agg is VariableAggregation.SUM else ReduceOp.MEAN
-            return reduce_values(op, [c.value() for c in self._components], self._components[0]._device)
+            return reduce_values(op, [c.value() for c in self._components], self._components[0].physical_device)
         return self._components[0].value()
 
-    def _cross(self, method: str, value: Any) -> Variable:
-        if method != "assign" and self._aggregation is VariableAggregation.SUM:
-            raise InvalidArgumentError(
-                f"SyncOnReadVariable does not support `{method}` in cross-replica context when aggregation "
-                f"is set to `VariableAggregation.SUM` (variable '{self._name}')"
-            )
-        n = len(self._components)
-        divide = method == "assign" and self._aggregation is VariableAggregation.SUM and n > 1
-        if divide:  # TF: each replica holds value / n, cast back to the variable's dtype
-            arr = value.numpy() if isinstance(value, Variable) else value
-            backend, _ = device_of_array(arr)
-            host = np.asarray(arr) if backend is None or backend.name == "numpy" else backend.to_numpy(arr)
-            value = (host / n).astype(self._dtype_for_values())
-        where = None if isinstance(value, Variable) else device_of_array(value)
-        for c in self._components:
-            getattr(c, method)(on_device(value, c._device, where))
-        return self
-
-    def _dispatch(self, method: str, value: Any) -> Variable:
+    def _update(self, method: str, *args: Any) -> Variable:
+        if method.startswith("scatter_"):
+            raise InvalidArgumentError(f"{method} is not supported on SyncOnReadVariable '{self.name}'")
         local = self._local()
         if local is not None:
-            getattr(local, method)(value)
+            getattr(local, method)(*args)
             return self
-        return self._cross(method, value)
+        (value,) = args
+        if method != "assign" and self.aggregation is VariableAggregation.SUM:
+            raise InvalidArgumentError(
+                f"SyncOnReadVariable does not support `{method}` in cross-replica context when aggregation "
+                f"is set to `VariableAggregation.SUM` (variable '{self.name}')"
+            )
+        what = f"{method} to sync-on-read variable '{self.name}'"
+        n = len(self._components)
+        if method == "assign" and self.aggregation is VariableAggregation.SUM and n > 1:
+            # TF: each replica holds value / n, cast back to the variable's dtype
+            located = admit(value, self._targets(), what)
+            host = to_host(located[0], located[1])
+            self._broadcast(method, ((host / n).astype(self.dtype),), what, admitted=True)
+            return self
+        self._broadcast(method, (value,), what)
+        return self
 
-    def assign(self, value: Any, read_value: bool = True) -> Variable | None:
-        self._dispatch("assign", value)
-        return self if read_value else None
-
-    def assign_add(self, delta: Any, read_value: bool = True) -> Variable | None:
-        self._dispatch("assign_add", delta)
-        return self if read_value else None
-
-    def assign_sub(self, delta: Any, read_value: bool = True) -> Variable | None:
-        self._dispatch("assign_sub", delta)
-        return self if read_value else None
-
-    def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
-        raise InvalidArgumentError(f"scatter_{op} is not supported on SyncOnReadVariable '{self._name}'")
