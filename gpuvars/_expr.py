@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 if TYPE_CHECKING:
-    from gpuvars.variable import Variable
+    from gpuvars._surface import VariableSurface as Variable
 
 __all__ = ["Expression"]
 

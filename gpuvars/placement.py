@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
-from typing import Any
 
 import backends
 from backends import Backend
 from gpuvars import config
 from gpuvars.devices import DeviceSpec
-from gpuvars.errors import DevicePlacementError, InvalidArgumentError, PlacementWarning
+from gpuvars.errors import DevicePlacementError, PlacementWarning
 
 __all__ = ["PhysicalDevice", "default_device", "devices_of_platform", "host_device", "list_devices", "resolve"]
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from gpuvars import _creator, _expr, _shapes, _transfer, devices
 from gpuvars._backend_errors import backend_errors
-from gpuvars._operators import ReadOperators
-from gpuvars.errors import InvalidArgumentError, SerializationError, UninitializedVariableError
-from gpuvars.init_ops import InitPlan, Op, is_deferred, keras_style, run_init
+from gpuvars._surface import VariableSurface
+from gpuvars.errors import InvalidArgumentError, UninitializedVariableError
+from gpuvars.init_ops import InitPlan, is_deferred, keras_style
 from gpuvars.initializers import Initializer
 from gpuvars.placement import PhysicalDevice, resolve
 from gpuvars.registry import current_registry
@@ -99,7 +99,7 @@ class _VariableMeta(type):
         return super().__call__(*args, **kwargs)
 
 
-class Variable(ReadOperators, metaclass=_VariableMeta):
+class Variable(VariableSurface, metaclass=_VariableMeta):
     """A named, typed buffer on one device, updated in place by ops that run on that device.
 
     Args:
@@ -172,7 +172,7 @@ class Variable(ReadOperators, metaclass=_VariableMeta):
                 f"{what}: initial_value must be given (an array-like, an initializer, a callable or "
                 "another variable's initialized_value())"
             )
-        self._deps: tuple[Variable, ...] = ()
+        self._deps: tuple[VariableSurface, ...] = ()
         self._init: Any = None
         self._init_shape: tuple[int, ...] | None = None
         self._ro: Any = None
@@ -310,52 +310,19 @@ class Variable(ReadOperators, metaclass=_VariableMeta):
         return self._device
 
     @property
-    def backend(self) -> str:
-        """The array library holding the storage: "numpy", "cupy" or "jax"."""
-        return self.physical_device.backend.name
-
-    @property
     def dtype(self) -> np.dtype[Any] | None:
         """The storage dtype (None only for a deferred callable whose dtype is not known yet)."""
         return self._dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The current concrete shape (the pending shape while uninitialized).
-
-        Raises:
-            UninitializedVariableError: a deferred callable without ``shape=`` that never ran.
-        """
-        shape = self._known_shape()
-        if shape is None:
-            raise UninitializedVariableError(f"variable '{self.name}' has no known shape until it is initialized")
-        return shape
 
     def _known_shape(self) -> tuple[int, ...] | None:
         if self._storage is not None:
             return tuple(self._storage.shape)
         return self._pending_shape
 
-    def _known_dtype(self) -> np.dtype[Any] | None:
-        return self.dtype
-
     @property
     def declared_shape(self) -> _shapes.Declared:
         """The declared shape constraint: ``None`` dims are free; None means any shape (validate_shape=False)."""
         return self._declared
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        dtype = self.dtype
-        return self.size * (dtype.itemsize if dtype is not None else 0)
 
     @property
     def trainable(self) -> bool:
@@ -401,58 +368,6 @@ class Variable(ReadOperators, metaclass=_VariableMeta):
             ro.flags.writeable = False
             self._ro = ro
         return ro
-
-    def _gpuvars_locate(self) -> tuple[Any, PhysicalDevice]:
-        """(live value, device): how the transfer boundary sees a variable used as a value."""
-        return self.value(), self.physical_device
-
-    def read_value(self) -> Any:
-        """A snapshot of the value on the variable's device (a copy; JAX arrays are immutable)."""
-        value, device = self._gpuvars_locate()
-        backend = device.backend
-        if not backend.inplace:
-            return value
-        with backend_errors(device, f"reading variable '{self.name}'"):
-            return backend.asarray(value, value.dtype, device.backend_index)
-
-    def numpy(self) -> np.ndarray[Any, Any]:
-        """A host numpy copy of the value."""
-        value, device = self._gpuvars_locate()
-        with backend_errors(device, f"copying variable '{self.name}' to the host"):
-            return device.backend.to_numpy(value)
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
-        out: np.ndarray[Any, Any]
-        host = self.physical_device.backend.host
-        if host and not copy:
-            out = self.value()
-        elif copy is False:
-            raise ValueError(f"variable '{self.name}' lives on {self.device}; a host array needs a copy")
-        else:
-            out = self.numpy()
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def __dlpack__(self, **kwargs: Any) -> Any:
-        """DLPack export of the value: a snapshot for host variables (a consumer such as
-        torch may ignore DLPack's read-only flag, so a live view could be written through),
-        the live array on a device (CuPy: do not mutate it; JAX: immutable)."""
-        value, device = self._gpuvars_locate()
-        if device.backend.host:
-            return np.array(value).__dlpack__(**kwargs)
-        return value.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self) -> Any:
-        return self.value().__dlpack_device__()
-
-    def initialized_value(self) -> _expr.Expression:
-        """A deferred expression for this variable's initialized value.
-
-        Use it (or arithmetic on it) as another variable's initial value:
-        ``gv.Variable(weights.initialized_value() * 2.0)`` equals ``2 * weights`` after every
-        run of an init op. When the init op runs it uses this variable's fresh initial value
-        if it is initialized in the same run, else its current value.
-        """
-        return _expr.leaf(self)
 
     # --- updates --------------------------------------------------------------------------
 
@@ -600,57 +515,14 @@ class Variable(ReadOperators, metaclass=_VariableMeta):
             self._storage = new
         return self
 
-    def scatter_update(self, indices: Any, updates: Any) -> Variable:
-        """Set rows ``indices`` (along axis 0) to ``updates`` (shape ``indices.shape + shape[1:]``)."""
-        return self._scatter("update", indices, updates)
-
-    def scatter_add(self, indices: Any, updates: Any) -> Variable:
-        """Add ``updates`` to rows ``indices``; repeated indices accumulate."""
-        return self._scatter("add", indices, updates)
-
-    def scatter_sub(self, indices: Any, updates: Any) -> Variable:
-        """Subtract ``updates`` from rows ``indices``; repeated indices accumulate."""
-        return self._scatter("sub", indices, updates)
-
-    def scatter_mul(self, indices: Any, updates: Any) -> Variable:
-        """Multiply rows ``indices`` by ``updates``; repeated indices multiply in turn."""
-        return self._scatter("mul", indices, updates)
-
-    def scatter_div(self, indices: Any, updates: Any) -> Variable:
-        """Divide rows ``indices`` by ``updates`` (by zero: inf or nan, quietly, as in TF)."""
-        return self._scatter("div", indices, updates)
-
-    def scatter_min(self, indices: Any, updates: Any) -> Variable:
-        """Rows ``indices`` become the minimum of themselves and ``updates``."""
-        return self._scatter("min", indices, updates)
-
-    def scatter_max(self, indices: Any, updates: Any) -> Variable:
-        """Rows ``indices`` become the maximum of themselves and ``updates``."""
-        return self._scatter("max", indices, updates)
-
     # --- initialization -------------------------------------------------------------------
-
-    @property
-    def initializer(self) -> Op:
-        """An op that (re)initializes this variable from its initial value (a no-op for a
-        variable made from a concrete value, as in TF2 eager)."""
-        import weakref
-
-        ref = weakref.ref(self)
-
-        def run() -> None:
-            var = ref()
-            if var is not None:
-                run_init([var])
-
-        return Op(f"{self.name}/Assign", run)
 
     def _init_plans(self) -> list[InitPlan]:
         if self._init is None:
             return []
         return [InitPlan(self, self._name, self._deps, self._materialize, self._install)]
 
-    def _materialize(self, resolve_dep: Callable[[Variable], Any]) -> Any:
+    def _materialize(self, resolve_dep: Callable[[VariableSurface], Any]) -> Any:
         """A fresh private array of the initial value on our device (the init op calls this)."""
         what = f"initializing variable '{self._name}'"
         init, device = self._init, self._device
@@ -674,49 +546,6 @@ class Variable(ReadOperators, metaclass=_VariableMeta):
             )
         return arr
 
-    # --- Python protocols -------------------------------------------------------------------
-
-    def __repr__(self) -> str:
-        head = f"<gpuvars.{type(self).__name__} '{self.name}' shape={self._known_shape()} dtype={self.dtype} device={self.device}"
-        if not self.initialized:
-            return head + " uninitialized>"
-        return head + f", value={np.array2string(self.numpy(), threshold=6, edgeitems=2)}>"
-
-    def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(value, *args)`` with the variable's device current (CuPy computes there)."""
-        value, device = self._gpuvars_locate()
-        with device.backend.scope(device.backend_index):
-            return fn(value, *args)
-
-    def __getitem__(self, key: Any) -> Any:
-        """A snapshot of ``value()[key]`` (as TF's ``v[0]``; not a live view)."""
-        out = self._read(lambda value: value[key])
-        return out.copy() if self.physical_device.backend.inplace and hasattr(out, "copy") else out
-
-    def __len__(self) -> int:
-        shape = self.shape
-        if not shape:
-            raise TypeError(f"len() of a scalar variable '{self.name}'")
-        return shape[0]
-
-    def __float__(self) -> float:
-        return float(self._read(float))
-
-    def __int__(self) -> int:
-        return int(self._read(int))
-
-    def __bool__(self) -> bool:
-        return bool(self._read(bool))
-
-    def __index__(self) -> int:
-        return int(self._read(lambda value: value.__index__()))
-
-    __hash__ = object.__hash__
-
-    def __copy__(self) -> Variable:
-        """The variable itself: a variable is a handle (TF's ``copy.copy(v) is v``)."""
-        return self
-
     def __deepcopy__(self, memo: dict[int, Any]) -> Variable:
         """An independent variable: a copy of the value on the same device, the same dtype,
         shape constraint and flags, registered under the same name (uniquified)."""
@@ -735,14 +564,6 @@ class Variable(ReadOperators, metaclass=_VariableMeta):
         new._name = current_registry().add(new, self._name)
         memo[id(self)] = new
         return new
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise SerializationError(
-            f"variable '{self.name}' cannot be pickled: gpuvars never uses pickle (loading a pickle "
-            "can run arbitrary code). Save variables with gv.Saver(...).save(prefix), copy a value "
-            "with v.numpy(), or make an independent copy with copy.deepcopy(v)"
-        )
-
 
 def scatter_indices(indices: Any, rows: int, what: str) -> np.ndarray[Any, Any]:
     """``indices`` as a flat host int64 array, each checked to lie in ``[0, rows)`` (one pass)."""
