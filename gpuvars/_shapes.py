@@ -13,7 +13,7 @@ import numpy as np
 
 from gpuvars.errors import InvalidArgumentError
 
-__all__ = ["Declared", "check_cast", "check_int_range", "fits", "fmt", "parse_shape"]
+__all__ = ["Declared", "check_cast", "check_int_range", "check_value_dtype", "fits", "fmt", "parse_shape"]
 
 Declared = tuple[int | None, ...] | None
 
@@ -50,6 +50,23 @@ def check_cast(src: np.dtype[Any], dst: np.dtype[Any], what: str) -> None:
             f"{what}: cannot cast a value of dtype {src} to the variable's dtype {dst} "
             "(only same-kind casts, e.g. float64 -> float32, happen implicitly)"
         )
+
+
+def check_value_dtype(array: Any, dst: np.dtype[Any], what: str, *, python: bool) -> None:
+    """The cast rule for a value written into a variable of dtype ``dst``.
+
+    An array's dtype must cast under ``same_kind``. Python ints (``python``: the array was
+    made from a Python scalar or list) have no width of their own: they go into any integer
+    variable whose dtype holds them, as in numpy and TF, and are refused, never wrapped,
+    when it does not.
+    """
+    src = np.dtype(array.dtype)
+    if python and src.kind in "iu" and dst.kind in "iu":
+        check_int_range(array, dst, what)
+        return
+    check_cast(src, dst, what)
+    if python:
+        check_int_range(array, dst, what)
 
 
 def check_int_range(host: np.ndarray[Any, Any], dst: np.dtype[Any], what: str) -> None:

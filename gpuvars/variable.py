@@ -380,9 +380,8 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         if self._dtype is None:
             self._set_dtype(src_dtype, what)
         dtype: np.dtype[Any] = self._dtype  # type: ignore[assignment]  # set just above
-        _shapes.check_cast(src_dtype, dtype, what)
-        if located[1] is None and not isinstance(value, (np.ndarray, np.generic)):
-            _shapes.check_int_range(located[0], dtype, what)  # Python ints never wrap
+        python = located[1] is None and not isinstance(value, (np.ndarray, np.generic))
+        _shapes.check_value_dtype(located[0], dtype, what, python=python)
         return _transfer.move(located, self._device, dtype, private=explicit, what=what)
 
     def _operand(self, value: Any, op: str, what: str | None = None) -> Any:

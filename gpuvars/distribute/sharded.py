@@ -243,9 +243,8 @@ class ShardedVariable:
         host = to_host(located[0], located[1])
         dtype = self.dtype
         assert dtype is not None
-        _shapes.check_cast(host.dtype, dtype, what)
-        if located[1] is None and not isinstance(value, (np.ndarray, np.generic)):
-            _shapes.check_int_range(host, dtype, what)
+        python = located[1] is None and not isinstance(value, (np.ndarray, np.generic))
+        _shapes.check_value_dtype(host, dtype, what, python=python)
         if host.shape != shape:
             raise InvalidArgumentError(
                 f"{what}: the value has shape {host.shape}, expected {shape}"
