@@ -132,3 +132,17 @@ __all__ = [
     "variables_initializer",
     "zeros",
 ]
+
+
+def _publish() -> None:
+    """Public classes and functions report the module users import them from (``gpuvars``),
+    so reprs, tracebacks and documentation name ``gpuvars.Variable``, not its file."""
+    import types as _types
+
+    for _name in __all__:
+        _obj = globals()[_name]
+        if isinstance(_obj, (type, _types.FunctionType)) and _obj.__module__.startswith("gpuvars."):
+            _obj.__module__ = "gpuvars"
+
+
+_publish()
