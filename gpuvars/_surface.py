@@ -10,7 +10,7 @@ written once here, so a plain :class:`~gpuvars.Variable` and a distributed one b
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar, overload
 
 import numpy as np
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from gpuvars.placement import PhysicalDevice
 
 __all__ = ["VariableSurface"]
+
+_S = TypeVar("_S", bound="VariableSurface")
 
 
 class VariableSurface(ReadOperators):
@@ -57,6 +59,10 @@ class VariableSurface(ReadOperators):
         raise NotImplementedError
 
     def _known_shape(self) -> tuple[int, ...] | None:
+        raise NotImplementedError
+
+    def _write(self, op: str, value: Any) -> None:
+        """``op`` ("assign", "add" or "sub") of ``value`` into the variable, on its device(s)."""
         raise NotImplementedError
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Any:
@@ -155,6 +161,55 @@ class VariableSurface(ReadOperators):
         """
         return _expr.leaf(self)
 
+    # --- writes ----------------------------------------------------------------------------------
+    # Declared once, with the overloads a type checker needs (``v.assign(x).numpy()``);
+    # gv.Variable replaces them at run time with host fast paths of the same behaviour.
+
+    @overload
+    def assign(self: _S, value: Any, *, read_value: Literal[True] = ...) -> _S: ...
+    @overload
+    def assign(self, value: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign(self: _S, value: Any, *, read_value: bool) -> _S | None: ...
+
+    def assign(self: _S, value: Any, *, read_value: bool = True) -> _S | None:
+        """Write ``value`` into the variable, on its device; returns the variable.
+
+        Same-shape assigns write numpy/CuPy storage in place (same buffer); a dynamic-shape
+        variable (``shape=(None, ...)`` or ``validate_shape=False``) reallocates when the
+        shape changes. Assigning an uninitialized variable initializes it.
+
+        Raises:
+            InvalidArgumentError: shape or dtype mismatch (names the variable and both).
+            TransferGuardError: an implicit copy from another device under "disallow".
+        """
+        self._write("assign", value)
+        return self if read_value else None
+
+    @overload
+    def assign_add(self: _S, delta: Any, *, read_value: Literal[True] = ...) -> _S: ...
+    @overload
+    def assign_add(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_add(self: _S, delta: Any, *, read_value: bool) -> _S | None: ...
+
+    def assign_add(self: _S, delta: Any, *, read_value: bool = True) -> _S | None:
+        """Add ``delta`` (same shape) to the variable, on its device; returns the variable."""
+        self._write("add", delta)
+        return self if read_value else None
+
+    @overload
+    def assign_sub(self: _S, delta: Any, *, read_value: Literal[True] = ...) -> _S: ...
+    @overload
+    def assign_sub(self, delta: Any, *, read_value: Literal[False]) -> None: ...
+    @overload
+    def assign_sub(self: _S, delta: Any, *, read_value: bool) -> _S | None: ...
+
+    def assign_sub(self: _S, delta: Any, *, read_value: bool = True) -> _S | None:
+        """Subtract ``delta`` (same shape) from the variable, on its device; returns the variable."""
+        self._write("sub", delta)
+        return self if read_value else None
+
     # --- scatter -------------------------------------------------------------------------------
 
     def scatter_update(self, indices: Any, updates: Any) -> Any:
@@ -238,6 +293,14 @@ class VariableSurface(ReadOperators):
         return int(self._read(lambda value: value.__index__()))
 
     __hash__ = object.__hash__
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        from gpuvars.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"copy.deepcopy of the {type(self).__name__} '{self.name}' is not supported; "
+            "create a new variable from its value (v.numpy())"
+        )
 
     def __copy__(self) -> Any:
         """The variable itself: a variable is a handle (TF's ``copy.copy(v) is v``)."""

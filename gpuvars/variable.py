@@ -19,7 +19,7 @@ surface and the engine functions at the end of this file (:func:`restore_target`
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Literal, Sequence, overload
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -412,72 +412,47 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
             )
         return src
 
-    @overload
-    def assign(self, value: Any, *, read_value: Literal[True] = ...) -> Variable: ...
-    @overload
-    def assign(self, value: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign(self, value: Any, *, read_value: bool) -> Variable | None: ...
+    if not TYPE_CHECKING:  # the surface declares these (typed); here: the same, with host fast paths
 
-    def assign(self, value: Any, *, read_value: bool = True) -> Variable | None:
-        """Write ``value`` into the variable, on its device; returns the variable.
-
-        Same-shape assigns write numpy/CuPy storage in place (same buffer); a dynamic-shape
-        variable (``shape=(None, ...)`` or ``validate_shape=False``) reallocates when the
-        shape changes. Assigning an uninitialized variable initializes it.
-
-        Raises:
-            InvalidArgumentError: shape or dtype mismatch (names the variable and both).
-            TransferGuardError: an implicit copy from another device under "disallow".
-        """
-        storage = self._storage
-        if (
-            self._host
-            and type(value) is np.ndarray
-            and storage is not None
-            and value.dtype is storage.dtype  # identity: the common case, and cheap
-            and value.shape == storage.shape
-        ):
-            # The hot path: host to host, nothing to convert. Slice assignment skips
-            # np.copyto's dispatch (16 elements: 254 ns vs 509 ns, bench/README.md).
-            storage[...] = value
+        def assign(self, value, *, read_value=True):
+            storage = self._storage
+            if (
+                self._host
+                and type(value) is np.ndarray
+                and storage is not None
+                and value.dtype is storage.dtype  # identity: the common case, and cheap
+                and value.shape == storage.shape
+            ):
+                # The hot path: host to host, nothing to convert. Slice assignment skips
+                # np.copyto's dispatch (16 elements: 254 ns vs 509 ns, bench/README.md).
+                storage[...] = value
+                return self if read_value else None
+            self._write("assign", value)
             return self if read_value else None
-        self._apply("assign", value)
-        return self if read_value else None
 
-    @overload
-    def assign_add(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
-    @overload
-    def assign_add(self, delta: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign_add(self, delta: Any, *, read_value: bool) -> Variable | None: ...
+        assign.__doc__ = VariableSurface.assign.__doc__
 
-    def assign_add(self, delta: Any, *, read_value: bool = True) -> Variable | None:
-        """Add ``delta`` (same shape) to the variable, on its device; returns the variable."""
-        storage = self._storage
-        if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
-            np.add(storage, delta, storage)  # the hot path, as in assign (inlined: a helper costs a call)
+        def assign_add(self, delta, *, read_value=True):
+            storage = self._storage
+            if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
+                np.add(storage, delta, storage)  # inlined on purpose: a shared helper costs a call
+                return self if read_value else None
+            self._write("add", delta)
             return self if read_value else None
-        self._apply("add", delta)
-        return self if read_value else None
 
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: bool) -> Variable | None: ...
+        assign_add.__doc__ = VariableSurface.assign_add.__doc__
 
-    def assign_sub(self, delta: Any, *, read_value: bool = True) -> Variable | None:
-        """Subtract ``delta`` (same shape) from the variable, on its device; returns the variable."""
-        storage = self._storage
-        if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
-            np.subtract(storage, delta, storage)
+        def assign_sub(self, delta, *, read_value=True):
+            storage = self._storage
+            if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
+                np.subtract(storage, delta, storage)
+                return self if read_value else None
+            self._write("sub", delta)
             return self if read_value else None
-        self._apply("sub", delta)
-        return self if read_value else None
 
-    def _apply(self, op: str, value: Any) -> None:
+        assign_sub.__doc__ = VariableSurface.assign_sub.__doc__
+
+    def _write(self, op: str, value: Any) -> None:
         storage = self._storage
         if storage is None and op != "assign":
             raise self._uninitialized()

@@ -8,12 +8,13 @@ and is checkpointed as one full tensor, so a checkpoint restores into any shard 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence, overload
+from typing import Any, Sequence
 
 import numpy as np
 
 from gpuvars import _shapes, variable
 from gpuvars._creator import plain_variables
+from gpuvars._surface import VariableSurface
 from gpuvars._transfer import admit, copy_to, on_device, to_host
 from gpuvars.errors import InvalidArgumentError
 from gpuvars.init_ops import InitPlan, Op, run_init
@@ -84,7 +85,7 @@ def shard_sizes(rows: int, n: int) -> list[int]:
     return [base + (1 if k < extra else 0) for k in range(n)]
 
 
-class ShardedVariable:
+class ShardedVariable(VariableSurface):
     """A variable split along axis 0 across devices; reads as the concatenation.
 
     Args:
@@ -177,11 +178,15 @@ class ShardedVariable:
             start += s.shape[0]
         return out
 
-    @property
-    def shape(self) -> tuple[int, ...]:
+    def _known_shape(self) -> tuple[int, ...]:
         """The full (logical) shape: the shards' rows added up."""
         first = self._shards[0].shape
         return (sum(s.shape[0] for s in self._shards),) + tuple(first[1:])
+
+    @property
+    def physical_device(self) -> PhysicalDevice:
+        """The first shard's device (where ``value()`` concatenates)."""
+        return self._shards[0].physical_device
 
     @property
     def dtype(self) -> np.dtype[Any] | None:
@@ -227,12 +232,6 @@ class ShardedVariable:
         parts = [copy_to(s, first) for s in self._shards]
         return first.backend.xp.concatenate(parts, axis=0)
 
-    read_value = value
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray[Any, Any]:
-        out = self.numpy()
-        return out if dtype is None else out.astype(dtype, copy=False)
-
     def _targets(self) -> list[PhysicalDevice]:
         return [s.physical_device for s in self._shards]
 
@@ -255,45 +254,13 @@ class ShardedVariable:
         host = self._host_value(value, self.shape, f"Cannot {what} value to sharded variable '{self._name}'")
         return [host[o : o + s.shape[0]] for o, s in zip(self.offsets, self._shards)]
 
-    def _each(self, method: str, value: Any) -> None:
+    def _write(self, op: str, value: Any) -> None:
+        method = "assign" if op == "assign" else f"assign_{op}"
         for part, s in zip(self._split(value, method), self._shards):
             getattr(s, method)(on_device(part, s.physical_device))
 
-    @overload
-    def assign(self, value: Any, *, read_value: Literal[True] = ...) -> ShardedVariable: ...
-    @overload
-    def assign(self, value: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign(self, value: Any, *, read_value: bool) -> ShardedVariable | None: ...
-
-    def assign(self, value: Any, *, read_value: bool = True) -> ShardedVariable | None:
-        """Split ``value`` along axis 0 and assign each part to its shard."""
-        self._each("assign", value)
-        return self if read_value else None
-
-    @overload
-    def assign_add(self, delta: Any, *, read_value: Literal[True] = ...) -> ShardedVariable: ...
-    @overload
-    def assign_add(self, delta: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign_add(self, delta: Any, *, read_value: bool) -> ShardedVariable | None: ...
-
-    def assign_add(self, delta: Any, *, read_value: bool = True) -> ShardedVariable | None:
-        self._each("assign_add", delta)
-        return self if read_value else None
-
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: Literal[True] = ...) -> ShardedVariable: ...
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: bool) -> ShardedVariable | None: ...
-
-    def assign_sub(self, delta: Any, *, read_value: bool = True) -> ShardedVariable | None:
-        self._each("assign_sub", delta)
-        return self if read_value else None
-
-    def _scatter(self, method: str, indices: Any, updates: Any) -> ShardedVariable:
+    def _scatter(self, op: str, indices: Any, updates: Any) -> ShardedVariable:
+        method = f"scatter_{op}"
         what = f"{method} on sharded variable '{self._name}'"
         rows = self.shape[0]
         idx = scatter_indices(indices, rows, what)
@@ -305,28 +272,6 @@ class ShardedVariable:
             if mask.any():
                 getattr(s, method)(idx[mask] - bounds[k], on_device(upd[mask], s.physical_device))
         return self
-
-    def scatter_update(self, indices: Any, updates: Any) -> ShardedVariable:
-        """Set rows ``indices``; each row is routed to the shard that owns it."""
-        return self._scatter("scatter_update", indices, updates)
-
-    def scatter_add(self, indices: Any, updates: Any) -> ShardedVariable:
-        return self._scatter("scatter_add", indices, updates)
-
-    def scatter_sub(self, indices: Any, updates: Any) -> ShardedVariable:
-        return self._scatter("scatter_sub", indices, updates)
-
-    def scatter_mul(self, indices: Any, updates: Any) -> ShardedVariable:
-        return self._scatter("scatter_mul", indices, updates)
-
-    def scatter_div(self, indices: Any, updates: Any) -> ShardedVariable:
-        return self._scatter("scatter_div", indices, updates)
-
-    def scatter_min(self, indices: Any, updates: Any) -> ShardedVariable:
-        return self._scatter("scatter_min", indices, updates)
-
-    def scatter_max(self, indices: Any, updates: Any) -> ShardedVariable:
-        return self._scatter("scatter_max", indices, updates)
 
     def __repr__(self) -> str:
         return f"<gpuvars.ShardedVariable '{self._name}' shape={self.shape} dtype={self.dtype} shards={len(self._shards)}>"

@@ -17,12 +17,13 @@ engine functions of :mod:`gpuvars.variable`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Sequence, overload
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from gpuvars import _shapes, variable
 from gpuvars._backend_errors import backend_errors
+from gpuvars._surface import VariableSurface
 from gpuvars._transfer import admit, copy_to, on_device, to_host
 from gpuvars.distribute._context import ReduceOp, get_replica_context
 from gpuvars.errors import InvalidArgumentError
@@ -212,38 +213,13 @@ class DistributedVariable(Variable):
     def _update(self, method: str, *args: Any) -> Variable:
         raise NotImplementedError
 
-    @overload
-    def assign(self, value: Any, *, read_value: Literal[True] = ...) -> Variable: ...
-    @overload
-    def assign(self, value: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign(self, value: Any, *, read_value: bool) -> Variable | None: ...
+    def _write(self, op: str, value: Any) -> None:
+        self._update("assign" if op == "assign" else f"assign_{op}", value)
 
-    def assign(self, value: Any, *, read_value: bool = True) -> Variable | None:
-        self._update("assign", value)
-        return self if read_value else None
-
-    @overload
-    def assign_add(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
-    @overload
-    def assign_add(self, delta: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign_add(self, delta: Any, *, read_value: bool) -> Variable | None: ...
-
-    def assign_add(self, delta: Any, *, read_value: bool = True) -> Variable | None:
-        self._update("assign_add", delta)
-        return self if read_value else None
-
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: Literal[True] = ...) -> Variable: ...
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: Literal[False]) -> None: ...
-    @overload
-    def assign_sub(self, delta: Any, *, read_value: bool) -> Variable | None: ...
-
-    def assign_sub(self, delta: Any, *, read_value: bool = True) -> Variable | None:
-        self._update("assign_sub", delta)
-        return self if read_value else None
+    # the surface's writes (gv.Variable's host fast paths read a plain variable's storage)
+    assign = VariableSurface.assign
+    assign_add = VariableSurface.assign_add
+    assign_sub = VariableSurface.assign_sub
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
         return self._update(f"scatter_{op}", indices, updates)
