@@ -64,16 +64,17 @@ class NumpyBackend:
         if op == "assign":
             np.copyto(dst, src, casting="unsafe")
         else:
-            with np.errstate(all="ignore"):  # TF's semantics: inf and nan, quietly
-                _UFUNCS[op](dst, src, out=dst, casting="unsafe")
+            _UFUNCS[op](dst, src, out=dst, casting="unsafe")
         return dst
 
     def scatter(self, op: str, dst: Any, indices: Any, updates: Any, device: int) -> Any:
         if op == "update":
             dst[indices] = updates
+        elif op == "div":
+            with np.errstate(divide="ignore", invalid="ignore"):  # by zero: inf / nan, quietly, as TF
+                np.true_divide.at(dst, indices, updates)
         else:
-            with np.errstate(all="ignore"):  # scatter_div by zero gives inf/nan, as in TF
-                _UFUNCS[op].at(dst, indices, updates)
+            _UFUNCS[op].at(dst, indices, updates)
         return dst
 
     def random(
