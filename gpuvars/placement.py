@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-import backends
-from backends import Backend
+import gpuvars_backends as backends
+from gpuvars_backends import Backend
 from gpuvars import config
 from gpuvars.devices import DeviceSpec
 from gpuvars.errors import DevicePlacementError, InvalidArgumentError, PlacementWarning

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from backends import Backend
+from gpuvars_backends import Backend
 from gpuvars import _expr, config, devices
 from gpuvars.errors import (
     BackendError,
