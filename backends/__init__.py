@@ -1,7 +1,8 @@
 """The array layer: one Backend per library, found lazily; never imports gpuvars.
 
-``import backends`` imports neither cupy nor jax. Whether a library is installed is
-``importlib.util.find_spec``; whether it is *usable* (driver present, devices > 0) is
+This folder, ``backends/``, installs as the package ``gpuvars_backends``.
+``import gpuvars_backends`` imports neither cupy nor jax. Whether a library is installed
+is ``importlib.util.find_spec``; whether it is *usable* (driver present, devices > 0) is
 probed on first request and cached, with :func:`reset` for tests. "No GPU" is an answer
 (:class:`Probe` with ``count == 0`` and a reason), never an exception at import.
 """
@@ -15,7 +16,7 @@ import sys
 import threading
 from typing import Any
 
-from backends._protocol import RANDOM_KINDS, SCATTER_OPS, UPDATE_OPS, Backend
+from ._protocol import RANDOM_KINDS, SCATTER_OPS, UPDATE_OPS, Backend
 
 __all__ = [
     "RANDOM_KINDS",
@@ -32,11 +33,12 @@ __all__ = [
 ]
 
 #: (library, platform) -> (module, class); jax serves both platforms.
+#: Module names derive from ``__name__``: the folder ``backends/`` installs as ``gpuvars_backends``.
 _TABLE: dict[tuple[str, str], tuple[str, str]] = {
-    ("numpy", "cpu"): ("backends.numpy", "NumpyBackend"),
-    ("jax", "cpu"): ("backends.jax", "JaxBackend"),
-    ("cupy", "gpu"): ("backends.cupy", "CupyBackend"),
-    ("jax", "gpu"): ("backends.jax", "JaxBackend"),
+    ("numpy", "cpu"): (f"{__name__}.numpy", "NumpyBackend"),
+    ("jax", "cpu"): (f"{__name__}.jax", "JaxBackend"),
+    ("cupy", "gpu"): (f"{__name__}.cupy", "CupyBackend"),
+    ("jax", "gpu"): (f"{__name__}.jax", "JaxBackend"),
 }
 
 
@@ -106,7 +108,7 @@ def request_cpu_devices(library: str, count: int) -> None:
     reports the count JAX really has.
     """
     if library == "jax" and installed("jax"):
-        importlib.import_module("backends.jax").request_cpu_devices(count)
+        importlib.import_module(f"{__name__}.jax").request_cpu_devices(count)
 
 
 def get(library: str, platform: str) -> Backend:

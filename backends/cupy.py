@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends._util import draw_dtype, truncated, unique_rounds
+from ._util import draw_dtype, truncated, unique_rounds
 
 try:
     import cupy

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backends._util import draw_dtype, truncated
+from ._util import draw_dtype, truncated
 
 _UFUNCS = {
     "add": np.add,

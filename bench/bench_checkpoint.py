@@ -704,7 +704,7 @@ def _profile(step: Callable[[], None]) -> None:
 
 def probe_gpu() -> dict[str, str]:
     """{"cupy": "" or why not, "jax": ...}: whether each library can use /gpu:0 (child process)."""
-    import backends
+    import gpuvars_backends as backends
 
     out = {}
     for lib in ("cupy", "jax"):

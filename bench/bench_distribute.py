@@ -134,7 +134,7 @@ def _setup(platform_: str, lib: str) -> Any:
             gv.config.set_cpu_backend("jax")
         gv.config.set_logical_devices("cpu", CPU_DEVICES)
     else:
-        import backends
+        import gpuvars_backends as backends
 
         probe = backends.probe(lib, "gpu")
         if not probe.usable:
@@ -378,7 +378,7 @@ def run_ckpt_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
 def probe_gpus() -> dict[str, dict[str, Any]]:
     """{lib: {"count": n, "reason": why not}} for CuPy and JAX on the GPU (run in a child)."""
-    import backends
+    import gpuvars_backends as backends
 
     out = {}
     for lib in GPU_BACKENDS:

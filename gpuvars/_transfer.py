@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-import backends
-from backends import Backend
+import gpuvars_backends as backends
+from gpuvars_backends import Backend
 from gpuvars import config
 from gpuvars._backend_errors import backend_errors
 from gpuvars.devices import DeviceSpec

@@ -64,7 +64,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    import backends
+    import gpuvars_backends as backends
     from gpuvars import config
     from gpuvars.placement import list_devices
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _replica_devices(n: int) -> list[str]:
     """``n`` GPUs when that many are usable, else ``n`` logical CPU devices."""
-    import backends
+    import gpuvars_backends as backends
 
     library = gv.config.get_gpu_backend()
     for lib in (library,) if library else ("cupy", "jax"):

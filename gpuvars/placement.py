@@ -12,8 +12,8 @@ import dataclasses
 import threading
 import warnings
 
-import backends
-from backends import Backend
+import gpuvars_backends as backends
+from gpuvars_backends import Backend
 from gpuvars import config
 from gpuvars.devices import DeviceSpec
 from gpuvars.errors import DevicePlacementError, PlacementWarning

@@ -18,13 +18,39 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={JAX_CPU_DEVICES}"
     ).strip()
 
+import pathlib
 from typing import Iterator
 
 import pytest
 
-import backends
+import gpuvars_backends as backends
 import gpuvars as gv
 from gpuvars import config, placement
+
+#: The checkout these tests belong to (tests/ lives in it).
+CHECKOUT = pathlib.Path(__file__).resolve().parent.parent
+#: Where this session imported the two packages from: an installed copy, or the checkout's
+#: sources through an editable install.
+GPUVARS_DIR = pathlib.Path(gv.__file__).resolve().parent
+BACKENDS_DIR = pathlib.Path(backends.__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # .ci/run tests the installed wheel: importing the checkout's sources instead is an error.
+    if os.environ.get("GPUVARS_TEST_INSTALLED") == "1":
+        for package in (GPUVARS_DIR, BACKENDS_DIR):
+            if package.is_relative_to(CHECKOUT):
+                raise pytest.UsageError(
+                    f"GPUVARS_TEST_INSTALLED=1 but {package} is inside the checkout {CHECKOUT}: "
+                    "run pytest from outside the checkout against an installed (non-editable) gpuvars"
+                )
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Printed even under -q (a report header is not): which copy of the code is under test.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"gpuvars from {GPUVARS_DIR}; gpuvars_backends from {BACKENDS_DIR}")
 
 
 def _gpu_count() -> tuple[int, str]:

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import backends
-from backends._util import draw_dtype, truncated, unique_rounds
+import gpuvars_backends as backends
+from gpuvars_backends._util import draw_dtype, truncated, unique_rounds
 from conftest import jax_device_of, needs_jax
 
 try:
@@ -73,7 +73,7 @@ def test_probe_jax_without_gpu_says_no_gpu() -> None:
 
 def test_probe_of_a_failing_library_reports_why(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("jax")
-    import backends.jax as jax_backend
+    import gpuvars_backends.jax as jax_backend
 
     def broken(self: object, platform: str) -> None:
         raise RuntimeError("CUDA driver version is insufficient")

@@ -70,7 +70,8 @@ def must_not_run() -> np.ndarray[Any, Any]:
     raise AssertionError("the initial value callable ran; a restore must not run it")
 
 
-SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+# A child imports the gpuvars this process imported: same interpreter, environment and working directory.
+SUBPROCESS_ENV = dict(os.environ)
 
 
 # --- VariablePolicy with several devices (first: see the module docstring) ----------------------

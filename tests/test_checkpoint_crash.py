@@ -46,7 +46,8 @@ CHILD = textwrap.dedent(
     % N
 )
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+# A child imports the gpuvars this process imported: same interpreter, environment and working directory.
+ENV = dict(os.environ)
 
 
 def run_and_kill(folder: Path, start: int, mode: str, delay: float, pause: float = 0.0) -> tuple[int, list[int]]:

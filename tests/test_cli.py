@@ -15,7 +15,8 @@ import gpuvars as gv
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.cli import main
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+# A child imports the gpuvars this process imported: same interpreter, environment and working directory.
+ENV = dict(os.environ)
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import backends
+import gpuvars_backends as backends
 import gpuvars as gv
 from conftest import jax_device_of
 from gpuvars import config

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import backends
+import gpuvars_backends as backends
 import gpuvars as gv
 from gpuvars import config
 

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-import backends
+import gpuvars_backends as backends
 import gpuvars as gv
 from gpuvars import _transfer
 from conftest import _gpu_count, jax_device_of, needs_jax
