@@ -75,40 +75,70 @@ class Expression:
     def __repr__(self) -> str:
         return f"<gpuvars deferred expression over {[v.name for v in self.variables()]}>"
 
+    # elementwise operators build more expression (written out so type checkers see them)
 
-def _binary(fn: Callable[[Any, Any], Any], reflected: bool = False) -> Callable[[Any, Any], Any]:
-    def method(self: Expression, other: Any) -> Any:
-        return _Apply(fn, (other, self) if reflected else (self, other))
+    def __add__(self, other: Any) -> Expression:
+        return _Apply(operator.add, (self, other))
 
-    return method
+    def __radd__(self, other: Any) -> Expression:
+        return _Apply(operator.add, (other, self))
 
+    def __sub__(self, other: Any) -> Expression:
+        return _Apply(operator.sub, (self, other))
 
-def _unary(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda self: _Apply(fn, (self,))
+    def __rsub__(self, other: Any) -> Expression:
+        return _Apply(operator.sub, (other, self))
 
+    def __mul__(self, other: Any) -> Expression:
+        return _Apply(operator.mul, (self, other))
 
-#: the elementwise operators expressions and variables both support (Variable adds matmul)
-BINARY_OPS: list[tuple[str, Callable[[Any, Any], Any]]] = [
-    ("add", operator.add),
-    ("sub", operator.sub),
-    ("mul", operator.mul),
-    ("truediv", operator.truediv),
-    ("floordiv", operator.floordiv),
-    ("mod", operator.mod),
-    ("pow", operator.pow),
-]
-COMPARISONS: list[tuple[str, Callable[[Any, Any], Any]]] = [
-    ("lt", operator.lt), ("le", operator.le), ("gt", operator.gt), ("ge", operator.ge)
-]
-UNARY_OPS: list[tuple[str, Callable[[Any], Any]]] = [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs)]
+    def __rmul__(self, other: Any) -> Expression:
+        return _Apply(operator.mul, (other, self))
 
-for _name, _fn in BINARY_OPS:
-    setattr(Expression, f"__{_name}__", _binary(_fn))
-    setattr(Expression, f"__r{_name}__", _binary(_fn, reflected=True))
-for _name, _fn in COMPARISONS:
-    setattr(Expression, f"__{_name}__", _binary(_fn))
-for _name, _fn1 in UNARY_OPS:
-    setattr(Expression, f"__{_name}__", _unary(_fn1))
+    def __truediv__(self, other: Any) -> Expression:
+        return _Apply(operator.truediv, (self, other))
+
+    def __rtruediv__(self, other: Any) -> Expression:
+        return _Apply(operator.truediv, (other, self))
+
+    def __floordiv__(self, other: Any) -> Expression:
+        return _Apply(operator.floordiv, (self, other))
+
+    def __rfloordiv__(self, other: Any) -> Expression:
+        return _Apply(operator.floordiv, (other, self))
+
+    def __mod__(self, other: Any) -> Expression:
+        return _Apply(operator.mod, (self, other))
+
+    def __rmod__(self, other: Any) -> Expression:
+        return _Apply(operator.mod, (other, self))
+
+    def __pow__(self, other: Any) -> Expression:
+        return _Apply(operator.pow, (self, other))
+
+    def __rpow__(self, other: Any) -> Expression:
+        return _Apply(operator.pow, (other, self))
+
+    def __lt__(self, other: Any) -> Expression:
+        return _Apply(operator.lt, (self, other))
+
+    def __le__(self, other: Any) -> Expression:
+        return _Apply(operator.le, (self, other))
+
+    def __gt__(self, other: Any) -> Expression:
+        return _Apply(operator.gt, (self, other))
+
+    def __ge__(self, other: Any) -> Expression:
+        return _Apply(operator.ge, (self, other))
+
+    def __neg__(self) -> Expression:
+        return _Apply(operator.neg, (self,))
+
+    def __pos__(self) -> Expression:
+        return _Apply(operator.pos, (self,))
+
+    def __abs__(self) -> Expression:
+        return _Apply(operator.abs, (self,))
 
 
 class _Leaf(Expression):

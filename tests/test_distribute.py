@@ -333,3 +333,12 @@ def test_all_reduce_reduces_once_per_collective(strategy: gv.MirroredStrategy) -
     assert calls == [4]  # one reduction of the 4 values, not one per replica
     for v in out.values:
         np.testing.assert_array_equal(np.asarray(v), [1, 1])
+
+
+def test_experimental_local_results(strategy: gv.MirroredStrategy) -> None:
+    with strategy.scope():
+        w = gv.Variable(np.zeros(2, np.float32), name="w")
+    assert strategy.experimental_local_results(w) == w.values and len(w.values) == 4
+    per = strategy.run(lambda: gv.get_replica_context().replica_id_in_sync_group)  # type: ignore[union-attr]
+    assert strategy.experimental_local_results(per) == (0, 1, 2, 3)
+    assert strategy.experimental_local_results(3.0) == (3.0,)

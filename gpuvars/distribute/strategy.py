@@ -175,6 +175,15 @@ class MirroredStrategy:
             raise (real or [e for e in errors if e is not None])[0]
         return results[0] if n == 1 else PerReplica(results)
 
+    def experimental_local_results(self, value: Any) -> tuple[Any, ...]:
+        """The per-replica parts of ``value`` on this process: a distributed variable's
+        components, a ``PerReplica``'s values, or ``(value,)`` for anything else (TF's name)."""
+        if isinstance(value, (MirroredVariable, SyncOnReadVariable)):
+            return value.values
+        if isinstance(value, PerReplica):
+            return value.values
+        return (value,)
+
     def experimental_distribute_values_from_function(self, fn: Callable[[ValueContext], Any]) -> PerReplica:
         """``PerReplica`` of ``fn(ValueContext(replica_id, n))`` for each replica."""
         n = self.num_replicas_in_sync

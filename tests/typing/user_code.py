@@ -53,10 +53,10 @@ def train(folder: str) -> float:
     strategy = gv.MirroredStrategy(["/cpu:0"])
     with strategy.scope():
         m = gv.Variable(np.zeros(3, np.float32), name="m", aggregation=gv.VariableAggregation.MEAN)
-    m.values
+    components = strategy.experimental_local_results(m)  # TF's way to reach a mirrored variable's parts
     strategy.run(lambda: m.assign_add(np.ones(3)))
     emb = gv.ShardedVariable(np.zeros((1000, 64)), gv.FixedShardsPartitioner(1), name="emb", devices=["/cpu:0"])
     emb.numpy()
 
-    print(rows * cols + size, keys, where, first.sum())
+    print(rows * cols + size, keys, where, first.sum(), len(components))
     return total
