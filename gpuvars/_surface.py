@@ -47,8 +47,7 @@ class VariableSurface(ReadOperators):
     def physical_device(self) -> PhysicalDevice:
         raise NotImplementedError
 
-    @property
-    def dtype(self) -> np.dtype[Any] | None:
+    def _known_dtype(self) -> np.dtype[Any] | None:
         raise NotImplementedError
 
     @property
@@ -90,9 +89,17 @@ class VariableSurface(ReadOperators):
             raise UninitializedVariableError(f"variable '{self.name}' has no known shape until it is initialized")
         return shape
 
-    def _known_dtype(self) -> np.dtype[Any] | None:
-        return self.dtype
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The storage dtype.
 
+        Raises:
+            UninitializedVariableError: a deferred callable without ``dtype=`` that never ran.
+        """
+        dtype = self._known_dtype()
+        if dtype is None:
+            raise UninitializedVariableError(f"variable '{self.name}' has no known dtype until it is initialized")
+        return dtype
 
     @property
     def ndim(self) -> int:
@@ -104,8 +111,7 @@ class VariableSurface(ReadOperators):
 
     @property
     def nbytes(self) -> int:
-        dtype = self.dtype
-        return self.size * (dtype.itemsize if dtype is not None else 0)
+        return self.size * self.dtype.itemsize
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -258,7 +264,7 @@ class VariableSurface(ReadOperators):
     # --- Python protocols -------------------------------------------------------------------
 
     def __repr__(self) -> str:
-        head = f"<gpuvars.{type(self).__name__} '{self.name}' shape={self._known_shape()} dtype={self.dtype} device={self.device}"
+        head = f"<gpuvars.{type(self).__name__} '{self.name}' shape={self._known_shape()} dtype={self._known_dtype()} device={self.device}"
         if not self.initialized:
             return head + " uninitialized>"
         return head + f", value={np.array2string(self.numpy(), threshold=6, edgeitems=2)}>"

@@ -309,9 +309,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         """The device object (kind, index, backend)."""
         return self._device
 
-    @property
-    def dtype(self) -> np.dtype[Any] | None:
-        """The storage dtype (None only for a deferred callable whose dtype is not known yet)."""
+    def _known_dtype(self) -> np.dtype[Any] | None:
         return self._dtype
 
     def _known_shape(self) -> tuple[int, ...] | None:

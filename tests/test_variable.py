@@ -648,9 +648,11 @@ def test_assign_initializes_a_deferred_variable(cpu_backend: str) -> None:
 
 def test_assign_initializes_a_deferred_callable() -> None:
     v = gv.Variable(lambda: np.zeros(4, np.int16), name="v")
-    assert v.dtype is None and v.declared_shape is None
+    assert v.declared_shape is None
     with pytest.raises(gv.UninitializedVariableError, match="variable 'v' has no known shape until it is initialized"):
         _ = v.shape
+    with pytest.raises(gv.UninitializedVariableError, match="variable 'v' has no known dtype until it is initialized"):
+        _ = v.dtype
     v.assign([1, 2, 3])  # the first value fixes dtype (int32: a Python int list) and shape
     assert v.dtype == np.int32 and v.declared_shape == (3,)
     with pytest.raises(gv.InvalidArgumentError, match="shape mismatch"):

@@ -152,7 +152,7 @@ class ShardedVariable(VariableSurface):
             raise InvalidArgumentError(f"ShardedVariable {name!r} needs at least one shard")
         tail = shards[0].shape[1:]
         for s in shards:
-            if s.dtype != shards[0].dtype or not s.shape or s.shape[1:] != tail:
+            if s._known_dtype() != shards[0]._known_dtype() or not s.shape or s.shape[1:] != tail:
                 raise InvalidArgumentError(f"ShardedVariable {name!r}: shards must share dtype and trailing dims")
         self._shards = shards
         self._trainable = trainable
@@ -188,9 +188,8 @@ class ShardedVariable(VariableSurface):
         """The first shard's device (where ``value()`` concatenates)."""
         return self._shards[0].physical_device
 
-    @property
-    def dtype(self) -> np.dtype[Any] | None:
-        return self._shards[0].dtype
+    def _known_dtype(self) -> np.dtype[Any] | None:
+        return self._shards[0]._known_dtype()
 
     @property
     def trainable(self) -> bool:
@@ -241,7 +240,6 @@ class ShardedVariable(VariableSurface):
         located = admit(value, self._targets(), what)
         host = to_host(located[0], located[1])
         dtype = self.dtype
-        assert dtype is not None
         python = located[1] is None and not isinstance(value, (np.ndarray, np.generic))
         _shapes.check_value_dtype(host, dtype, what, python=python)
         if host.shape != shape:
@@ -274,4 +272,4 @@ class ShardedVariable(VariableSurface):
         return self
 
     def __repr__(self) -> str:
-        return f"<gpuvars.ShardedVariable '{self._name}' shape={self.shape} dtype={self.dtype} shards={len(self._shards)}>"
+        return f"<gpuvars.ShardedVariable '{self._name}' shape={self.shape} dtype={self._known_dtype()} shards={len(self._shards)}>"

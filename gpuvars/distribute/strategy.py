@@ -242,7 +242,7 @@ def build_components(
                 source = Placeholder(first) if first._known_shape() is not None else _unfilled
             components.append(
                 Variable(
-                    source, name=f"{name}/replica_{k}", dtype=first.dtype, shape=declared,
+                    source, name=f"{name}/replica_{k}", dtype=first._known_dtype(), shape=declared,
                     validate_shape=validate_shape, trainable=trainable, device=dev.spec,
                 )
             )
@@ -259,7 +259,7 @@ class Placeholder(Initializer):
 
     def __init__(self, primary: Variable) -> None:
         known = primary._known_shape()
-        super().__init__(known, primary.dtype)
+        super().__init__(known, primary._known_dtype())
 
     def _draw(self, device: Any, shape: tuple[int, ...], dtype: Any) -> Any:
         raise InvalidArgumentError("a replica component is initialized by its distributed variable, not on its own")

@@ -113,9 +113,8 @@ class DistributedVariable(Variable):
     def device(self) -> str:
         return self._here().device
 
-    @property
-    def dtype(self) -> np.dtype[Any] | None:
-        return self._components[0].dtype
+    def _known_dtype(self) -> np.dtype[Any] | None:
+        return self._components[0]._known_dtype()
 
     def _known_shape(self) -> tuple[int, ...] | None:
         return self._components[0]._known_shape()
@@ -204,7 +203,7 @@ class DistributedVariable(Variable):
 
     def __repr__(self) -> str:
         return (
-            f"<gpuvars.{type(self).__name__} '{self.name}' shape={self._known_shape()} dtype={self.dtype} "
+            f"<gpuvars.{type(self).__name__} '{self.name}' shape={self._known_shape()} dtype={self._known_dtype()} "
             f"devices={list(self.devices)}>"
         )
 
@@ -255,7 +254,7 @@ class MirroredVariable(DistributedVariable):
         if agg is VariableAggregation.NONE:
             getattr(local, method)(*args)
             return self
-        dtype = self.dtype
+        dtype = self._known_dtype()
         if agg is VariableAggregation.MEAN and dtype is not None and dtype.kind not in "fc":
             raise InvalidArgumentError(
                 f"Cannot update non-float variables with VariableAggregation.MEAN aggregation in replica "
