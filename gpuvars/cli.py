@@ -18,7 +18,7 @@ from gpuvars.errors import GpuvarsError
 
 def _inspect(args: argparse.Namespace) -> int:
     from gpuvars.checkpoint import _stformat as st
-    from gpuvars.checkpoint.load import CheckpointReader
+    from gpuvars.checkpoint.reader import CheckpointReader
 
     ckpt = CheckpointReader(args.prefix)
     devices = ckpt.get_variable_to_device_map()
@@ -50,7 +50,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from gpuvars.checkpoint.load import CheckpointReader
+    from gpuvars.checkpoint.reader import CheckpointReader
 
     reader = CheckpointReader(args.prefix)
     bad = reader.verify()
