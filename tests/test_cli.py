@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +160,17 @@ def test_demo_replicas_trains_mirrored_and_loads_expand_without_strategy(tmp_pat
     assert [l for l in result.stdout.splitlines() if "step    10" in l][0].split("saved")[0] == [
         l for l in single.stdout.splitlines() if "step    10" in l
     ][0].split("saved")[0]
+
+
+@pytest.mark.parametrize("field, value", [("dtype", ["F32"]), ("dtype", 5), ("shape", "3"), ("data_offsets", {"a": 1})])
+def test_inspect_header_field_of_the_wrong_json_type(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     field: str, value: object) -> None:
+    path = tmp_path / "bad.safetensors"
+    text = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], field: value}}).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0" * 8)
+    for command in (["inspect", str(path)], ["verify", str(path)]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(path) in err and "'w'" in err and field in err
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "'w'" in result.stderr

@@ -1,0 +1,154 @@
+"""gv.CheckpointReader (TF's CheckpointReader) and the read paths it shares with restores:
+every kind of damage is a CheckpointError naming the file and the key."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import gpuvars as gv
+from gpuvars.checkpoint._stformat import SafetensorsReader
+from gpuvars.cli import main
+
+TEXT = st.characters(exclude_categories=["Cs"])
+
+
+def craft(path: Path, header: Any, data: bytes = b"") -> int:
+    """Write a safetensors file from a hand-made header; returns its size."""
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return 8 + len(text) + len(data)
+
+
+def entry(dtype: Any, shape: Any, begin: Any, end: Any) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def only_checkpoint_errors(fn: Callable[[], Any]) -> None:
+    """Run ``fn``: success, or a CheckpointError naming a file; anything else fails the test."""
+    try:
+        fn()
+    except gv.CheckpointError as exc:
+        assert ".safetensors" in str(exc) or ".index.json" in str(exc), exc
+
+
+def cli(*args: str) -> int:
+    """``python -m gpuvars ...`` in this process; must return 0 or 1 and raise nothing."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(list(args))
+    assert code in (0, 1), err.getvalue()
+    assert code == 0 or "error:" in err.getvalue() or "DAMAGED" in err.getvalue()
+    return code
+
+
+# --- header fields of the wrong JSON type ---------------------------------------------------------
+
+SCALARS = (st.none() | st.booleans() | st.integers(-2, 16) | st.integers(-(2**70), 2**70)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(TEXT, max_size=4)
+           | st.sampled_from(["F32", "U8", "BOOL", "F9", ""]))
+VALUES = st.recursive(
+    SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(TEXT, max_size=3), kids, max_size=3),
+    max_leaves=6,
+)
+FIELDS = {
+    "dtype": VALUES,
+    "shape": VALUES | st.lists(SCALARS, max_size=3) | st.lists(st.integers(0, 12), max_size=3),
+    "data_offsets": VALUES | st.lists(SCALARS, min_size=2, max_size=2) | st.lists(st.integers(0, 12), min_size=2, max_size=2),
+}
+
+
+@st.composite
+def damaged_headers(draw: st.DrawFn) -> dict[str, Any]:
+    """The header of the 11-byte buffer F32 a[2] + U8 b[3] with 1-3 fields replaced by any JSON."""
+    header: dict[str, Any] = {"a": entry("F32", [2], 0, 8), "b": entry("U8", [3], 8, 11)}
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(["a", "b", "__metadata__"]))
+        if key == "__metadata__":
+            header[key] = draw(VALUES | st.dictionaries(st.text(TEXT, max_size=3), SCALARS, max_size=2))
+            continue
+        how = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra", "drop", "whole"]))
+        if how == "whole":
+            header[key] = draw(VALUES)
+        elif not isinstance(header[key], dict):
+            continue
+        elif how == "extra":
+            header[key][draw(st.text(TEXT, max_size=6))] = draw(VALUES)
+        elif how == "drop":
+            header[key].pop(draw(st.sampled_from(list(FIELDS))), None)
+        else:
+            header[key][how] = draw(FIELDS[how])
+    return header
+
+
+def _bad(field: str, value: Any) -> dict[str, Any]:
+    return {"a": {**entry("F32", [2], 0, 8), field: value}, "b": entry("U8", [3], 8, 11)}
+
+
+def test_header_fields_of_any_json_type_are_checkpoint_errors_everywhere(tmp_path: Path) -> None:
+    """Plain files and gpuvars checkpoints alike, through every public read path."""
+    a = gv.Variable(np.arange(2, dtype=np.float32), name="a")
+    b = gv.Variable(np.arange(3, dtype=np.uint8), name="b")
+    prefix = gv.Saver([a, b]).save(tmp_path / "m")
+    data_path, index_path = Path(prefix + ".safetensors"), Path(prefix + ".index.json")
+    with SafetensorsReader(data_path) as r:  # the same layout as the crafted headers
+        assert [(k, i.begin - r.tensors["a"].begin, i.nbytes) for k, i in r.tensors.items()] == [("a", 0, 8), ("b", 8, 3)]
+        data = data_path.read_bytes()[r.tensors["a"].begin:]
+    index = json.loads(index_path.read_text())
+    plain = tmp_path / "plain.safetensors"
+
+    @settings(max_examples=150, deadline=None)
+    @given(header=damaged_headers())
+    @example(header=_bad("dtype", 5))
+    @example(header=_bad("dtype", ["F32"]))
+    @example(header=_bad("dtype", {"F32": None}))
+    @example(header=_bad("shape", "3"))
+    @example(header=_bad("shape", [2.0]))
+    @example(header=_bad("shape", [True, True]))
+    @example(header=_bad("shape", [2**64]))
+    @example(header=_bad("shape", [2**63, 0]))
+    @example(header=_bad("data_offsets", {"a": 1}))
+    @example(header=_bad("data_offsets", [[0], [8]]))
+    @example(header={"__metadata__": {"k": ["v"]}, "a": entry("F32", [2], 0, 8), "b": entry("U8", [3], 8, 11)})
+    def check(header: dict[str, Any]) -> None:
+        craft(plain, header, data)
+        index["files"][data_path.name]["size"] = craft(data_path, header, data)  # the header is what fails
+        index_path.write_text(json.dumps(index))
+
+        def read_all() -> None:
+            with SafetensorsReader(plain) as r:
+                for k in r.keys():
+                    r.get_tensor(k)
+
+        only_checkpoint_errors(read_all)
+        for path in (str(plain), prefix):
+            def restore() -> None:
+                with gv.Registry():
+                    x = gv.Variable(np.zeros(2, np.float32), name="a")
+                    y = gv.Variable(np.zeros(3, np.uint8), name="b")
+                    gv.Saver([x, y]).restore(path)
+
+            def load() -> None:
+                with gv.Registry():
+                    gv.load_checkpoint(path)
+
+            def reader() -> None:
+                ckpt = gv.CheckpointReader(path)
+                for k in ckpt.keys():
+                    ckpt.get_tensor(k)
+                ckpt.verify()
+
+            for fn in (restore, load, reader):
+                only_checkpoint_errors(fn)
+            cli("inspect", path)
+            cli("inspect", path, "--all")
+            cli("verify", path)
+
+    check()
