@@ -174,3 +174,13 @@ def test_inspect_header_field_of_the_wrong_json_type(tmp_path: Path, capsys: pyt
         assert err.startswith("error: ") and str(path) in err and "'w'" in err and field in err
     result = run_cli("inspect", str(path))
     assert result.returncode == 1 and "Traceback" not in result.stderr and "'w'" in result.stderr
+
+
+def test_fifo_in_place_of_the_index_is_an_error_not_a_hang(prefix: str) -> None:
+    index = prefix + ".index.json"
+    os.unlink(index)
+    os.mkfifo(index)
+    for command in ("inspect", "verify"):
+        result = run_cli(command, prefix, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "error:" in result.stderr and "index.json: checkpoint index is a FIFO" in result.stderr

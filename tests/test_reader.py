@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
+import signal
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -152,3 +156,48 @@ def test_header_fields_of_any_json_type_are_checkpoint_errors_everywhere(tmp_pat
             cli("verify", path)
 
     check()
+
+
+# --- files that are not regular files -------------------------------------------------------------
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Fail (rather than hang the suite) when something blocks for 10 s, e.g. open() of a FIFO."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a directory"])
+def test_special_file_in_place_of_the_index_is_damage_at_once(tmp_path: Path, no_hang: None, kind: str) -> None:
+    w = gv.Variable(np.arange(3.0), name="w")
+    prefix = gv.Saver([w]).save(tmp_path / "m")
+    index = Path(prefix + ".index.json")
+    index.unlink()
+    os.mkfifo(index) if kind == "a FIFO" else index.mkdir()
+    for path in (prefix, prefix + ".safetensors"):
+        with pytest.raises(gv.CheckpointCorruptError, match=f"m.index.json: checkpoint index is {kind}.*, not a regular file"):
+            gv.CheckpointReader(path)
+        assert cli("inspect", path) == 1 and cli("verify", path) == 1
+
+
+def test_special_file_in_place_of_a_listed_file_is_damage_at_once(tmp_path: Path, no_hang: None) -> None:
+    w = gv.Variable(np.arange(3.0), name="w")
+    opts = gv.SaveOptions(experimental_variable_policy="save_variable_devices")
+    prefix = gv.Saver([w], options=opts).save(tmp_path / "m")
+    for name in ("m.devices.json", "m.safetensors"):
+        saved = tmp_path / (name + ".saved")
+        shutil.move(tmp_path / name, saved)
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(gv.CheckpointCorruptError, match=name):
+            gv.CheckpointReader(prefix)
+        (tmp_path / name).unlink()
+        shutil.move(saved, tmp_path / name)
+    assert gv.CheckpointReader(prefix).get_tensor("w").tolist() == [0.0, 1.0, 2.0]

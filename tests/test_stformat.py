@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import signal
+import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -28,6 +32,7 @@ from gpuvars.checkpoint._stformat import (
     layout,
     new_hasher,
     np_dtype,
+    open_regular,
     st_dtype,
 )
 from gpuvars.errors import (
@@ -508,7 +513,7 @@ def test_missing_file_and_unknown_key(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError, match="nope.safetensors") as e:
         SafetensorsReader(missing)
     assert isinstance(e.value, FileNotFoundError)
-    with pytest.raises(CheckpointNotFoundError, match="not a regular file"):
+    with pytest.raises(CheckpointCorruptError, match="is a directory, not a regular file"):
         SafetensorsReader(tmp_path)
     path, _, _ = valid(tmp_path)
     with SafetensorsReader(path) as r:
@@ -665,3 +670,63 @@ def test_overwrite_is_atomic(tmp_path: Path) -> None:
     assert temp_files(tmp_path) == [] and record.size == path.stat().st_size
     with SafetensorsReader(path) as r:
         assert r.header_checksum == record.header_checksum
+
+
+# ---- files that are not regular files ------------------------------------------------------
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Fail (rather than hang the suite) when something blocks for 10 s, e.g. open() of a FIFO."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def special_files(folder: Path) -> Iterator[list[tuple[Path, str]]]:
+    """A FIFO, a directory, a socket and a character device, each named like a safetensors file."""
+    fifo, folder_, sock = folder / "fifo.safetensors", folder / "dir.safetensors", folder / "sock.safetensors"
+    os.mkfifo(fifo)
+    folder_.mkdir()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    device = folder / "null.safetensors"
+    device.symlink_to("/dev/null")
+    try:
+        yield [(fifo, "a FIFO"), (folder_, "a directory"), (sock, "a socket"), (device, "a character device")]
+    finally:
+        server.close()
+
+
+def test_reader_refuses_fifo_directory_socket_and_device_at_once(tmp_path: Path, no_hang: None) -> None:
+    with special_files(tmp_path) as cases:
+        for path, kind in cases:
+            with pytest.raises(CheckpointCorruptError, match=f"{path}: safetensors file is {kind}.*not a regular file"):
+                SafetensorsReader(path)
+
+
+def test_open_regular(tmp_path: Path, no_hang: None) -> None:
+    path, blob, _ = valid(tmp_path)
+    fd = open_regular(path, "checkpoint index")
+    try:
+        assert os.read(fd, 8) == blob[:8]
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK  # reads block as usual again
+    finally:
+        os.close(fd)
+    with pytest.raises(CheckpointNotFoundError, match=r"nope\.json: no such checkpoint state") as info:
+        open_regular(tmp_path / "nope.json", "checkpoint state")
+    assert isinstance(info.value, FileNotFoundError)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointNotFoundError):
+        open_regular(tmp_path / "dangling", "checkpoint state")
+    with special_files(tmp_path) as cases:
+        for special, kind in cases:
+            with pytest.raises(CheckpointCorruptError, match=f"{special}: checkpoint state is {kind}"):
+                open_regular(special, "checkpoint state")

@@ -30,6 +30,7 @@ not a signature. Little-endian hosts only (no byte swapping).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import operator
@@ -56,6 +57,11 @@ from gpuvars.errors import (
     CheckpointNotFoundError,
     InvalidArgumentError,
 )
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no FIFOs to block on, no O_NONBLOCK
+    fcntl = None  # type: ignore[assignment]
 
 try:
     import xxhash
@@ -258,6 +264,65 @@ def _chunk_view(chunk: object, what: str) -> memoryview:
             "(bytes, memoryview or numpy array)") from exc
 
 
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def open_regular(path: str | os.PathLike[str], what: str) -> int:
+    """Open ``path`` read-only and return the file descriptor (the caller closes it), refusing
+    at once anything but a regular file.
+
+    A FIFO in place of a checkpoint file would block ``open()`` forever and a directory
+    fails only later, as IsADirectoryError; here both are damage. The path is ``stat``-ed
+    first, so a device or FIFO is never opened; the open itself is non-blocking (a FIFO
+    swapped in since the stat cannot hang it), ``fstat``-checked, then made blocking again.
+
+    Args:
+        path: the file.
+        what: what the file is, for messages ("checkpoint index", "checkpoint state").
+
+    Raises:
+        CheckpointNotFoundError: nothing is at ``path`` (a dangling symlink included).
+        CheckpointCorruptError: ``path`` is a FIFO, directory, socket or device.
+        OSError: any other failure (permissions, I/O), unchanged.
+    """
+    return _open_regular(os.fspath(path), what)[0]
+
+
+def _open_regular(path: str, what: str) -> tuple[int, os.stat_result]:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such {what}") from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, what, mode)
+    try:
+        fd = os.open(path, _O_READ | _O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such {what}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket swapped in since the stat
+            raise CheckpointCorruptError(f"{path}: {what} is not a regular file ({exc.strerror})") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, what, st.st_mode)
+        if _O_NONBLOCK and fcntl is not None:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _not_regular(path: str, what: str, mode: int) -> CheckpointCorruptError:
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else f"of file type {stat.S_IFMT(mode):#o}")
+    return CheckpointCorruptError(f"{path}: {what} is {kind}, not a regular file")
+
+
 class SafetensorsWriter:
     """Streams tensors into a temporary sibling of ``path``; ``commit`` renames it in place.
 
@@ -399,14 +464,9 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike[str], *, max_header_size: int = MAX_HEADER_SIZE) -> None:
         self.path = os.fspath(path)
+        fd, st = _open_regular(self.path, "safetensors file")
+        self._fd: int | None = fd
         try:
-            self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError as exc:
-            raise CheckpointNotFoundError(f"{self.path}: no such safetensors file") from exc
-        try:
-            st = os.fstat(self._fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointNotFoundError(f"{self.path}: not a regular file")
             self.size = st.st_size
             self._parse(max_header_size)
         except BaseException:

@@ -33,7 +33,11 @@ class CheckpointReader:
     """
 
     def __init__(self, prefix: str | os.PathLike[str]) -> None:
+        _refuse_special_files(os.fspath(prefix))
         self._index = _format.open_checkpoint(prefix)
+        for name in self._index.files:  # .safetensors files are checked when opened
+            if not name.endswith(_format.PLAIN_SUFFIX):
+                os.close(st.open_regular(self._index.path(name), "checkpoint file"))
         self._devices = _format.read_devices(self._index) if self._index.policy.saves_devices() else {}
 
     @property
@@ -106,3 +110,16 @@ class CheckpointReader:
                 bad.extend(missing)
                 bad.extend(reader.verify({k: c for k, c in expected.items() if k in reader.tensors}))
         return bad
+
+
+def _refuse_special_files(path: str) -> None:
+    """CheckpointCorruptError at once when an index this reader would open, or ``path`` as a
+    plain file, is a FIFO (open() would block forever), a directory, a socket or a device."""
+    folder, base = os.path.split(path)
+    candidates = [(os.path.join(folder, _format.index_file(base)), "checkpoint index")]
+    if base.endswith(_format.PLAIN_SUFFIX):
+        stem = base[: -len(_format.PLAIN_SUFFIX)]
+        candidates += [(path, "safetensors file"), (os.path.join(folder, _format.index_file(stem)), "checkpoint index")]
+    for candidate, what in candidates:
+        if os.path.exists(candidate):  # a missing one is open_checkpoint's to explain
+            os.close(st.open_regular(candidate, what))
