@@ -50,6 +50,7 @@ import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 
+from gpuvars._backend_errors import backend_errors
 from gpuvars.checkpoint import _parallel
 from gpuvars.errors import (
     CheckpointCorruptError,
@@ -646,9 +647,13 @@ class SafetensorsReader:
         self._check(info, hasher, expected)
 
     def get_tensor(self, name: str, *, expected_checksum: str | None = None) -> np.ndarray:
-        """A new array holding the tensor (its size is bounded by the validated file size)."""
+        """A new array holding the tensor (its size is bounded by the validated file size).
+
+        Raises ResourceExhaustedError, naming the file and tensor, when host memory cannot hold it.
+        """
         info = self._info(name)
-        out = np.empty(info.shape, info.dtype)
+        with backend_errors(None, f"reading tensor {_short(name)} ({info.nbytes} bytes) of {self.path}"):
+            out = np.empty(info.shape, info.dtype)  # MemoryError -> ResourceExhaustedError
         self.read_into(name, out, expected_checksum=expected_checksum)
         return out
 
