@@ -20,30 +20,30 @@ def _inspect(args: argparse.Namespace) -> int:
     from gpuvars.checkpoint import _stformat as st
     from gpuvars.checkpoint.reader import CheckpointReader
 
-    ckpt = CheckpointReader(args.prefix)
-    devices = ckpt.get_variable_to_device_map()
-    dtypes = ckpt.get_variable_to_dtype_map()
-    rows = [(k, st.st_dtype(dtypes[k]), s, devices.get(k, "")) for k, s in ckpt.get_variable_to_shape_map().items()]
-    if ckpt.plain:
-        header = f"# plain safetensors file {ckpt.prefix} (no checksums, no devices)"
-    else:
-        step = "" if ckpt.global_step is None else f", global_step {ckpt.global_step}"
-        header = f"# checkpoint {ckpt.prefix} (policy {ckpt.policy}{step})"
-    if args.tensor is not None:
-        if not ckpt.has_tensor(args.tensor):
-            print(f"error: Key {args.tensor} not found in checkpoint {ckpt.prefix}", file=sys.stderr)
-            return 1
-        print(f"tensor_name:  {args.tensor}")
-        print(np.array2string(ckpt.get_tensor(args.tensor), threshold=args.threshold))
-        return 0
-    print(header)
-    for key, dtype, shape, device in rows:
-        if args.all:
-            print(f"tensor_name:  {key}")
-            print(np.array2string(ckpt.get_tensor(key), threshold=args.threshold))
+    with CheckpointReader(args.prefix) as ckpt:  # each file opened once, for every tensor
+        devices = ckpt.get_variable_to_device_map()
+        dtypes = ckpt.get_variable_to_dtype_map()
+        rows = [(k, st.st_dtype(dtypes[k]), s, devices.get(k, "")) for k, s in ckpt.get_variable_to_shape_map().items()]
+        if ckpt.plain:
+            header = f"# plain safetensors file {ckpt.prefix} (no checksums, no devices)"
         else:
-            where = f" {device}" if device else ""
-            print(f"{key} ({dtype}) [{','.join(map(str, shape))}]{where}")
+            step = "" if ckpt.global_step is None else f", global_step {ckpt.global_step}"
+            header = f"# checkpoint {ckpt.prefix} (policy {ckpt.policy}{step})"
+        if args.tensor is not None:
+            if not ckpt.has_tensor(args.tensor):
+                print(f"error: Key {args.tensor} not found in checkpoint {ckpt.prefix}", file=sys.stderr)
+                return 1
+            print(f"tensor_name:  {args.tensor}")
+            print(np.array2string(ckpt.get_tensor(args.tensor), threshold=args.threshold))
+            return 0
+        print(header)
+        for key, dtype, shape, device in rows:
+            if args.all:
+                print(f"tensor_name:  {key}")
+                print(np.array2string(ckpt.get_tensor(key), threshold=args.threshold))
+            else:
+                where = f" {device}" if device else ""
+                print(f"{key} ({dtype}) [{','.join(map(str, shape))}]{where}")
     total = sum(int(np.prod(shape, dtype=np.int64)) for _, _, shape, _ in rows)
     print(f"# Total number of params: {total}")
     return 0
@@ -52,8 +52,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from gpuvars.checkpoint.reader import CheckpointReader
 
-    reader = CheckpointReader(args.prefix)
-    bad = reader.verify()
+    with CheckpointReader(args.prefix) as reader:
+        bad = reader.verify()
     if bad:
         print(f"DAMAGED: {reader.prefix}: checksum failed for {', '.join(bad)}", file=sys.stderr)
         return 1

@@ -184,3 +184,15 @@ def test_fifo_in_place_of_the_index_is_an_error_not_a_hang(prefix: str) -> None:
         result = run_cli(command, prefix, timeout=60)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert "error:" in result.stderr and "index.json: checkpoint index is a FIFO" in result.stderr
+
+
+def test_inspect_all_reads_each_file_once_and_closes_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keep = [gv.Variable(np.full(2, i, np.int16), name=f"v{i:03d}") for i in range(200)]
+    prefix = gv.Saver(keep).save(tmp_path / "m")
+    fds = len(os.listdir("/proc/self/fd"))
+    assert main(["inspect", prefix, "--all"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("tensor_name:") == 200 and "tensor_name:  v199\n[199 199]\n" in out
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert main(["verify", prefix]) == 0
+    assert len(os.listdir("/proc/self/fd")) == fds

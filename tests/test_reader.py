@@ -144,10 +144,10 @@ def test_header_fields_of_any_json_type_are_checkpoint_errors_everywhere(tmp_pat
                     gv.load_checkpoint(path)
 
             def reader() -> None:
-                ckpt = gv.CheckpointReader(path)
-                for k in ckpt.keys():
-                    ckpt.get_tensor(k)
-                ckpt.verify()
+                with gv.CheckpointReader(path) as ckpt:
+                    for k in ckpt.keys():
+                        ckpt.get_tensor(k)
+                    ckpt.verify()
 
             for fn in (restore, load, reader):
                 only_checkpoint_errors(fn)
@@ -156,6 +156,70 @@ def test_header_fields_of_any_json_type_are_checkpoint_errors_everywhere(tmp_pat
             cli("verify", path)
 
     check()
+
+
+# --- each file opened once --------------------------------------------------------------------------
+
+def open_fds() -> int:
+    """How many file descriptors this process holds (Linux)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except FileNotFoundError:
+        pytest.skip("needs /proc/self/fd")
+
+
+N = 300
+
+
+@pytest.fixture
+def many(tmp_path: Path) -> str:
+    keep = [gv.Variable(np.full(3, i, np.int32), name=f"layer{i:03d}/w") for i in range(N)]
+    return gv.Saver(keep).save(tmp_path / "m")
+
+
+def test_get_tensor_opens_and_parses_each_file_once(many: str) -> None:
+    before = open_fds()
+    reader = gv.CheckpointReader(many)
+    keys = reader.keys()
+    assert reader.get_tensor(keys[0]).tolist() == [0, 0, 0]
+    assert open_fds() == before + 1
+    # The file is gone from the folder now: only the descriptor opened (and the header parsed)
+    # by the first read can serve the other N-1 reads; a reader that reopened per call fails.
+    os.unlink(many + ".safetensors")
+    for i, key in enumerate(keys):
+        assert reader.get_tensor(key).tolist() == [i, i, i]
+    assert reader.verify() == []
+    assert open_fds() == before + 1
+    reader.close()
+    reader.close()  # idempotent
+    assert open_fds() == before
+    with pytest.raises(gv.InvalidArgumentError, match="CheckpointReader of .*m' is closed"):
+        reader.get_tensor(keys[1])
+    assert reader.get_variable_to_shape_map()[keys[1]] == (3,)  # the maps need no file
+
+
+def test_reader_is_a_context_manager_and_a_dropped_one_closes_its_files(many: str) -> None:
+    before = open_fds()
+    with gv.CheckpointReader(many) as reader:
+        assert reader.get_tensor("layer007/w").tolist() == [7, 7, 7]
+        assert open_fds() == before + 1
+    assert open_fds() == before
+    with pytest.raises(gv.InvalidArgumentError, match="closed"):
+        reader.get_tensor("layer007/w")
+    dropped = gv.CheckpointReader(many)
+    dropped.get_tensor("layer001/w")
+    del dropped
+    assert open_fds() == before
+
+
+def test_reader_sees_a_consistent_checkpoint_while_files_are_replaced(many: str, tmp_path: Path) -> None:
+    reader = gv.CheckpointReader(many)
+    assert reader.get_tensor("layer002/w").tolist() == [2, 2, 2]
+    with gv.Registry():
+        other = gv.Variable(np.full(3, -1, np.int32), name="layer002/w")
+        gv.Saver([other]).save(tmp_path / "m")  # the same prefix, saved over (new inodes)
+    assert reader.get_tensor("layer005/w").tolist() == [5, 5, 5]  # the files it opened, not the new ones
+    reader.close()
 
 
 # --- files that are not regular files -------------------------------------------------------------
