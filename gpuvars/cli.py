@@ -1,8 +1,8 @@
 """Command line: ``python -m gpuvars {inspect,verify,devices,demo}``.
 
 ``inspect`` is TF's inspect_checkpoint (print_tensors_in_checkpoint_file) for gpuvars
-checkpoints and plain .safetensors files; ``verify`` checks every checksum and exits
-non-zero on damage.
+checkpoints and plain .safetensors files; ``verify`` checks every checksum of every file
+the index lists (data, replica files, device map) and exits non-zero on damage.
 """
 
 from __future__ import annotations

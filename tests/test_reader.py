@@ -222,6 +222,98 @@ def test_reader_sees_a_consistent_checkpoint_while_files_are_replaced(many: str,
     reader.close()
 
 
+# --- verify: every file the index lists ------------------------------------------------------------
+
+class Expanded:
+    """An EXPAND_DISTRIBUTED_VARIABLES checkpoint of a MirroredVariable over two logical CPUs
+    plus a plain variable: m.safetensors, m.replica-{0,1}-of-2.safetensors, m.devices.json."""
+
+    def __init__(self, folder: Path) -> None:
+        gv.config.set_logical_devices("cpu", 2)
+        self.strategy = gv.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with self.strategy.scope():
+            self.w = gv.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="w")
+        self.b = gv.Variable(np.arange(3, dtype=np.int64), name="b")
+        opts = gv.SaveOptions(experimental_variable_policy="expand_distributed_variables")
+        self.saver = gv.Saver([self.w, self.b], options=opts)
+        self.prefix = self.saver.save(folder / "m")
+        self.folder = folder
+        self.index = json.loads(Path(self.prefix + ".index.json").read_text())
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def flip_tensor_byte(self, name: str, key: str) -> None:
+        with SafetensorsReader(self.path(name)) as r:
+            offset = r.tensors[key].end - 1
+        raw = bytearray(self.path(name).read_bytes())
+        raw[offset] ^= 0x04
+        self.path(name).write_bytes(bytes(raw))
+
+    def replace_same_size(self, name: str, old: bytes, new: bytes) -> None:
+        raw = self.path(name).read_bytes()
+        assert len(old) == len(new) and raw.count(old) == 1
+        self.path(name).write_bytes(raw.replace(old, new))
+
+
+@pytest.fixture
+def expanded(tmp_path: Path) -> Expanded:
+    return Expanded(tmp_path)
+
+
+REPLICA_0, REPLICA_1 = "m.replica-0-of-2.safetensors", "m.replica-1-of-2.safetensors"
+
+
+def test_expanded_checkpoint_lists_the_files_verify_must_check(expanded: Expanded) -> None:
+    files = expanded.index["files"]
+    assert {n: r["role"] for n, r in files.items()} == {
+        "m.safetensors": "data", REPLICA_0: "replica", REPLICA_1: "replica", "m.devices.json": "devices"}
+    assert [c["file"] for c in expanded.index["variables"]["w"]["components"]] == [REPLICA_0, REPLICA_1]
+    with gv.CheckpointReader(expanded.prefix) as reader:
+        assert reader.verify() == []
+    assert cli("verify", expanded.prefix) == 0
+
+
+def test_verify_checks_every_replica_component(expanded: Expanded) -> None:
+    expanded.flip_tensor_byte(REPLICA_1, "w")
+    with gv.CheckpointReader(expanded.prefix) as reader:
+        assert reader.verify() == [f"w (in {REPLICA_1})"]
+        assert reader.get_tensor("w").tolist() == [[0, 1, 2], [3, 4, 5]]  # the logical value is intact
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        assert main(["verify", expanded.prefix]) == 1
+    assert err.getvalue() == f"DAMAGED: {expanded.prefix}: checksum failed for w (in {REPLICA_1})\n"
+    # what verify now reports, a restore into the same topology meets: it reads the replica files
+    with pytest.raises(gv.CheckpointCorruptError, match=f"{REPLICA_1}.*checksum failed for 'w'"):
+        expanded.saver.restore(expanded.prefix, verify_first=True)
+
+
+def test_verify_checks_every_replica_header(expanded: Expanded) -> None:
+    expanded.replace_same_size(REPLICA_0, b'"replica":"0 of 2"', b'"replica":"7 of 2"')
+    with gv.CheckpointReader(expanded.prefix) as reader:
+        assert reader.verify() == [f"<header of {REPLICA_0}>"]
+    assert cli("verify", expanded.prefix) == 1
+    with pytest.raises(gv.CheckpointCorruptError, match=f"{REPLICA_0}.*header fails the checksum"):
+        expanded.saver.restore(expanded.prefix)
+
+
+def test_verify_checks_the_device_map(expanded: Expanded) -> None:
+    with gv.CheckpointReader(expanded.prefix) as reader:  # opened while the device map was sound
+        expanded.replace_same_size("m.devices.json", b'"device":"/cpu:1"', b'"device":"/cpu:7"')
+        assert reader.verify() == ["<m.devices.json>"]
+    with pytest.raises(gv.CheckpointCorruptError, match="m.devices.json.*fails its checksum"):
+        gv.CheckpointReader(expanded.prefix)
+    assert cli("verify", expanded.prefix) == 1
+
+
+def test_verify_reports_a_replica_file_that_lost_a_component(expanded: Expanded) -> None:
+    index_path = Path(expanded.prefix + ".index.json")
+    index = dict(expanded.index)
+    index["variables"]["b"]["components"] = [{"file": REPLICA_1, "shape": [3], "checksum": "0" * 16}]
+    index_path.write_text(json.dumps(index))
+    with gv.CheckpointReader(expanded.prefix) as reader:
+        assert reader.verify() == [f"b (in {REPLICA_1})"]
+
+
 # --- files that are not regular files -------------------------------------------------------------
 
 @pytest.fixture

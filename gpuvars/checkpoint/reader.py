@@ -118,27 +118,36 @@ class CheckpointReader:
         return reader.get_tensor(key, expected_checksum=entry.checksum)
 
     def verify(self) -> list[str]:
-        """Keys whose bytes fail their checksums (empty when the checkpoint is sound).
+        """What fails its checksum, over every file the index lists (empty when all is sound).
 
-        A damaged header is reported as ``<header of FILE>``; structural damage (sizes,
-        unparsable headers) raises CheckpointCorruptError. A plain .safetensors file has no
-        checksums: only its structure is checked (when it was opened).
+        The data file's tensors are reported by key; an EXPAND_DISTRIBUTED_VARIABLES
+        replica component as ``KEY (in FILE)``; a safetensors header that fails its checksum
+        as ``<header of FILE>``; any other listed file (the device map) as ``<FILE>``.
+        Structural damage (sizes, unparsable headers, missing files) raises
+        CheckpointCorruptError. A plain .safetensors file has no checksums: only its
+        structure is checked.
         """
-        bad: list[str] = []
-        by_file: dict[str, dict[str, str]] = {}
+        expected: dict[str, dict[str, str]] = {}
         for key, entry in self._index.variables.items():
-            files = by_file.setdefault(entry.file, {})
             if entry.checksum is not None:
-                files[key] = entry.checksum
-        for name, expected in by_file.items():
+                expected.setdefault(entry.file, {})[key] = entry.checksum
+            for comp in entry.components:
+                expected.setdefault(comp.file, {})[key] = comp.checksum
+        bad: list[str] = []
+        for name, rec in self._index.files.items():
+            want = rec["checksum"]
+            if not name.endswith(_format.PLAIN_SUFFIX):
+                if want is not None and _file_checksum(self._index.path(name)) != want:
+                    bad.append(f"<{name}>")
+                continue
             reader = self._reader(name)
-            want = self._index.files[name]["checksum"]
             if want is not None and reader.header_checksum != want:
                 bad.append(f"<header of {name}>")
                 continue
-            missing = [k for k in expected if k not in reader.tensors]
-            bad.extend(missing)
-            bad.extend(reader.verify({k: c for k, c in expected.items() if k in reader.tensors}))
+            suffix = "" if rec.get("role") == "data" else f" (in {name})"
+            checks = expected.get(name, {})
+            bad.extend(k + suffix for k in checks if k not in reader.tensors)
+            bad.extend(k + suffix for k in reader.verify({k: c for k, c in checks.items() if k in reader.tensors}))
         return bad
 
     def _reader(self, name: str) -> st.SafetensorsReader:
@@ -185,3 +194,15 @@ def _refuse_special_files(path: str) -> None:
     for candidate, what in candidates:
         if os.path.exists(candidate):  # a missing one is open_checkpoint's to explain
             os.close(st.open_regular(candidate, what))
+
+
+def _file_checksum(path: str) -> str:
+    """The checksum of a whole file (the device map), streamed in bounded chunks."""
+    fd = st.open_regular(path, "checkpoint file")
+    try:
+        hasher = st.new_hasher()
+        while chunk := os.read(fd, st.CHUNK_BYTES):
+            hasher.update(chunk)
+        return hasher.hexdigest()
+    finally:
+        os.close(fd)
