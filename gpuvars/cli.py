@@ -2,12 +2,15 @@
 
 ``inspect`` is TF's inspect_checkpoint (print_tensors_in_checkpoint_file) for gpuvars
 checkpoints and plain .safetensors files; ``verify`` checks every checksum of every file
-the index lists (data, replica files, device map) and exits non-zero on damage.
+the index lists (data, replica files, device map) and exits non-zero on damage. Damage
+of any kind, an I/O error or a lack of memory prints ``error: ...`` and exits 1, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -44,7 +47,7 @@ def _inspect(args: argparse.Namespace) -> int:
             else:
                 where = f" {device}" if device else ""
                 print(f"{key} ({dtype}) [{','.join(map(str, shape))}]{where}")
-    total = sum(int(np.prod(shape, dtype=np.int64)) for _, _, shape, _ in rows)
+    total = sum(math.prod(shape) for _, _, shape, _ in rows)  # Python ints: any size, no overflow
     print(f"# Total number of params: {total}")
     return 0
 
@@ -100,6 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))
-    except (GpuvarsError, OSError) as exc:  # a user-facing failure: a message, never a traceback
+    except (GpuvarsError, OSError, MemoryError) as exc:  # damage, I/O, memory: a message, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1

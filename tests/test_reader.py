@@ -314,6 +314,28 @@ def test_verify_reports_a_replica_file_that_lost_a_component(expanded: Expanded)
         assert reader.verify() == [f"b (in {REPLICA_1})"]
 
 
+# --- shapes in the index ----------------------------------------------------------------------------
+
+BIG_SHAPES = [[10**30], [2**62, 4], [2**63], [1] * 65, [0, 2**62, 4], [3, 10**6]]
+
+
+@pytest.mark.parametrize("shape", BIG_SHAPES, ids=["1e30", "int64-overflow", "2**63", "65-dims", "empty-huge", "past-file"])
+@pytest.mark.parametrize("where", ["variable", "component"])
+def test_index_shape_beyond_numpy_or_its_file_is_corrupt(expanded: Expanded, shape: list[int], where: str) -> None:
+    index = expanded.index
+    if where == "variable":
+        index["variables"]["w"]["shape"] = shape
+    else:
+        index["variables"]["w"]["components"][1]["shape"] = shape
+    Path(expanded.prefix + ".index.json").write_text(json.dumps(index))
+    with pytest.raises(gv.CheckpointCorruptError, match=r"m\.index\.json.*variable 'w': shape .* needs"):
+        gv.CheckpointReader(expanded.prefix)
+    for command in (["inspect", expanded.prefix], ["inspect", expanded.prefix, "--all"], ["verify", expanded.prefix]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            assert main(command) == 1
+        assert err.getvalue().startswith("error: checkpoint index") and "'w'" in err.getvalue()
+
+
 # --- files that are not regular files -------------------------------------------------------------
 
 @pytest.fixture

@@ -131,6 +131,19 @@ def np_dtype(st: str) -> np.dtype[Any]:
         ) from exc
 
 
+def shape_problem(shape: Sequence[int], dtype: np.dtype[Any]) -> str | None:
+    """Why numpy cannot hold an array of ``shape`` (non-negative Python ints) and ``dtype``,
+    or None when it can: too many dims, a dim or the byte size (empty dims counted as 1)
+    over ``2**63 - 1``. Cheap for any input: dims are bounded before they are multiplied."""
+    if len(shape) > _MAX_NDIM:
+        return f"{len(shape)} dims, numpy holds at most {_MAX_NDIM}"
+    if shape and max(shape) > _MAX_DIM:
+        return f"a dim over numpy's limit of {_MAX_DIM}"
+    if math.prod(d or 1 for d in shape) * dtype.itemsize > _MAX_DIM:
+        return f"more than numpy's limit of {_MAX_DIM} bytes"
+    return None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a file; ``begin``/``end`` are absolute byte offsets in the file."""

@@ -3,11 +3,14 @@ devices from the index alone; tensor data only when asked for, checksum-verified
 
 Each file is opened and its header parsed and checked once, on first use, and kept open
 for the reader's life (``close()`` or ``with``): reading every tensor of a 20,000-tensor
-checkpoint costs one header parse, not 20,000.
+checkpoint costs one header parse, not 20,000. The index is checked against the files'
+recorded sizes before anything is read, so no shape in it can ask for more memory than
+its file holds.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from types import TracebackType
@@ -33,7 +36,8 @@ class CheckpointReader:
     Raises:
         CheckpointNotFoundError: no committed checkpoint (or file) at ``prefix``.
         CheckpointCorruptError: a damaged index or device map, a file the index lists that is
-            missing, of the wrong size or not a regular file (a FIFO, a directory).
+            missing, of the wrong size or not a regular file (a FIFO, a directory), or a shape
+            in the index larger than its file.
 
     Example:
         >>> import gpuvars as gv, numpy as np, tempfile, os
@@ -55,6 +59,7 @@ class CheckpointReader:
         for name in self._index.files:  # .safetensors files are checked when opened
             if not name.endswith(_format.PLAIN_SUFFIX):
                 os.close(st.open_regular(self._index.path(name), "checkpoint file"))
+        _check_shapes_fit(self._index)
         self._devices = _format.read_devices(self._index) if self._index.policy.saves_devices() else {}
 
     @property
@@ -194,6 +199,26 @@ def _refuse_special_files(path: str) -> None:
     for candidate, what in candidates:
         if os.path.exists(candidate):  # a missing one is open_checkpoint's to explain
             os.close(st.open_regular(candidate, what))
+
+
+def _check_shapes_fit(index: _format.Index) -> None:
+    """Every shape in the index, whole and per component, fits numpy and its file's recorded
+    size (Python ints: no overflow), so nothing read through it allocates beyond the file."""
+    where = index.prefix if index.plain else os.path.join(index.folder, _format.index_file(index.base))
+    for key, entry in index.variables.items():
+        dtype = st.np_dtype(entry.dtype)
+        for file, shape in [(entry.file, entry.shape)] + [(c.file, c.shape) for c in entry.components]:
+            problem = st.shape_problem(shape, dtype)
+            if problem is None:
+                size = index.files[file]["size"]
+                nbytes = math.prod(shape) * dtype.itemsize
+                if nbytes > size:
+                    problem = f"{nbytes} bytes, more than its file {file!r} holds ({size} bytes)"
+            if problem is not None:
+                raise CheckpointCorruptError(
+                    f"checkpoint index {where!r}, variable {key!r}: shape {list(shape)!r:.200} of {entry.dtype} "
+                    f"needs {problem}"
+                )
 
 
 def _file_checksum(path: str) -> str:
