@@ -362,7 +362,7 @@ def test_dims_beyond_numpy_are_corrupt(tmp_path: Path, shape: list[int]) -> None
     path = craft(tmp_path / "d.safetensors", {"a": entry("F32", shape, 0, nbytes)}, b"\0" * nbytes)
     with pytest.raises(ValueError):
         stnp.load_file(str(path))
-    corrupt(path, "tensor 'a': .*(beyond numpy|larger than numpy can index)")
+    corrupt(path, "tensor 'a': shape .* of F32 is beyond numpy: ")
 
 
 def test_messages_about_huge_values_stay_short(tmp_path: Path) -> None:

@@ -132,15 +132,16 @@ def np_dtype(st: str) -> np.dtype[Any]:
 
 
 def shape_problem(shape: Sequence[int], dtype: np.dtype[Any]) -> str | None:
-    """Why numpy cannot hold an array of ``shape`` (non-negative Python ints) and ``dtype``,
-    or None when it can: too many dims, a dim or the byte size (empty dims counted as 1)
-    over ``2**63 - 1``. Cheap for any input: dims are bounded before they are multiplied."""
+    """Why numpy cannot make an array of ``shape`` (non-negative Python ints) and ``dtype``,
+    or None when it can. The one statement of that rule, for headers and the index alike:
+    at most ``_MAX_NDIM`` dims, and each dim and the byte size, empty dims counted as 1,
+    at most ``2**63 - 1``. Cheap for any input: dims are bounded before they are multiplied."""
     if len(shape) > _MAX_NDIM:
         return f"{len(shape)} dims, numpy holds at most {_MAX_NDIM}"
     if shape and max(shape) > _MAX_DIM:
         return f"a dim over numpy's limit of {_MAX_DIM}"
     if math.prod(d or 1 for d in shape) * dtype.itemsize > _MAX_DIM:
-        return f"more than numpy's limit of {_MAX_DIM} bytes"
+        return f"over numpy's limit of {_MAX_DIM} bytes (counting empty dims as 1)"
     return None
 
 
@@ -530,8 +531,9 @@ class SafetensorsReader:
         self.metadata: dict[str, str] = dict(meta or {})
 
         # The fast path, inlined (20,000 entries: a call per entry is a fifth of the parse):
-        # exact JSON types, every dim and offset a non-negative int, numpy-sized dims; any
-        # failure goes to _bad_entry, which says which field of which tensor is wrong. Fields
+        # exact JSON types, every dim and offset a non-negative int, shape_problem's bounds
+        # on dims (an empty tensor's size is checked by it in full); any failure goes to
+        # _bad_entry, which says which field of which tensor is wrong. Fields
         # beyond these three are ignored, as safetensors' own (serde) reader ignores them.
         entries: list[tuple[str, np.dtype[Any], tuple[int, ...], int, int]] = []
         append = entries.append
@@ -553,9 +555,8 @@ class SafetensorsReader:
             if end - begin != nbytes:
                 raise self._corrupt(f"data_offsets [{begin}, {end}] hold {end - begin} bytes, "
                                     f"shape {shape} of {st} needs {nbytes}", key)
-            if not nbytes and len(shape) > 1 and math.prod(d or 1 for d in shape) * dtype.itemsize > _MAX_DIM:
-                raise self._corrupt(f"shape {shape} of {st} is empty but larger than numpy can index "
-                                    f"(its non-zero dims times {dtype.itemsize} exceed {_MAX_DIM})", key)
+            if not nbytes and len(shape) > 1 and (problem := shape_problem(shape, dtype)) is not None:
+                raise self._corrupt(f"shape {_short(shape)} of {st} is beyond numpy: {problem}", key)
             append((key, dtype, tuple(shape), begin, end))
         entries.sort(key=_BY_OFFSETS)
         base, expected = 8 + n, 0
@@ -588,9 +589,8 @@ class SafetensorsReader:
             return self._corrupt(f"unknown dtype {_short(st)}; gpuvars reads {', '.join(_ST_TO_NP)}", key)
         if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             return self._corrupt(f"shape must be a JSON list of non-negative integers, found {_short(shape)}", key)
-        if len(shape) > _MAX_NDIM or any(d > _MAX_DIM for d in shape):
-            return self._corrupt(f"shape {_short(shape)} is beyond numpy's limits (at most {_MAX_NDIM} "
-                                 f"dims, each at most {_MAX_DIM})", key)
+        if (problem := shape_problem(shape, _ST_TO_NP[st])) is not None:
+            return self._corrupt(f"shape {_short(shape)} of {st} is beyond numpy: {problem}", key)
         return self._corrupt(f"data_offsets must be a JSON list [begin, end] of integers with "
                              f"0 <= begin <= end, found {_short(offsets)}", key)
 

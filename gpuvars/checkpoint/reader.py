@@ -209,15 +209,14 @@ def _check_shapes_fit(index: _format.Index) -> None:
         dtype = st.np_dtype(entry.dtype)
         for file, shape in [(entry.file, entry.shape)] + [(c.file, c.shape) for c in entry.components]:
             problem = st.shape_problem(shape, dtype)
-            if problem is None:
-                size = index.files[file]["size"]
-                nbytes = math.prod(shape) * dtype.itemsize
-                if nbytes > size:
-                    problem = f"{nbytes} bytes, more than its file {file!r} holds ({size} bytes)"
+            if problem is not None:
+                problem = f"is beyond numpy: {problem}"
+            elif (nbytes := math.prod(shape) * dtype.itemsize) > (size := index.files[file]["size"]):
+                problem = f"needs {nbytes} bytes, more than its file {file!r} holds ({size} bytes)"
             if problem is not None:
                 raise CheckpointCorruptError(
-                    f"checkpoint index {where!r}, variable {key!r}: shape {list(shape)!r:.200} of {entry.dtype} "
-                    f"needs {problem}"
+                    f"checkpoint index {where!r}, variable {key!r}: shape {list(shape)!r:.200} of "
+                    f"{entry.dtype} {problem}"
                 )
 
 
