@@ -1,13 +1,16 @@
 """Command line: ``python -m gpuvars {inspect,verify,devices,demo}``.
 
 ``inspect`` is TF's inspect_checkpoint (print_tensors_in_checkpoint_file) for gpuvars
-checkpoints and plain .safetensors files; ``verify`` checks every checksum and exits
-non-zero on damage.
+checkpoints and plain .safetensors files; ``verify`` checks every checksum of every file
+the index lists (data, replica files, device map) and exits non-zero on damage. Damage
+of any kind, an I/O error or a lack of memory prints ``error: ...`` and exits 1, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
@@ -17,42 +20,42 @@ from gpuvars.errors import GpuvarsError
 
 def _inspect(args: argparse.Namespace) -> int:
     from gpuvars.checkpoint import _stformat as st
-    from gpuvars.checkpoint.load import CheckpointReader
+    from gpuvars.checkpoint.reader import CheckpointReader
 
-    ckpt = CheckpointReader(args.prefix)
-    devices = ckpt.get_variable_to_device_map()
-    dtypes = ckpt.get_variable_to_dtype_map()
-    rows = [(k, st.st_dtype(dtypes[k]), s, devices.get(k, "")) for k, s in ckpt.get_variable_to_shape_map().items()]
-    if ckpt.plain:
-        header = f"# plain safetensors file {ckpt.prefix} (no checksums, no devices)"
-    else:
-        step = "" if ckpt.global_step is None else f", global_step {ckpt.global_step}"
-        header = f"# checkpoint {ckpt.prefix} (policy {ckpt.policy}{step})"
-    if args.tensor is not None:
-        if not ckpt.has_tensor(args.tensor):
-            print(f"error: Key {args.tensor} not found in checkpoint {ckpt.prefix}", file=sys.stderr)
-            return 1
-        print(f"tensor_name:  {args.tensor}")
-        print(np.array2string(ckpt.get_tensor(args.tensor), threshold=args.threshold))
-        return 0
-    print(header)
-    for key, dtype, shape, device in rows:
-        if args.all:
-            print(f"tensor_name:  {key}")
-            print(np.array2string(ckpt.get_tensor(key), threshold=args.threshold))
+    with CheckpointReader(args.prefix) as ckpt:  # each file opened once, for every tensor
+        devices = ckpt.get_variable_to_device_map()
+        dtypes = ckpt.get_variable_to_dtype_map()
+        rows = [(k, st.st_dtype(dtypes[k]), s, devices.get(k, "")) for k, s in ckpt.get_variable_to_shape_map().items()]
+        if ckpt.plain:
+            header = f"# plain safetensors file {ckpt.prefix} (no checksums, no devices)"
         else:
-            where = f" {device}" if device else ""
-            print(f"{key} ({dtype}) [{','.join(map(str, shape))}]{where}")
-    total = sum(int(np.prod(shape, dtype=np.int64)) for _, _, shape, _ in rows)
+            step = "" if ckpt.global_step is None else f", global_step {ckpt.global_step}"
+            header = f"# checkpoint {ckpt.prefix} (policy {ckpt.policy}{step})"
+        if args.tensor is not None:
+            if not ckpt.has_tensor(args.tensor):
+                print(f"error: Key {args.tensor} not found in checkpoint {ckpt.prefix}", file=sys.stderr)
+                return 1
+            print(f"tensor_name:  {args.tensor}")
+            print(np.array2string(ckpt.get_tensor(args.tensor), threshold=args.threshold))
+            return 0
+        print(header)
+        for key, dtype, shape, device in rows:
+            if args.all:
+                print(f"tensor_name:  {key}")
+                print(np.array2string(ckpt.get_tensor(key), threshold=args.threshold))
+            else:
+                where = f" {device}" if device else ""
+                print(f"{key} ({dtype}) [{','.join(map(str, shape))}]{where}")
+    total = sum(math.prod(shape) for _, _, shape, _ in rows)  # Python ints: any size, no overflow
     print(f"# Total number of params: {total}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from gpuvars.checkpoint.load import CheckpointReader
+    from gpuvars.checkpoint.reader import CheckpointReader
 
-    reader = CheckpointReader(args.prefix)
-    bad = reader.verify()
+    with CheckpointReader(args.prefix) as reader:
+        bad = reader.verify()
     if bad:
         print(f"DAMAGED: {reader.prefix}: checksum failed for {', '.join(bad)}", file=sys.stderr)
         return 1
@@ -99,6 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))
-    except (GpuvarsError, OSError) as exc:  # a user-facing failure: a message, never a traceback
+    except (GpuvarsError, OSError, MemoryError) as exc:  # damage, I/O, memory: a message, never a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import signal
+import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -28,6 +32,7 @@ from gpuvars.checkpoint._stformat import (
     layout,
     new_hasher,
     np_dtype,
+    open_regular,
     st_dtype,
 )
 from gpuvars.errors import (
@@ -35,6 +40,7 @@ from gpuvars.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     InvalidArgumentError,
+    ResourceExhaustedError,
 )
 
 DTYPES: dict[str, Any] = {
@@ -297,13 +303,176 @@ def entry(dtype: str, shape: list[Any], begin: Any, end: Any) -> dict[str, Any]:
     ({"a": entry("F32", [True], 0, 4)}, 4, "'a'.*shape"),
     ({"a": entry("F32", [2], 8, 0)}, 8, "'a'.*data_offsets"),
     ({"a": entry("F32", [2], 0, 8.0)}, 8, "'a'.*data_offsets"),
-    ({"a": {**entry("F32", [2], 0, 8), "extra": 1}}, 8, "'a'.*exactly"),
-    ({"a": [1]}, 0, "'a'.*exactly"),
+    ({"a": [1]}, 0, "'a'.*must be a JSON object"),
     ({"__metadata__": {"n": 1}}, 0, "__metadata__ must map str to str"),
     ({"__metadata__": ["x"]}, 0, "__metadata__ must map str to str"),
 ])
 def test_bad_entries(tmp_path: Path, header: dict[str, Any], data: int, match: str) -> None:
     corrupt(craft(tmp_path / "e.safetensors", header, b"\0" * data), match)
+
+
+# Each field of an entry (and __metadata__) with a JSON value of the wrong type: safetensors
+# refuses every one of these too; ours must say so as CheckpointCorruptError naming the file,
+# the tensor and the field, never a TypeError (e.g. "unhashable type: 'list'").
+WRONG_TYPES: list[tuple[str, Any]] = [
+    ("dtype", 5), ("dtype", ["F32"]), ("dtype", None), ("dtype", True), ("dtype", 4.0),
+    ("dtype", {"x": 1}), ("dtype", "f32"),
+    ("shape", "3"), ("shape", 3), ("shape", {"a": 1}), ("shape", None), ("shape", [2.0]),
+    ("shape", [True, True]), ("shape", [[2]]), ("shape", ["2"]), ("shape", [None]),
+    ("shape", [2**64]), ("shape", [-2]),
+    ("data_offsets", {"a": 1}), ("data_offsets", "08"), ("data_offsets", [0]), ("data_offsets", [0, 8, 8]),
+    ("data_offsets", [0.0, 8]), ("data_offsets", [False, 8]), ("data_offsets", [[0], [8]]),
+    ("data_offsets", None), ("data_offsets", 8), ("data_offsets", [0, 2**64]), ("data_offsets", [-8, 0]),
+]
+
+
+@pytest.mark.parametrize("field, value", WRONG_TYPES, ids=[f"{f}={v!r}" for f, v in WRONG_TYPES])
+def test_entry_field_of_the_wrong_json_type_is_corrupt(tmp_path: Path, field: str, value: Any) -> None:
+    path = craft(tmp_path / "t.safetensors", {"a": {**entry("F32", [2], 0, 8), field: value}}, b"\0" * 8)
+    with pytest.raises(Exception):
+        stnp.load_file(str(path))
+    corrupt(path, f"tensor 'a': .*{field}")
+
+
+@pytest.mark.parametrize("field", ["dtype", "shape", "data_offsets"])
+def test_entry_missing_a_field_is_corrupt(tmp_path: Path, field: str) -> None:
+    value = entry("F32", [2], 0, 8)
+    del value[field]
+    corrupt(craft(tmp_path / "m.safetensors", {"a": value}, b"\0" * 8), f"tensor 'a': entry has no '{field}'")
+
+
+@pytest.mark.parametrize("value", [5, "x", [], ["x"], True, {"k": 1}, {"k": None}, {"k": ["v"]}, {"k": {}}])
+def test_metadata_of_the_wrong_json_type_is_corrupt(tmp_path: Path, value: Any) -> None:
+    path = craft(tmp_path / "md.safetensors", {"__metadata__": value, "a": entry("U8", [1], 0, 1)}, b"\0")
+    with pytest.raises(Exception):
+        stnp.load_file(str(path))
+    corrupt(path, "__metadata__ must map str to str")
+
+
+@pytest.mark.parametrize("value", [5, "x", None, True, 2.5, [], ["F32", [2], [0, 8]]])
+def test_entry_that_is_not_an_object_is_corrupt(tmp_path: Path, value: Any) -> None:
+    corrupt(craft(tmp_path / "e.safetensors", {"a": value}, b""), "tensor 'a': entry must be a JSON object")
+
+
+@pytest.mark.parametrize("shape", [[2**63, 0], [0, 2**40, 2**40], [0, 2**62, 4], [1] * 65])
+def test_dims_beyond_numpy_are_corrupt(tmp_path: Path, shape: list[int]) -> None:
+    # safetensors' header check passes these empty (or 65-dim) tensors; its numpy loader then
+    # fails with a bare ValueError. Ours refuses them when it reads the header.
+    nbytes = 4 if shape == [1] * 65 else 0
+    path = craft(tmp_path / "d.safetensors", {"a": entry("F32", shape, 0, nbytes)}, b"\0" * nbytes)
+    with pytest.raises(ValueError):
+        stnp.load_file(str(path))
+    corrupt(path, "tensor 'a': shape .* of F32 is beyond numpy: ")
+
+
+def test_messages_about_huge_values_stay_short(tmp_path: Path) -> None:
+    path = craft(tmp_path / "h.safetensors", {"k" * 10**6: {**entry("F32", [2], 0, 8), "dtype": ["x" * 10**6]}})
+    assert len(str(corrupt(path, "dtype must be a JSON string"))) < 1000
+
+
+def test_extra_entry_fields_are_ignored_as_safetensors_does(tmp_path: Path) -> None:
+    # safetensors' TensorInfo is a serde struct without deny_unknown_fields: it skips unknown
+    # fields, whatever their JSON value. A reader of the same format must open such files.
+    a, b = sample(np.float32, (2,)), sample(np.int16, (3,), 1)
+    header = {
+        "a": {**entry("F32", [2], 0, 8), "extra": 1, "nested": {"x": [1, None, {"y": "z"}]}},
+        "b": {"layout": "C", **entry("I16", [3], 8, 14), "data_offsets_v2": [0, 1], "shape2": None},
+        "__metadata__": {"note": "extra fields"},
+    }
+    path = craft(tmp_path / "x.safetensors", header, a.tobytes() + b.tobytes())
+    theirs = stnp.load_file(str(path))
+    with SafetensorsReader(path) as r:
+        assert r.metadata == {"note": "extra fields"}
+        ours = {k: r.get_tensor(k) for k in r.keys()}
+    assert sorted(ours) == sorted(theirs) == ["a", "b"]
+    for k in ours:
+        assert same_bytes(ours[k], theirs[k]) and same_bytes(ours[k], {"a": a, "b": b}[k])
+
+
+JSON_SCALARS = (st.none() | st.booleans() | st.integers(-2, 16) | st.integers(-(2**70), 2**70)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(TEXT, max_size=4)
+                | st.sampled_from([*DTYPES, "F9", "f32", ""]))
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(TEXT, max_size=3), kids, max_size=3),
+    max_leaves=6,
+)
+FIELD_VALUES = {
+    "dtype": JSON_VALUES | st.sampled_from(list(DTYPES)),
+    "shape": JSON_VALUES | st.lists(JSON_SCALARS, max_size=3) | st.lists(st.integers(0, 12), max_size=3),
+    "data_offsets": (JSON_VALUES | st.lists(JSON_SCALARS, min_size=2, max_size=2)
+                     | st.lists(st.integers(0, 12), min_size=2, max_size=2)),
+}
+
+
+@st.composite
+def damaged_headers(draw: st.DrawFn) -> dict[str, Any]:
+    """The header of an 11-byte buffer (F32[2] then U8[3]) with 1-3 fields replaced by
+    arbitrary JSON: a field's value, a whole entry, an extra field, a missing one, __metadata__."""
+    header: dict[str, Any] = {"a": entry("F32", [2], 0, 8), "b": entry("U8", [3], 8, 11)}
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(["a", "b", "__metadata__"]))
+        if key == "__metadata__":
+            header[key] = draw(JSON_VALUES | st.dictionaries(st.text(TEXT, max_size=3), JSON_SCALARS, max_size=2))
+            continue
+        how = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra", "drop", "whole"]))
+        if how == "whole":
+            header[key] = draw(JSON_VALUES)
+        elif not isinstance(header[key], dict):
+            continue
+        elif how == "extra":
+            header[key][draw(st.text(TEXT, max_size=6))] = draw(JSON_VALUES)
+        elif how == "drop":
+            header[key].pop(draw(st.sampled_from(["dtype", "shape", "data_offsets"])), None)
+        else:
+            header[key][how] = draw(FIELD_VALUES[how])
+    return header
+
+
+def documented_difference(header: dict[str, Any]) -> bool:
+    """Whether ``header`` holds what safetensors' header check accepts and this reader refuses
+    on purpose: a dtype it lacks (or serde's ``{"F32": null}`` spelling of one), or a shape
+    numpy cannot hold (a dim over 2**63 - 1, more than 64 dims, an empty tensor too big to index)."""
+    for key, value in header.items():
+        if key == "__metadata__" or not isinstance(value, dict):
+            continue
+        dtype, shape = value.get("dtype"), value.get("shape")
+        if isinstance(dtype, dict) or (isinstance(dtype, str) and dtype not in DTYPES):
+            return True
+        if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+            if len(shape) > 64 or any(d >= 2**63 for d in shape):
+                return True
+            itemsize = np.dtype(DTYPES[dtype]).itemsize if dtype in DTYPES else 1
+            if int(np.prod([max(d, 1) for d in shape], dtype=object)) * itemsize >= 2**63:
+                return True
+    return False
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=damaged_headers())
+def test_fuzzed_headers_accepted_exactly_when_safetensors_accepts(tmp_path: Path, header: dict[str, Any]) -> None:
+    path = craft(tmp_path / "f.safetensors", header, bytes(range(11)))
+    try:
+        with safetensors.safe_open(str(path), "np") as f:
+            theirs: set[str] | None = set(f.keys())
+    except Exception:  # SafetensorError, or a bare ValueError/TypeError from its numpy glue
+        theirs = None
+    try:  # anything but CheckpointCorruptError escaping here fails the test
+        with SafetensorsReader(path) as r:
+            ours: dict[str, np.ndarray] | None = {k: r.get_tensor(k) for k in r.keys()}
+    except CheckpointCorruptError as exc:
+        assert str(path) in str(exc)
+        ours = None
+    if theirs is None:
+        assert ours is None, f"safetensors refuses {header!r}, gpuvars read it"
+    elif ours is None:
+        assert documented_difference(header), f"safetensors reads {header!r}, gpuvars refused it"
+    else:
+        assert set(ours) == theirs
+        with safetensors.safe_open(str(path), "np") as f:
+            for k, arr in ours.items():
+                if st_dtype(arr.dtype) in SAFE_OPEN_NP:
+                    assert same_bytes(f.get_tensor(k), arr)
 
 
 def test_json_whitespace_and_empty_file(tmp_path: Path) -> None:
@@ -345,7 +514,7 @@ def test_missing_file_and_unknown_key(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError, match="nope.safetensors") as e:
         SafetensorsReader(missing)
     assert isinstance(e.value, FileNotFoundError)
-    with pytest.raises(CheckpointNotFoundError, match="not a regular file"):
+    with pytest.raises(CheckpointCorruptError, match="is a directory, not a regular file"):
         SafetensorsReader(tmp_path)
     path, _, _ = valid(tmp_path)
     with SafetensorsReader(path) as r:
@@ -502,3 +671,101 @@ def test_overwrite_is_atomic(tmp_path: Path) -> None:
     assert temp_files(tmp_path) == [] and record.size == path.stat().st_size
     with SafetensorsReader(path) as r:
         assert r.header_checksum == record.header_checksum
+
+
+# ---- files that are not regular files ------------------------------------------------------
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Fail (rather than hang the suite) when something blocks for 10 s, e.g. open() of a FIFO."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError("blocked for 10 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def special_files(folder: Path) -> Iterator[list[tuple[Path, str]]]:
+    """A FIFO, a directory, a socket and a character device, each named like a safetensors file."""
+    fifo, folder_, sock = folder / "fifo.safetensors", folder / "dir.safetensors", folder / "sock.safetensors"
+    os.mkfifo(fifo)
+    folder_.mkdir()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    device = folder / "null.safetensors"
+    device.symlink_to("/dev/null")
+    try:
+        yield [(fifo, "a FIFO"), (folder_, "a directory"), (sock, "a socket"), (device, "a character device")]
+    finally:
+        server.close()
+
+
+def test_reader_refuses_fifo_directory_socket_and_device_at_once(tmp_path: Path, no_hang: None) -> None:
+    with special_files(tmp_path) as cases:
+        for path, kind in cases:
+            with pytest.raises(CheckpointCorruptError, match=f"{path}: safetensors file is {kind}.*not a regular file"):
+                SafetensorsReader(path)
+
+
+def test_open_regular(tmp_path: Path, no_hang: None) -> None:
+    path, blob, _ = valid(tmp_path)
+    fd = open_regular(path, "checkpoint index")
+    try:
+        assert os.read(fd, 8) == blob[:8]
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK  # reads block as usual again
+    finally:
+        os.close(fd)
+    with pytest.raises(CheckpointNotFoundError, match=r"nope\.json: no such checkpoint state") as info:
+        open_regular(tmp_path / "nope.json", "checkpoint state")
+    assert isinstance(info.value, FileNotFoundError)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointNotFoundError):
+        open_regular(tmp_path / "dangling", "checkpoint state")
+    with special_files(tmp_path) as cases:
+        for special, kind in cases:
+            with pytest.raises(CheckpointCorruptError, match=f"{special}: checkpoint state is {kind}"):
+                open_regular(special, "checkpoint state")
+
+
+# ---- tensors larger than host memory ------------------------------------------------------
+
+HUGE = 2**40  # 1 TiB: more than any test machine's RAM + swap, well under ext4's 16 TiB file limit
+
+
+def huge_file(path: Path) -> Path:
+    """A structurally valid safetensors file holding one U8 tensor of HUGE bytes, as a sparse
+    file (a few KiB on disk); skips where allocating HUGE bytes could succeed or the file
+    system cannot hold it."""
+    try:
+        overcommit = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    except OSError:
+        pytest.skip("needs Linux /proc to know that a 1 TiB allocation fails here")
+    total = sum(int(meminfo.get(k, "0 kB").split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    if overcommit == "1" or total >= HUGE:
+        pytest.skip(f"a {HUGE}-byte allocation may succeed here (overcommit_memory={overcommit}, {total} bytes)")
+    prefix, _ = layout([("big", np.uint8, (HUGE,))])
+    path.write_bytes(prefix)
+    try:
+        os.truncate(path, len(prefix) + HUGE)
+    except OSError as exc:
+        pytest.skip(f"no {HUGE}-byte sparse file here: {exc}")
+    return path
+
+
+def test_tensor_larger_than_host_memory_is_resource_exhausted(tmp_path: Path) -> None:
+    path = huge_file(tmp_path / "huge.safetensors")
+    try:
+        with SafetensorsReader(path) as r:
+            assert r.tensors["big"].nbytes == HUGE
+            with pytest.raises(ResourceExhaustedError, match=rf"tensor 'big' \({HUGE} bytes\) of {path}.*memory") as info:
+                r.get_tensor("big")
+            assert isinstance(info.value, MemoryError) and isinstance(info.value.__cause__, MemoryError)
+    finally:
+        path.unlink()

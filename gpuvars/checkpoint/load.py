@@ -18,6 +18,7 @@ import numpy as np
 from gpuvars import devices as _devices
 from gpuvars.checkpoint import _format
 from gpuvars.checkpoint import _stformat as st
+from gpuvars.checkpoint.reader import CheckpointReader  # re-exported: the class lives in reader.py
 from gpuvars.checkpoint.saver import restore_variables
 from gpuvars.errors import CheckpointCorruptError, CheckpointMismatchError, InvalidArgumentError, PlacementWarning
 from gpuvars.initializers import Initializer, Zeros
@@ -231,96 +232,3 @@ class _FromCheckpoint(Initializer):
         with _format.open_data(index, entry.file, [self.key]) as reader:
             host = reader.get_tensor(self.key, expected_checksum=entry.checksum)
         return device.backend.asarray(host, dtype, device.backend_index)
-
-
-class CheckpointReader:
-    """Lazy read access to a checkpoint: keys, shapes, dtypes and devices without loading data.
-
-    Opens a committed checkpoint prefix or a plain ``.safetensors`` file (``plain`` is then
-    True: no checksums, no devices, every tensor trainable).
-
-    Example:
-        >>> import gpuvars as gv, numpy as np, tempfile, os
-        >>> d = tempfile.mkdtemp()
-        >>> with gv.Registry():
-        ...     _ = gv.Variable(np.zeros((2, 3), np.float32), name="w")
-        ...     p = gv.Saver().save(os.path.join(d, "m"))
-        >>> r = gv.CheckpointReader(p)
-        >>> r.get_variable_to_shape_map()
-        {'w': (2, 3)}
-    """
-
-    def __init__(self, prefix: str | os.PathLike[str]) -> None:
-        self._index = _format.open_checkpoint(prefix)
-        self._devices = _format.read_devices(self._index) if self._index.policy.saves_devices() else {}
-
-    @property
-    def plain(self) -> bool:
-        """Whether this is a plain .safetensors file (no checksums, no devices) rather than a checkpoint."""
-        return self._index.plain
-
-    @property
-    def prefix(self) -> str:
-        return self._index.prefix
-
-    @property
-    def policy(self) -> str:
-        return self._index.policy.name
-
-    @property
-    def global_step(self) -> int | None:
-        return self._index.global_step
-
-    def keys(self) -> list[str]:
-        """The checkpoint keys, sorted."""
-        return sorted(self._index.variables)
-
-    def has_tensor(self, key: str) -> bool:
-        return key in self._index.variables
-
-    def get_variable_to_shape_map(self) -> dict[str, tuple[int, ...]]:
-        return {k: e.shape for k, e in sorted(self._index.variables.items())}
-
-    def get_variable_to_dtype_map(self) -> dict[str, np.dtype[Any]]:
-        return {k: st.np_dtype(e.dtype) for k, e in sorted(self._index.variables.items())}
-
-    def get_variable_to_trainable_map(self) -> dict[str, bool]:
-        return {k: e.trainable for k, e in sorted(self._index.variables.items())}
-
-    def get_variable_to_device_map(self) -> dict[str, str]:
-        """Saved devices (empty when the policy saved none)."""
-        return {k: v["device"] for k, v in sorted(self._devices.items())}
-
-    def get_tensor(self, key: str) -> np.ndarray[Any, Any]:
-        """Read one tensor into a new host array, checksum-verified."""
-        entry = self._index.variables.get(key)
-        if entry is None:
-            raise CheckpointMismatchError(
-                f"Key {key!r} not found in checkpoint {self.prefix!r}; it has: {', '.join(self.keys()[:10])}"
-            )
-        with _format.open_data(self._index, entry.file, [key]) as reader:
-            return reader.get_tensor(key, expected_checksum=entry.checksum)
-
-    def verify(self) -> list[str]:
-        """Keys whose bytes fail their checksums (empty when the checkpoint is sound).
-
-        A damaged header is reported as ``<header of FILE>``; structural damage (sizes,
-        unparsable headers) raises CheckpointCorruptError. A plain .safetensors file has no
-        checksums: only its structure is checked (when it was opened).
-        """
-        bad: list[str] = []
-        by_file: dict[str, dict[str, str]] = {}
-        for key, entry in self._index.variables.items():
-            files = by_file.setdefault(entry.file, {})
-            if entry.checksum is not None:
-                files[key] = entry.checksum
-        for name, expected in by_file.items():
-            with st.SafetensorsReader(self._index.path(name)) as reader:
-                want = self._index.files[name]["checksum"]
-                if want is not None and reader.header_checksum != want:
-                    bad.append(f"<header of {name}>")
-                    continue
-                missing = [k for k in expected if k not in reader.tensors]
-                bad.extend(missing)
-                bad.extend(reader.verify({k: c for k, c in expected.items() if k in reader.tensors}))
-        return bad
