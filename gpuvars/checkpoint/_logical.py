@@ -76,16 +76,13 @@ def _chain(shards: list[Variable]) -> Iterator[Any]:
 def device_record(var: Saveable) -> dict[str, Any]:
     """The device-map entry of ``var``: its device, kind and, when distributed, its components."""
     kind = kind_of(var)
-    rec: dict[str, Any] = {"device": var.device, "kind": kind}
     if kind in ("mirrored", "sync_on_read"):
-        rec["components"] = [{"device": c.device} for c in var.values]
-        rec["aggregation"] = var.aggregation.name
-        rec["synchronization"] = var.synchronization.name
-    elif kind == "sharded":
-        rec["components"] = [
-            {"device": s.device, "offset": o, "rows": int(s.shape[0])} for s, o in zip(var.variables, var.offsets)
-        ]
-    return rec
+        return _format.device_record(kind, var.device, [c.device for c in var.values],
+                                     aggregation=var.aggregation, synchronization=var.synchronization)
+    if kind == "sharded":
+        return _format.device_record(
+            kind, var.device, [(s.device, o, int(s.shape[0])) for s, o in zip(var.variables, var.offsets)])
+    return _format.device_record(kind, var.device)
 
 
 # --- restore plans -------------------------------------------------------------------------------

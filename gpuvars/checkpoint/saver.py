@@ -15,11 +15,12 @@ import dataclasses
 import operator
 import os
 import threading
+import time
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gpuvars.checkpoint import _files, _format, _logical, _parallel, _progress, _transfer
+from gpuvars.checkpoint import _atomic, _format, _logical, _parallel, _progress, _state, _transfer
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.policy import SaveOptions, VariablePolicy
 from gpuvars.errors import (
@@ -158,7 +159,7 @@ class Saver:
         self._keep_every_s = float(keep_checkpoint_every_n_hours) * 3600.0
         self._options = options or SaveOptions()
         self._last: list[tuple[str, float]] = []  # (prefix path, timestamp), oldest first
-        self._last_preserved = _files.now()
+        self._last_preserved = time.time()
 
     @property
     def last_checkpoints(self) -> list[str]:
@@ -183,7 +184,7 @@ class Saver:
         opts = options if options is not None else self._options
         if not isinstance(opts, SaveOptions):
             raise InvalidArgumentError(f"options must be a gv.SaveOptions, got {type(opts).__name__}")
-        folder, base = _files.split_prefix(save_path, "Saver.save")
+        folder, base = _format.split_prefix(save_path, "Saver.save")
         step = None if global_step is None else _step_number(global_step)
         if step is not None:
             base = f"{base}-{step}"
@@ -194,7 +195,7 @@ class Saver:
 
     def _after_commit(self, prefix: str, folder: str) -> None:
         """Update the state file, then apply retention (deletes only committed-old prefixes)."""
-        now = _files.now()
+        now = time.time()
         self._last = [(p, t) for p, t in self._last if p != prefix] + [(prefix, now)]
         doomed: list[str] = []
         while self._max_to_keep is not None and len(self._last) > self._max_to_keep:
@@ -203,7 +204,7 @@ class Saver:
                 self._last_preserved = ts  # kept for good: leaves the rotation, not the disk
                 continue
             doomed.append(old)
-        _files.write_state(  # a folder's state lists only that folder's checkpoints (plain names)
+        _state.write_state(  # a folder's state lists only that folder's checkpoints (plain names)
             folder,
             os.path.basename(prefix),
             [(os.path.basename(p), t) for p, t in self._last if os.path.dirname(p) == folder],
@@ -273,12 +274,12 @@ def write_checkpoint(
         entries.append((key, np.dtype(dtype), tuple(shape)))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    _files.remove_stale_temps(folder)
+    _atomic.remove_stale_temps(folder)
 
     index_path = os.path.join(folder, _format.index_file(base))
     if os.path.exists(index_path):  # retire the old checkpoint of this prefix first (decision 15)
         os.unlink(index_path)
-        _files.fsync_dir(folder)
+        _atomic.fsync_dir(folder)
 
     written: list[str] = []
     try:
@@ -301,50 +302,39 @@ def write_checkpoint(
             raise
         written.append(record.file)
         files: dict[str, dict[str, Any]] = {
-            record.file: {"role": "data", "size": record.size, "checksum": record.header_checksum}
+            record.file: _format.file_record("data", record.size, record.header_checksum)
         }
         components: dict[str, list[dict[str, Any]]] = {}
         if policy is VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES:
             for rec in _write_replica_files(folder, base, variables, written):
-                files[rec.file] = {"role": "replica", "size": rec.size, "checksum": rec.header_checksum}
+                files[rec.file] = _format.file_record("replica", rec.size, rec.header_checksum)
                 for key, checksum in rec.tensors.items():
                     comps = _logical.components(variables[key])
                     part = comps[len(components.get(key, []))]
                     components.setdefault(key, []).append(
-                        {"file": rec.file, "shape": list(part.shape), "checksum": checksum}  # type: ignore[arg-type]
+                        _format.component_record(rec.file, part.shape, checksum)  # type: ignore[arg-type]
                     )
         if policy.saves_devices():
-            payload = _files.dump_json(
-                {
-                    "format": _format.DEVICES_FORMAT,
-                    "version": _format.VERSION,
-                    "devices": {key: _logical.device_record(var) for key, var in variables.items()},
-                }
-            )
+            payload = _format.build_devices({key: _logical.device_record(var) for key, var in variables.items()})
             name = _format.devices_file(base)
-            _files.write_bytes_atomic(os.path.join(folder, name), payload, sync_dir=False)
+            _atomic.write_bytes(os.path.join(folder, name), payload, sync_dir=False)
             written.append(name)
-            files[name] = {"role": "devices", "size": len(payload), "checksum": st.checksum(payload)}
-            _files.fsync_dir(folder)  # every renamed file is durable before the index names it
+            files[name] = _format.file_record("devices", len(payload), st.checksum(payload))
+            _atomic.fsync_dir(folder)  # every renamed file is durable before the index names it
         index = _format.build_index(
             policy,
             step,
-            _files.now(),
+            time.time(),
             {
-                key: {
-                    "shape": list(shape),
-                    "dtype": st.st_dtype(dtype),
-                    "kind": _logical.kind_of(variables[key]),
-                    "trainable": variables[key].trainable,
-                    "file": record.file,
-                    "checksum": record.tensors[key],
-                    **({"components": components[key]} if key in components else {}),
-                }
+                key: _format.variable_record(
+                    shape, st.st_dtype(dtype), _logical.kind_of(variables[key]), variables[key].trainable,
+                    record.file, record.tensors[key], components.get(key, ()),
+                )
                 for key, dtype, shape in entries
             },
             files,
         )
-        _files.write_bytes_atomic(index_path, _files.dump_json(index))  # the commit
+        _atomic.write_bytes(index_path, _format.dump_json(index))  # the commit
     except BaseException:
         for name in written:  # invisible without the index; tidy up what we can
             try:
@@ -526,26 +516,25 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
         True
     """
     folder = os.fspath(checkpoint_dir)
-    state = _files.read_state(folder)
-    if state is None or state["latest"] is None:
+    state = _state.read_state(folder)
+    if state is None or state.latest is None:
         return None
-    prefix = os.path.join(folder, state["latest"])
-    if not os.path.exists(os.path.join(folder, _format.index_file(state["latest"]))):
+    if not os.path.isfile(os.path.join(folder, _format.index_file(state.latest))):
         return None
-    return prefix
+    return os.path.join(folder, state.latest)
 
 
 def get_checkpoint_state(checkpoint_dir: str | os.PathLike[str]) -> CheckpointState | None:
     """The folder's checkpoint state (paths joined onto the folder), or None if it has none."""
     folder = os.fspath(checkpoint_dir)
-    state = _files.read_state(folder)
+    state = _state.read_state(folder)
     if state is None:
         return None
     return CheckpointState(
-        model_checkpoint_path=None if state["latest"] is None else os.path.join(folder, state["latest"]),
-        all_model_checkpoint_paths=[os.path.join(folder, e["prefix"]) for e in state["all"]],
-        all_model_checkpoint_timestamps=[float(e["timestamp"]) for e in state["all"]],
-        last_preserved_timestamp=float(state.get("last_preserved_timestamp", 0.0)),
+        model_checkpoint_path=None if state.latest is None else os.path.join(folder, state.latest),
+        all_model_checkpoint_paths=[os.path.join(folder, p) for p, _ in state.entries],
+        all_model_checkpoint_timestamps=[t for _, t in state.entries],
+        last_preserved_timestamp=0.0 if state.last_preserved is None else state.last_preserved,
     )
 
 
