@@ -306,3 +306,165 @@ def test_damaged_component_records_are_damage(tmp_path: Path, edit: Callable[[di
             gv.load_checkpoint(prefix)
         assert len(reg) == 0
 
+
+# --- write failures: a CheckpointError that is an OSError, naming the prefix and file -------------------
+
+
+def _write_error() -> type[BaseException]:
+    cls = getattr(gv, "CheckpointWriteError", None)
+    assert cls is not None, "gv.CheckpointWriteError is missing"
+    assert issubclass(cls, gv.CheckpointError) and issubclass(cls, OSError)
+    return cls  # type: ignore[no-any-return]
+
+
+def test_save_under_a_regular_file_is_a_checkpoint_write_error(saved: tuple[gv.Saver, str], tmp_path: Path) -> None:
+    saver, prefix = saved
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(_write_error(), match=r"'.*afile/m-2'.*afile") as info:
+        saver.save(tmp_path / "afile" / "m", global_step=2)
+    assert info.value.errno in (errno.EEXIST, errno.ENOTDIR)
+    assert gv.latest_checkpoint(tmp_path) == prefix and saver.last_checkpoints == [prefix]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc: a folder no one may create files in")
+def test_save_into_a_folder_without_permission_is_a_checkpoint_write_error(saved: tuple[gv.Saver, str]) -> None:
+    saver, _ = saved  # tests run as root: chmod stops no one, /proc stops root too
+    with pytest.raises(_write_error(), match=r"'/proc/gpuvars-test-m'.*gpuvars-test-m\.safetensors") as info:
+        saver.save("/proc/gpuvars-test-m")
+    assert ".tmp-" not in str(info.value)  # the file it names is the checkpoint's, not a hidden temporary
+    assert not os.path.exists("/proc/gpuvars-test-m.index.json")
+
+
+def test_state_file_that_cannot_be_replaced_is_a_checkpoint_write_error(tmp_path: Path) -> None:
+    saver = model()
+    (tmp_path / "checkpoint").mkdir()
+    with pytest.raises(_write_error(), match=r"'.*m-1' was committed.*checkpoint state file '.*checkpoint'"):
+        saver.save(tmp_path / "m", global_step=1)
+    with gv.Registry():
+        assert sorted(gv.load_checkpoint(tmp_path / "m-1")) == ["v0", "v1"]
+
+
+def _expand_saver() -> gv.Saver:
+    s = gv.ShardedVariable(np.arange(6.0, dtype=np.float32), 2, name="s")
+    _KEPT.append(s)
+    return gv.Saver([s], options=gv.SaveOptions(experimental_variable_policy="expand_distributed_variables"))
+
+
+def test_long_prefix_commits_every_replica_file(tmp_path: Path) -> None:
+    """Regression: a replica file whose writer failed to start (here: a temporary name
+    too long for the file system) was left out silently and the index committed without it."""
+    base = "m" * 205  # every final name fits in 255 bytes; the old temporary names of replica files did not
+    prefix = _expand_saver().save(tmp_path / base)
+    index = json.loads(Path(prefix + ".index.json").read_text())
+    replicas = sorted(n for n in index["files"] if ".replica-" in n)
+    assert replicas == [f"{base}.replica-0-of-2.safetensors", f"{base}.replica-1-of-2.safetensors"]
+    assert [c["file"] for c in index["variables"]["s"]["components"]] == replicas
+
+
+def test_replica_file_that_cannot_be_created_fails_the_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuvars.checkpoint import _atomic
+
+    saver = _expand_saver()
+    first = saver.save(tmp_path / "m", global_step=1)
+    real = _atomic.temp_path
+
+    def no_space_for_replica_1(path: str, writer: Any = None) -> str:
+        if "replica-1-of-2" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, writer)
+
+    monkeypatch.setattr(_atomic, "temp_path", no_space_for_replica_1)
+    with pytest.raises(_write_error(), match=r"'.*m-2'.*m-2\.replica-1-of-2\.safetensors.*No space left") as info:
+        saver.save(tmp_path / "m", global_step=2)
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("m-2")) == []
+    assert gv.latest_checkpoint(tmp_path) == first
+
+
+FSIZE_CHILD = textwrap.dedent(
+    """
+    import errno, os, resource, sys
+    import numpy as np
+    import gpuvars as gv
+    folder = sys.argv[1]
+    w = gv.Variable(np.arange(1 << 18, dtype=np.float32), name="w", device="/cpu:0")  # 1 MiB
+    saver = gv.Saver([w])
+    first = saver.save(folder + "/m", global_step=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))  # a file may not grow past 256 KiB
+    w.assign(np.zeros(1 << 18, np.float32))
+    try:
+        saver.save(folder + "/m", global_step=2)
+    except gv.CheckpointWriteError as exc:
+        assert isinstance(exc, OSError) and exc.errno == errno.EFBIG, (exc.errno, exc)
+        print("error:", exc)
+    else:
+        raise SystemExit("the save did not fail")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert gv.latest_checkpoint(folder) == first and saver.last_checkpoints == [first]
+    saver.restore(first)
+    assert w.numpy()[-1] == (1 << 18) - 1
+    print("restored", first)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE turns writes past the limit into EFBIG on Linux")
+def test_disk_full_like_failure_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FSIZE_CHILD, str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"restored {tmp_path}/m-1" in result.stdout
+    line = result.stdout.split("error: ", 1)[1].splitlines()[0]
+    assert f"'{tmp_path}/m-2'" in line and "m-2.safetensors" in line and ".tmp-" not in line, line
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m-1.index.json", "m-1.safetensors"]
+
+
+# --- host memory: a valid file too big to hold is ResourceExhaustedError naming file and key ----------
+
+
+MEMORY_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.RLIM_INFINITY))  # 16 GiB of address space
+    import numpy as np
+    import gpuvars as gv
+    path = sys.argv[1]
+    for how in ("load_checkpoint", "restore"):
+        with gv.Registry():
+            try:
+                if how == "load_checkpoint":
+                    gv.load_checkpoint(path)
+                else:
+                    v = gv.Variable(np.zeros(1, np.uint8), name="huge", validate_shape=False)
+                    gv.Saver([v]).restore(path)
+            except gv.ResourceExhaustedError as exc:
+                print(how, "ResourceExhaustedError:", exc)
+            except BaseException as exc:
+                print(how, "other:", type(exc).__name__, exc)
+            else:
+                print(how, "no error")
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs sparse files and RLIMIT_AS")
+def test_restore_target_too_big_for_host_memory_is_resource_exhausted(tmp_path: Path) -> None:
+    nbytes = 64 << 30  # a sparse file: the disk holds only its header
+    header = json.dumps({"huge": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    path = tmp_path / "big.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + nbytes)
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(path)], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    for how, line in zip(("load_checkpoint", "restore"), lines):
+        assert line.startswith(f"{how} ResourceExhaustedError:"), line
+        assert "'huge'" in line and "big.safetensors" in line, line
+

@@ -29,6 +29,7 @@ FOUNDATION_EXPORTS = {
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "DevicePlacementError",
     "DeviceSpec",
     "GpuvarsError",

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import stat
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from gpuvars.checkpoint import _atomic
 from gpuvars.checkpoint import _stformat as st
@@ -500,3 +500,10 @@ def open_file(index: Index, name: str, expected: Mapping[str, tuple[tuple[int, .
         reader.close()
         raise
     return reader
+
+
+def iter_files(prefix: str) -> Iterator[str]:
+    """The paths of a committed checkpoint's files (index last)."""
+    index = read_index(prefix)
+    yield from (index.path(n) for n in index.files)
+    yield os.path.join(index.folder, index_file(index.base))
