@@ -468,3 +468,14 @@ def test_restore_target_too_big_for_host_memory_is_resource_exhausted(tmp_path: 
         assert line.startswith(f"{how} ResourceExhaustedError:"), line
         assert "'huge'" in line and "big.safetensors" in line, line
 
+
+# --- the weak registry: say why a Saver finds nothing ------------------------------------------------
+
+
+def test_saver_with_no_live_variables_says_the_registry_is_weak() -> None:
+    gv.Variable(np.ones(2, np.float32), name="w")  # not kept: it leaves the registry at once
+    gc.collect()
+    with pytest.raises(gv.InvalidArgumentError, match=r"No variables to save.*weakly.*keep a reference.*var_list"):
+        gv.Saver()
+    with pytest.raises(gv.InvalidArgumentError, match=r"^No variables to save$"):
+        gv.Saver([])  # an explicit empty list: nothing to explain

@@ -14,10 +14,11 @@ loadable.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -26,9 +27,11 @@ from gpuvars.checkpoint._restore import RestoreResult, restore_variables
 from gpuvars.checkpoint._saveable import Saveable
 from gpuvars.checkpoint._write import delete_checkpoint, write_checkpoint, write_error
 from gpuvars.checkpoint.policy import SaveOptions
-from gpuvars.errors import InvalidArgumentError
+from gpuvars.errors import CheckpointError, InvalidArgumentError
 from gpuvars.registry import current_registry
 from gpuvars.variable import Variable
+
+_log = logging.getLogger("gpuvars")
 
 __all__ = ["CheckpointState", "RestoreResult", "Saver", "get_checkpoint_state", "latest_checkpoint"]
 
@@ -67,6 +70,12 @@ def _var_map(var_list: Any, allow_empty: bool) -> dict[str, Variable]:
         seen[id(var)] = key
         out[key] = var
     if not out and not allow_empty:
+        if var_list is None:
+            raise InvalidArgumentError(
+                "No variables to save: the current registry holds no live variable. The registry holds "
+                "variables weakly, so a variable nobody references (the result of a gv.Variable(...) call "
+                "that was not kept) has already left it: keep a reference to your variables, or pass var_list"
+            )
         raise InvalidArgumentError("No variables to save")
     return out
 
@@ -105,7 +114,10 @@ class Saver:
     Args:
         var_list: None (every variable alive now in the current registry), a list
             (keyed by ``v.name``) or a dict ``{checkpoint key: variable}`` (renaming).
-        max_to_keep: how many recent checkpoints to keep (None or 0 keeps all).
+        max_to_keep: how many recent checkpoints to keep (None or 0 keeps all). The first save
+            into a folder adopts the checkpoints its state file lists (those still there), so
+            a restarted job's Saver keeps counting where the last one stopped (TF2's
+            CheckpointManager); :meth:`recover_last_checkpoints` sets the list instead.
         keep_checkpoint_every_n_hours: additionally keep one checkpoint per this many hours.
         options: :class:`gpuvars.SaveOptions` (the VariablePolicy).
         allow_empty: allow a saver with no variables.
@@ -149,11 +161,58 @@ class Saver:
         self._options = options or SaveOptions()
         self._last: list[tuple[str, float]] = []  # (prefix path, timestamp), oldest first
         self._last_preserved = time.time()
+        self._adopted: set[str] = set()  # folders whose state file this saver has taken over
+        self._recovered = False  # recover_last_checkpoints set the list: adopt nothing
 
     @property
     def last_checkpoints(self) -> list[str]:
         """The prefixes this saver keeps, oldest first."""
         return [p for p, _ in self._last]
+
+    def recover_last_checkpoints(self, checkpoint_paths: Iterable[str | os.PathLike[str]]) -> None:
+        """Take ``checkpoint_paths`` (oldest first) as the checkpoints this saver keeps, after a
+        restart (TF1's name): ``max_to_keep`` then deletes the oldest of them first.
+
+        Prefixes without a committed index are skipped (another process may be deleting
+        them); each one's time is its index's modification time. The saver then adopts
+        nothing from state files.
+
+        Args:
+            checkpoint_paths: prefixes, e.g. ``gv.get_checkpoint_state(d).all_model_checkpoint_paths``.
+
+        Raises:
+            InvalidArgumentError: ``checkpoint_paths`` is not a list of paths.
+
+        Example:
+            >>> import gpuvars as gv, numpy as np, tempfile, os
+            >>> d = tempfile.mkdtemp()
+            >>> w = gv.Variable(np.zeros(2), name="w")
+            >>> _ = [gv.Saver([w]).save(os.path.join(d, "m"), global_step=s) for s in (1, 2)]
+            >>> saver = gv.Saver([w], max_to_keep=2)
+            >>> saver.recover_last_checkpoints(gv.get_checkpoint_state(d).all_model_checkpoint_paths)
+            >>> [os.path.basename(p) for p in saver.last_checkpoints]
+            ['m-1', 'm-2']
+        """
+        if isinstance(checkpoint_paths, (str, bytes, os.PathLike)):
+            raise InvalidArgumentError(
+                f"checkpoint_paths must be a list of checkpoint prefixes, got the single path {checkpoint_paths!r}"
+            )
+        recovered: list[tuple[str, float]] = []
+        try:
+            paths = [os.fspath(p) for p in checkpoint_paths]
+        except TypeError:
+            raise InvalidArgumentError(
+                f"checkpoint_paths must be a list of checkpoint prefixes, got {checkpoint_paths!r:.100}"
+            ) from None
+        for path in paths:
+            folder, base = os.path.split(path)
+            try:
+                mtime = os.stat(os.path.join(folder, _format.index_file(base))).st_mtime
+            except (OSError, ValueError):
+                continue
+            recovered = [(p, t) for p, t in recovered if p != path] + [(path, mtime)]
+        self._last = recovered
+        self._recovered = True
 
     @property
     def var_map(self) -> dict[str, Variable]:
@@ -183,9 +242,37 @@ class Saver:
         self._after_commit(prefix, folder)
         return prefix
 
+    def _adopt(self, folder: str, now: float) -> None:
+        """On the first save into ``folder``, take over the checkpoints its state file keeps
+        (those whose index still exists) and its keep-every-n-hours clock."""
+        where = os.path.abspath(folder or ".")
+        if self._recovered or where in self._adopted:
+            return
+        self._adopted.add(where)
+        try:
+            state = _state.read_state(folder)
+        except CheckpointError as exc:
+            _log.warning("Saver: %s; the state file starts a new list with this save (the checkpoints it "
+                         "listed stay on disk, max_to_keep does not count them)", exc)
+            return
+        if state is None:
+            return
+        if not self._last and state.last_preserved is not None:
+            self._last_preserved = min(state.last_preserved, now)
+        known = {p for p, _ in self._last}
+        adopted = []
+        for name, ts in state.entries:
+            path = os.path.join(folder, name)
+            if path not in known and os.path.isfile(os.path.join(folder, _format.index_file(name))):
+                known.add(path)
+                adopted.append((path, min(ts, now)))  # a clock that went back never makes one look new
+        if adopted:
+            self._last = sorted(adopted + self._last, key=lambda entry: entry[1])
+
     def _after_commit(self, prefix: str, folder: str) -> None:
         """Update the state file, then apply retention (deletes only committed-old prefixes)."""
         now = time.time()
+        self._adopt(folder, now)
         self._last = [(p, t) for p, t in self._last if p != prefix] + [(prefix, now)]
         doomed: list[str] = []
         while self._max_to_keep is not None and len(self._last) > self._max_to_keep:
