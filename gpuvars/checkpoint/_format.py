@@ -330,36 +330,64 @@ def read_index(prefix: str) -> Index:
     variables_raw = raw.get("variables")
     _need(isinstance(variables_raw, dict), where, "'variables' is not an object")
     variables: dict[str, VarEntry] = {}
+    data_files = {n for n in files if n.endswith(PLAIN_SUFFIX)}
+    dtypes: set[str] = set()  # the safetensors dtype strings seen valid
     for key, rec in variables_raw.items():
-        w = f"{where}, variable {key!r}"
-        _need(isinstance(rec, dict), w, "not an object")
-        shape = rec.get("shape")
-        _need(_is_shape(shape), w, f"bad shape {shape!r}")
-        dtype = rec.get("dtype")
-        try:
-            st.np_dtype(dtype)
-        except InvalidArgumentError:
-            raise CheckpointCorruptError(f"{w}: unknown dtype {dtype!r}") from None
-        kind = rec.get("kind")
-        _need(isinstance(kind, str) and kind in KINDS, w, f"unknown kind {kind!r}")
-        _need(isinstance(rec.get("trainable"), bool), w, "trainable is not a bool")
-        file = rec.get("file")
-        _need(isinstance(file, str) and file in files, w, f"its file {file!r} is not among the index's files")
-        _need(file.endswith(PLAIN_SUFFIX), w, f"its file {file!r} is not a .safetensors file")
-        _need(isinstance(rec.get("checksum"), str), w, "no checksum")
-        comps = rec.get("components", [])
-        _need(isinstance(comps, list), w, "'components' is not a list")
-        parsed = []
-        for c in comps:
-            _need(isinstance(c, dict), w, f"component {c!r} is not an object")
-            cfile, cshape = c.get("file"), c.get("shape")
-            _need(isinstance(cfile, str) and cfile in files and cfile.endswith(PLAIN_SUFFIX), w,
-                  f"component file {cfile!r} is not among the index's .safetensors files")
-            _need(_is_shape(cshape), w, f"bad component shape {cshape!r}")
-            _need(isinstance(c.get("checksum"), str), w, "a component has no checksum")
-            parsed.append(Component(cfile, tuple(cshape), c["checksum"]))
-        variables[key] = VarEntry(key, tuple(shape), dtype, kind, rec["trainable"], file, rec["checksum"], tuple(parsed))
+        # the common case, checked in one expression (20,000 entries: messages are built only
+        # on the careful path below, which names what is wrong)
+        if type(rec) is dict and "components" not in rec:
+            shape, dtype, kind, file, checksum = (rec.get("shape"), rec.get("dtype"), rec.get("kind"),
+                                                  rec.get("file"), rec.get("checksum"))
+            if (
+                type(shape) is list and all(type(d) is int and d >= 0 for d in shape)
+                and type(dtype) is str and (dtype in dtypes or _known_dtype(dtype, dtypes))
+                and type(kind) is str and kind in KINDS and type(rec.get("trainable")) is bool
+                and type(file) is str and file in data_files and type(checksum) is str
+            ):
+                variables[key] = VarEntry(key, tuple(shape), dtype, kind, rec["trainable"], file, checksum)
+                continue
+        variables[key] = _parse_variable(f"{where}, variable {key!r}", key, rec, files)
     return Index(folder, base, policy, step, float(ts), algo, variables, files)
+
+
+def _known_dtype(dtype: str, seen: set[str]) -> bool:
+    try:
+        st.np_dtype(dtype)
+    except InvalidArgumentError:
+        return False
+    seen.add(dtype)
+    return True
+
+
+def _parse_variable(w: str, key: str, rec: Any, files: Mapping[str, Any]) -> VarEntry:
+    """One index entry of ``variables``, each field checked with its own message."""
+    _need(isinstance(rec, dict), w, "not an object")
+    shape = rec.get("shape")
+    _need(_is_shape(shape), w, f"bad shape {shape!r}")
+    dtype = rec.get("dtype")
+    try:
+        st.np_dtype(dtype)
+    except InvalidArgumentError:
+        raise CheckpointCorruptError(f"{w}: unknown dtype {dtype!r}") from None
+    kind = rec.get("kind")
+    _need(isinstance(kind, str) and kind in KINDS, w, f"unknown kind {kind!r}")
+    _need(isinstance(rec.get("trainable"), bool), w, "trainable is not a bool")
+    file = rec.get("file")
+    _need(isinstance(file, str) and file in files, w, f"its file {file!r} is not among the index's files")
+    _need(file.endswith(PLAIN_SUFFIX), w, f"its file {file!r} is not a .safetensors file")
+    _need(isinstance(rec.get("checksum"), str), w, "no checksum")
+    comps = rec.get("components", [])
+    _need(isinstance(comps, list), w, "'components' is not a list")
+    parsed = []
+    for c in comps:
+        _need(isinstance(c, dict), w, f"component {c!r} is not an object")
+        cfile, cshape = c.get("file"), c.get("shape")
+        _need(isinstance(cfile, str) and cfile in files and cfile.endswith(PLAIN_SUFFIX), w,
+              f"component file {cfile!r} is not among the index's .safetensors files")
+        _need(_is_shape(cshape), w, f"bad component shape {cshape!r}")
+        _need(isinstance(c.get("checksum"), str), w, "a component has no checksum")
+        parsed.append(Component(cfile, tuple(cshape), c["checksum"]))
+    return VarEntry(key, tuple(shape), dtype, kind, rec["trainable"], file, rec["checksum"], tuple(parsed))
 
 
 def read_devices(index: Index) -> dict[str, dict[str, Any]]:
@@ -490,9 +518,10 @@ def open_file(index: Index, name: str, expected: Mapping[str, tuple[tuple[int, .
         want = index.files[name]["checksum"]
         if want is not None and reader.header_checksum != want:
             raise CheckpointCorruptError(f"{path!r}: its header fails the checksum in the index (damaged)")
+        tensors, np_dtypes = reader.tensors, {d: st.np_dtype(d) for d in {d for _, d in expected.values()}}
         for key, (shape, dtype) in expected.items():
-            info = reader.tensors.get(key)
-            if info is None or info.shape != shape or st.st_dtype(info.dtype) != dtype:
+            info = tensors.get(key)
+            if info is None or info.shape != shape or info.dtype != np_dtypes[dtype]:
                 raise CheckpointCorruptError(
                     f"{path!r}: tensor {key!r} disagrees with the index (shape/dtype) or is absent"
                 )

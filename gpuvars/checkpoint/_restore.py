@@ -51,7 +51,7 @@ def check_compatible(index: _format.Index, targets: Mapping[str, Saveable]) -> N
             continue
         saved_dtype = st.np_dtype(entry.dtype)
         dtype = sv.dtype
-        if dtype is not None and saved_dtype != dtype:
+        if dtype is not None and dtype is not saved_dtype and dtype != saved_dtype:
             problems.append(f"{key!r}: dtype {saved_dtype} in the checkpoint, variable '{sv.name}' has {dtype}")
         if not sv.accepts(entry.shape):
             problems.append(

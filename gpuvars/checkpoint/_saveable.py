@@ -129,7 +129,7 @@ class Saveable:
     def accepts(self, shape: tuple[int, ...]) -> bool:
         """Whether a saved tensor of ``shape`` may be restored into the variable."""
         declared = self.var.declared_shape
-        return declared is None or (
+        return declared is None or declared == shape or (
             len(declared) == len(shape) and all(d is None or d == s for d, s in zip(declared, shape))
         )
 
