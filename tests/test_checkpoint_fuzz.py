@@ -135,7 +135,13 @@ def read_everything(p: Pristine) -> None:
             if only_checkpoint_errors(gv.load_checkpoint, p.prefix) is None:
                 assert len(reg) == 0, "a failed load left variables registered"
         only_checkpoint_errors(gv.CheckpointReader, p.prefix)
-        only_checkpoint_errors(gv.latest_checkpoint, p.folder)
+        latest = only_checkpoint_errors(gv.latest_checkpoint, p.folder)
+        assert latest is None or isinstance(latest, str)
+        state = only_checkpoint_errors(gv.get_checkpoint_state, p.folder)
+        if state is not None:
+            assert all(isinstance(x, str) for x in state.all_model_checkpoint_paths)
+            assert all(isinstance(t, float) for t in state.all_model_checkpoint_timestamps)
+            assert isinstance(state.last_preserved_timestamp, float)
 
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -166,13 +172,7 @@ def test_fuzzed_device_map_gives_only_checkpoint_errors(pristine: Pristine, data
 def test_fuzzed_state_file_gives_only_checkpoint_errors(pristine: Pristine, data: hs.DataObject) -> None:
     try:
         pristine.state_path.write_text(json.dumps(data.draw(mutated(pristine.state))))
-        latest = only_checkpoint_errors(gv.latest_checkpoint, pristine.folder)
-        assert latest is None or isinstance(latest, str)
-        state = only_checkpoint_errors(gv.get_checkpoint_state, pristine.folder)
-        if state is not None:
-            assert all(isinstance(p, str) for p in state.all_model_checkpoint_paths)
-            assert all(isinstance(t, float) for t in state.all_model_checkpoint_timestamps)
-            assert isinstance(state.last_preserved_timestamp, float)
+        read_everything(pristine)
         with gv.Registry():  # a restarted job's first save adopts what it can and always commits
             v = gv.Variable(np.ones(2, np.float32), name="v")
             gv.Saver([v], max_to_keep=None).save(pristine.folder / "fz")
