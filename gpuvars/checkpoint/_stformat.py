@@ -34,7 +34,6 @@ import json
 import math
 import operator
 import os
-import secrets
 import stat
 import struct
 import threading
