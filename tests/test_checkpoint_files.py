@@ -292,8 +292,9 @@ def test_unparsable_device_in_the_device_map_is_damage(tmp_path: Path, bad: Any)
         lambda d: d["s"]["components"][0].update(rows="2"),
         lambda d: d["s"].update(components={"device": "/cpu:0"}),
         lambda d: d["s"].update(kind=["sharded"]),
+        lambda d: d["s"].update(kind="mirrored", components=[{"device": "/cpu:0"}, {"device": "/cpu:0"}]),
     ],
-    ids=["component-device", "component-null", "rows-string", "components-object", "kind-list"],
+    ids=["component-device", "component-null", "rows-string", "components-object", "kind-list", "kind-disagrees"],
 )
 def test_damaged_component_records_are_damage(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     s = gv.ShardedVariable(np.arange(6.0, dtype=np.float32), 2, name="s")

@@ -448,7 +448,7 @@ def _check_device_record(where: str, key: str, rec: Any, entry: VarEntry | None)
           f"entry {key!r}: 'components' is not a list of objects")
     for k, c in enumerate(comps):
         _check_device(where, key, c.get("device"), f"component {k}'s device")
-    if kind == "sharded":
+    if kind == "sharded" or (entry is not None and entry.kind == "sharded"):  # load builds by the index's kind
         rows = [c.get("rows") for c in comps]
         offsets = [c.get("offset", 0) for c in comps]
         _need(all(_is_uint(r) for r in rows) and all(_is_uint(o) for o in offsets), where,
