@@ -15,7 +15,8 @@ that does not know gpuvars::
     └── CheckpointError                          a missing, damaged or mismatched checkpoint
         ├── CheckpointNotFoundError(FileNotFoundError)
         ├── CheckpointCorruptError(ValueError)   header, size or checksum damage
-        └── CheckpointMismatchError(ValueError)  keys, shapes or dtypes differ from the variables
+        ├── CheckpointMismatchError(ValueError)  keys, shapes or dtypes differ from the variables
+        └── CheckpointWriteError(OSError)        a save's file system failed (no space, no permission)
 
 ``PlacementWarning(UserWarning)`` is the warning soft placement emits when it falls back.
 Messages name the variable, device, file or key at fault, and say what was expected and
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "DevicePlacementError",
     "GpuvarsError",
     "InvalidArgumentError",
@@ -87,6 +89,12 @@ class CheckpointCorruptError(CheckpointError, ValueError):
 
 class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint's keys, shapes or dtypes do not match what the restore asked for."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Saving failed in the file system (no space, a file too large, no permission, a folder
+    that is a file); ``errno`` is the failing call's. Names the prefix and the file; nothing
+    of the failed save is visible."""
 
 
 class PlacementWarning(UserWarning):

@@ -283,9 +283,8 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 f"declared shape {_shapes.fmt(self._declared)}"
             )
         storage = self._storage
-        if storage is None or tuple(storage.shape) != shape:
-            with backend_errors(self._device, f"allocating variable '{self._name}' for a restore"):
-                storage = self._backend.empty(shape, dtype, self._device.backend_index)
+        if storage is None or tuple(storage.shape) != shape:  # the caller maps failures (it knows the file)
+            storage = self._backend.empty(shape, dtype, self._device.backend_index)
         return storage
 
     def _mark_uninitialized(self) -> None:
@@ -564,7 +563,8 @@ def restore_target(variable: Variable, shape: tuple[int, ...], dtype: np.dtype[A
 
     Raises:
         InvalidArgumentError: ``shape`` does not fit the variable's declared shape.
-        ResourceExhaustedError: no memory for the buffer.
+        The backend's own errors (out of memory, ...) pass through unmapped: the caller
+        maps them with ``backend_errors``, naming the file and key it restores from.
     """
     return variable._restore_buffer(tuple(shape), dtype)
 

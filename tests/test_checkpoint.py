@@ -7,6 +7,7 @@ with one device in this process (conftest skips them otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -555,7 +556,7 @@ def test_retention_deletes_only_after_a_commit(tmp_path: Path, monkeypatch: pyte
     saver = gv.Saver(max_to_keep=2)
     p1, p2 = saver.save(tmp_path / "m", global_step=1), saver.save(tmp_path / "m", global_step=2)
 
-    def failing_source(var: gv.Variable) -> Any:
+    def failing_source(var: gv.Variable, key: str) -> Any:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_transfer, "source", failing_source)
@@ -596,7 +597,7 @@ def test_saving_over_a_prefix_retires_its_index_first(tmp_path: Path, monkeypatc
 
     seen: list[bool] = []
 
-    def failing_source(var: gv.Variable) -> Any:
+    def failing_source(var: gv.Variable, key: str) -> Any:
         seen.append(os.path.exists(prefix + ".index.json"))
         raise OSError(5, "Input/output error")
 
@@ -616,13 +617,23 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _temp_of(path: Path, pid: int) -> str:
+    """The name a writer with ``pid`` on this host would give a temporary sibling of ``path``."""
+    from gpuvars.checkpoint import _atomic
+
+    me = _atomic.this_writer()
+    start = me.start if pid == me.pid else (_atomic._proc_start(pid) or 0)
+    return os.path.basename(_atomic.temp_path(str(path), dataclasses.replace(me, pid=pid, start=start)))
+
+
 def test_save_removes_stale_temps_of_dead_processes_only(tmp_path: Path) -> None:
     hold(gv.Variable(np.ones(2, np.float32), name="w"))
     dead = _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stale = [f".model.ckpt-1.safetensors.tmp-{dead}-abcd", f".model.ckpt-1.index.json.tmp-{dead}-0123456789abcdef"]
-        keep = [f".model.ckpt-2.safetensors.tmp-{live.pid}-abcd", f".model.ckpt-2.safetensors.tmp-{os.getpid()}-ef01", "notes.tmp-1-x"]
+        stale = [_temp_of(tmp_path / "model.ckpt-1.safetensors", dead), _temp_of(tmp_path / "model.ckpt-1.index.json", dead)]
+        keep = [_temp_of(tmp_path / "model.ckpt-2.safetensors", live.pid),
+                _temp_of(tmp_path / "model.ckpt-2.safetensors", os.getpid()), "notes.tmp-1-x"]
         for name in stale + keep:
             (tmp_path / name).write_bytes(b"partial")
         gv.Saver().save(tmp_path / "model.ckpt", global_step=3)
@@ -645,7 +656,9 @@ def test_restore_initializes_without_running_the_initializer(tmp_path: Path) -> 
         CountingZeros.calls = 0
         w = gv.Variable(CountingZeros(), shape=(3, 2), name="w")
         c = gv.Variable(must_not_run, name="c")  # a deferred callable: dtype and shape unknown yet
-        assert not w.initialized and not c.initialized and c.dtype is None
+        assert not w.initialized and not c.initialized
+        with pytest.raises(gv.UninitializedVariableError, match="no known dtype"):
+            _ = c.dtype
         result = gv.Saver().restore(prefix)
         assert result.restored == ("w", "c")
         assert CountingZeros.calls == 0
@@ -925,7 +938,7 @@ def test_temps_of_a_dead_unreaped_process_are_stale(tmp_path: Path) -> None:
         while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        stale = tmp_path / f".m.safetensors.tmp-{zombie.pid}-beef"
+        stale = tmp_path / _temp_of(tmp_path / "m.safetensors", zombie.pid)
         stale.write_bytes(b"partial")
         gv.Saver().save(tmp_path / "m")
         assert not stale.exists()

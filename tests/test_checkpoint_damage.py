@@ -336,14 +336,14 @@ def test_damaged_state_file(ckpt: Ckpt, content: str, match: str) -> None:
 def test_io_error_while_streaming_marks_what_the_restore_wrote(ckpt: Ckpt, monkeypatch: pytest.MonkeyPatch) -> None:
     from gpuvars.checkpoint import _transfer
 
-    real = _transfer.restore
+    real = _transfer.restore_into
 
-    def failing_on_b(reader: Any, key: str, var: gv.Variable, checksum: Any) -> Any:
+    def failing_on_b(reader: Any, key: str, var: gv.Variable, checksum: Any) -> None:
         if key == "b":
             raise OSError(5, "Input/output error")
-        return real(reader, key, var, checksum)
+        real(reader, key, var, checksum)
 
-    monkeypatch.setattr(_transfer, "restore", failing_on_b)
+    monkeypatch.setattr(_transfer, "restore_into", failing_on_b)
     with pytest.raises(OSError, match="Input/output error") as info:
         ckpt.saver.restore(ckpt.prefix)
     assert not ckpt.a.initialized and not ckpt.b.initialized  # never a silent mix of old and new

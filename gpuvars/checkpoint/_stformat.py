@@ -36,7 +36,6 @@ import math
 import operator
 import os
 import reprlib
-import secrets
 import stat
 import struct
 import threading
@@ -51,7 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gpuvars._backend_errors import backend_errors
-from gpuvars.checkpoint import _parallel
+from gpuvars.checkpoint import _atomic, _parallel
 from gpuvars.errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -248,12 +247,8 @@ def layout(
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a folder, so a rename or unlink inside it survives a crash."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync a folder, so a rename or unlink inside it survives a crash (``_atomic``'s)."""
+    _atomic.fsync_dir(path)
 
 
 def _byte_view(array: np.ndarray, what: str) -> memoryview:
@@ -361,7 +356,7 @@ class SafetensorsWriter:
         self._hashes: dict[str, str] = {}
         folder, base = os.path.split(os.path.abspath(self.path))
         self._folder = folder
-        self.temp_path = os.path.join(folder, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+        self.temp_path = _atomic.temp_path(self.path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         self._fd: int | None = os.open(self.temp_path, flags, 0o644)
         self._done = False

@@ -16,13 +16,14 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from gpuvars import devices as _devices
-from gpuvars.checkpoint import _format
+from gpuvars._backend_errors import backend_errors
+from gpuvars.checkpoint import _format, _saveable
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.reader import CheckpointReader  # re-exported: the class lives in reader.py
-from gpuvars.checkpoint.saver import restore_variables
-from gpuvars.errors import CheckpointCorruptError, CheckpointMismatchError, InvalidArgumentError, PlacementWarning
-from gpuvars.initializers import Initializer, Zeros
-from gpuvars.placement import list_devices, resolve
+from gpuvars.checkpoint._restore import restore_variables
+from gpuvars.errors import CheckpointMismatchError, InvalidArgumentError, PlacementWarning
+from gpuvars.initializers import Initializer
+from gpuvars.placement import PhysicalDevice, list_devices, resolve
 from gpuvars.registry import current_registry
 from gpuvars.variable import Variable
 
@@ -56,9 +57,9 @@ def _remap(saved: str, device_map: DeviceMap | None) -> str:
 
 def load_checkpoint(
     prefix: str | os.PathLike[str],
+    *,
     device: str | _devices.DeviceSpec | None = None,
     device_map: DeviceMap | None = None,
-    *,
     verify_first: bool = False,
     progress: bool | None = None,
 ) -> LoadedCheckpoint:
@@ -109,6 +110,7 @@ def load_checkpoint(
         raise InvalidArgumentError(f"device_map must be a dict or a callable, got {type(device_map).__name__}")
     index = _format.open_checkpoint(prefix)
     saved = _format.read_devices(index) if index.policy.saves_devices() else {}
+    registry = current_registry()
     created: dict[str, Variable] = {}
     moved: dict[str, tuple[str, str]] = {}
     fallbacks: list[str] = []
@@ -118,14 +120,10 @@ def load_checkpoint(
             name = _variable_name(key)
             rec = saved.get(key, {})
             if device is None and entry.kind != "plain" and rec.get("components"):
-                var = _rebuild_distributed(key, entry, rec, device_map, fallbacks)
+                placed = [_place(c["device"], key, device_map, fallbacks) for c in rec["components"]]
+                var = _saveable.adapter_for_kind(entry.kind).build(name, entry, rec, placed)
             elif device is None and key in saved:
-                wanted = _remap(saved[key]["device"], device_map)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", PlacementWarning)
-                    physical = resolve(wanted, f"checkpoint key {key!r}")
-                if caught:
-                    fallbacks.append(f"{key!r} {wanted} -> {physical.name}")
+                physical = _place(saved[key]["device"], key, device_map, fallbacks)
                 with _devices.device(None):  # a resolved device: enclosing scopes do not apply
                     var = Variable(init, name=name, trainable=entry.trainable, device=physical.name)
             else:
@@ -133,7 +131,8 @@ def load_checkpoint(
             created[key] = var
             if key in saved and var.device != saved[key]["device"]:
                 moved[key] = (saved[key]["device"], var.device)
-        restore_variables(index.prefix, created, verify_first=verify_first, progress=progress)
+        targets = {key: _saveable.saveable_for(var) for key, var in created.items()}
+        restore_variables(index.prefix, targets, verify_first=verify_first, progress=progress)
         if fallbacks:
             warnings.warn(
                 f"load_checkpoint({index.prefix!r}): soft placement put {len(fallbacks)} variable(s) on "
@@ -145,7 +144,7 @@ def load_checkpoint(
             )
     except BaseException:
         for var in created.values():  # leave nothing half-loaded in the registry
-            current_registry().remove(var)
+            _saveable.unregister(var, registry)
         raise
     out = LoadedCheckpoint(created)
     out.moved = moved
@@ -153,52 +152,17 @@ def load_checkpoint(
     return out
 
 
-def _rebuild_distributed(
-    key: str, entry: _format.VarEntry, rec: dict[str, Any], device_map: DeviceMap | None, fallbacks: list[str]
-) -> Any:
-    """A mirrored, sync-on-read or sharded variable with its components on the saved devices
-    (remapped, soft placement applying), without the strategy that made it; not yet filled."""
-    from gpuvars.distribute import MirroredVariable, ShardedVariable, SyncOnReadVariable
-    from gpuvars.distribute.strategy import build_components
-    from gpuvars.registry import Registry
-    from gpuvars.variable import VariableAggregation, VariableSynchronization
-
-    comps = rec["components"]
-    if not isinstance(comps, list) or not all(isinstance(c, dict) and isinstance(c.get("device"), str) for c in comps):
-        raise CheckpointCorruptError(f"device map of {key!r}: malformed components {comps!r}")
-    physical = []
-    for c in comps:
-        wanted = _remap(c["device"], device_map)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PlacementWarning)
-            dev = resolve(wanted, f"checkpoint key {key!r}")
-        if caught:
-            fallbacks.append(f"{key!r} {wanted} -> {dev.name}")
-        physical.append(dev)
-    dtype = st.np_dtype(entry.dtype)
-    name = _variable_name(key)
-    if entry.kind == "sharded":
-        rows = [c.get("rows") for c in comps]
-        if not all(isinstance(r, int) and r >= 0 for r in rows) or sum(rows) != (entry.shape or (0,))[0]:
-            raise CheckpointCorruptError(f"device map of {key!r}: shard rows {rows} do not add up to {entry.shape}")
-        with Registry(), _devices.device(None):
-            shards = [
-                Variable(Zeros((r,) + entry.shape[1:], dtype), name=f"{name}/part_{k}", trainable=entry.trainable,
-                         device=dev.name)
-                for k, (r, dev) in enumerate(zip(rows, physical))
-            ]
-        return ShardedVariable._from_shards(name, shards, entry.trainable)
-    try:
-        aggregation = VariableAggregation[rec.get("aggregation", "NONE")]
-        synchronization = VariableSynchronization[rec.get("synchronization", "AUTO")]
-    except KeyError:
-        raise CheckpointCorruptError(f"device map of {key!r}: unknown aggregation or synchronization") from None
-    parts = build_components(name, physical, Zeros(entry.shape, dtype), trainable=False)
-    cls = SyncOnReadVariable if entry.kind == "sync_on_read" else MirroredVariable
-    return cls._build(
-        name, parts, strategy=None, trainable=entry.trainable,
-        synchronization=synchronization, aggregation=aggregation,
-    )
+def _place(saved: str, key: str, device_map: DeviceMap | None, fallbacks: list[str]) -> PhysicalDevice:
+    """The device for a saved device string (validated by the device-map reader), after
+    ``device_map``; a soft-placement fallback is recorded in ``fallbacks`` (one warning
+    for the whole load), not warned about here."""
+    wanted = _remap(saved, device_map)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PlacementWarning)
+        physical = resolve(wanted, f"checkpoint key {key!r}")
+    if caught:
+        fallbacks.append(f"{key!r} {wanted} -> {physical.name}")
+    return physical
 
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")  # the registry's rule for names
@@ -231,4 +195,5 @@ class _FromCheckpoint(Initializer):
             )
         with _format.open_data(index, entry.file, [self.key]) as reader:
             host = reader.get_tensor(self.key, expected_checksum=entry.checksum)
-        return device.backend.asarray(host, dtype, device.backend_index)
+        with backend_errors(device, f"initializing from {self.key!r} of checkpoint {self.prefix!r}"):
+            return device.backend.asarray(host, dtype, device.backend_index)

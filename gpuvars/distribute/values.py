@@ -185,7 +185,7 @@ class DistributedVariable(Variable):
         primary = self._components[0]._init_plans()
         if not primary:
             return []
-        return [InitPlan(self, self.name, primary[0].deps, primary[0].materialize, self._install)]
+        return [InitPlan(self, self.name, primary[0].deps, primary[0].materialize, lambda arr: variable.install(self, arr))]
 
     def _install(self, arr: Any) -> None:
         for c in self._components:

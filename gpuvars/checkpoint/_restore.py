@@ -1,0 +1,140 @@
+"""Restoring: validate a checkpoint against the variables completely, then stream each
+tensor straight into its variable's storage (DESIGN decision 14).
+
+Nothing is written until the index, the device map, every header and every
+key/shape/dtype have been checked (and, with ``verify_first``, every checksum). If the
+streaming pass then fails (a checksum, an I/O error, memory, an interrupt), every
+variable it had started to write is marked uninitialized and named: never a silent mix
+of old and new values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping
+
+from gpuvars.checkpoint import _format, _parallel, _progress
+from gpuvars.checkpoint import _stformat as st
+from gpuvars.checkpoint._saveable import Read, Saveable
+from gpuvars.errors import CheckpointCorruptError, CheckpointMismatchError
+
+__all__ = ["RestoreResult", "check_compatible", "restore_variables"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreResult:
+    """What a restore did: the keys it restored and where the saved device map differs.
+
+    ``device_differences`` maps a key to ``(saved device, the variable's device)`` when the
+    checkpoint recorded devices and the variable lives elsewhere (a variable never moves).
+    """
+
+    prefix: str
+    restored: tuple[str, ...]
+    device_differences: dict[str, tuple[str, str]]
+
+
+def check_compatible(index: _format.Index, targets: Mapping[str, Saveable]) -> None:
+    """Every key present with an acceptable shape and the same dtype, else one error listing all."""
+    problems = []
+    missing = [k for k in targets if k not in index.variables]
+    if missing:
+        problems.append(
+            "missing keys: "
+            + ", ".join(repr(k) for k in missing[:20])
+            + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
+        )
+    for key, sv in targets.items():
+        entry = index.variables.get(key)
+        if entry is None:
+            continue
+        saved_dtype = st.np_dtype(entry.dtype)
+        dtype = sv.dtype
+        if dtype is not None and dtype is not saved_dtype and dtype != saved_dtype:
+            problems.append(f"{key!r}: dtype {saved_dtype} in the checkpoint, variable '{sv.name}' has {dtype}")
+        if not sv.accepts(entry.shape):
+            problems.append(
+                f"{key!r}: shape {entry.shape} in the checkpoint, variable '{sv.name}' accepts {sv.describe_accepted()}"
+            )
+    if problems:
+        raise CheckpointMismatchError(
+            f"Restoring from checkpoint {index.prefix!r} failed: the variables do not match it; "
+            "nothing was restored:\n  " + "\n  ".join(problems)
+        )
+
+
+def restore_variables(
+    prefix: str, targets: Mapping[str, Saveable], *, verify_first: bool = False, progress: bool | None = None
+) -> RestoreResult:
+    """Validate ``prefix`` (a committed checkpoint or a plain ``.safetensors`` file) against
+    ``targets`` completely, then stream each tensor in (see the module docstring)."""
+    index = _format.open_checkpoint(prefix)
+    check_compatible(index, targets)
+    devices = _format.read_devices(index) if index.policy.saves_devices() else {}
+    plans: dict[str, list[Read]] = {}
+    by_file: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    for key, sv in targets.items():
+        reads = plans[key] = sv.reads(key, index.variables[key])
+        for r in reads:
+            by_file.setdefault(r.file, {})[r.key] = (r.shape, r.dtype)
+    readers: dict[str, st.SafetensorsReader] = {}
+    meter: Any = _progress.bar(0, "", False)
+    try:
+        for name, expected in by_file.items():  # open and validate every header before any byte is written
+            readers[name] = _format.open_file(index, name, expected)
+        if verify_first:
+            _verify(index, plans, readers)
+        sizes = [sum(r.nbytes for r in reads) for reads in plans.values()]
+        meter = _progress.bar(sum(sizes) if progress is not False else 0,
+                              f"restoring {os.path.basename(index.prefix)}", progress)
+        counting = not getattr(meter, "silent", False)
+        started: list[Saveable] = []  # list.append is atomic: safe from the I/O threads
+
+        def restore_one(key: str) -> None:
+            started.append(targets[key])
+            for r in plans[key]:
+                r.apply(readers[r.file])
+                if counting:
+                    meter.update(r.nbytes)
+
+        try:  # runs of tensors on a few threads when the checkpoint is large (_parallel)
+            _parallel.run(list(plans), sizes, restore_one)
+        except BaseException as exc:
+            for sv in started:
+                sv.invalidate()
+            names = ", ".join(f"'{sv.name}'" for sv in started)
+            note = (
+                f"the restore had already written {names}, now marked uninitialized "
+                "(restore with verify_first=True to leave variables untouched on damage)"
+            )
+            if isinstance(exc, CheckpointCorruptError):
+                raise CheckpointCorruptError(f"{exc}; {note}") from exc
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"restoring {index.prefix!r}: {note}")
+            raise
+    finally:
+        meter.close()
+        for reader in readers.values():
+            reader.close()
+    differences = {
+        key: (devices[key]["device"], sv.device)
+        for key, sv in targets.items()
+        if key in devices and devices[key]["device"] != sv.device
+    }
+    return RestoreResult(index.prefix, tuple(targets), differences)
+
+
+def _verify(index: _format.Index, plans: Mapping[str, list[Read]], readers: Mapping[str, st.SafetensorsReader]) -> None:
+    """Every checksum of every read, before anything is written."""
+    want: dict[str, dict[str, str]] = {}
+    for reads in plans.values():
+        for r in reads:
+            if r.checksum is not None:
+                want.setdefault(r.file, {})[r.key] = r.checksum
+    for name, expected in want.items():
+        bad = readers[name].verify(expected)
+        if bad:
+            raise CheckpointCorruptError(
+                f"{index.path(name)!r}: checksum failed for {', '.join(map(repr, bad))}; nothing was restored"
+            )
