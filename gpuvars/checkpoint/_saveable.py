@@ -107,12 +107,13 @@ class Saveable:
 
     @property
     def dtype(self) -> np.dtype[Any] | None:
-        return self.var.dtype  # type: ignore[no-any-return]
+        """The variable's dtype (None while unknown: a deferred callable that never ran)."""
+        return self.var._known_dtype()  # type: ignore[no-any-return]
 
     @property
     def shape(self) -> tuple[int, ...] | None:
         """The logical tensor's shape (None while unknown)."""
-        shape = self.var.shape
+        shape = self.var._known_shape()
         return None if shape is None else tuple(shape)
 
     @property

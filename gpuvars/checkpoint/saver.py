@@ -84,10 +84,11 @@ def _step_number(global_step: Any) -> int:
     """The int of ``global_step``: an int (numpy ints too) or an initialized integer Variable."""
     value = global_step
     if isinstance(global_step, Variable):
-        if global_step.dtype is None or global_step.dtype.kind not in "iu" or global_step.shape != ():
+        dtype, shape = global_step._known_dtype(), global_step._known_shape()
+        if dtype is None or dtype.kind not in "iu" or shape != ():
             raise InvalidArgumentError(
                 f"global_step variable '{global_step.name}' must be a scalar integer variable, "
-                f"got dtype {global_step.dtype} shape {global_step.shape}"
+                f"got dtype {dtype} shape {shape}"
             )
         value = global_step.numpy()
     if isinstance(value, (bool, np.bool_)):
