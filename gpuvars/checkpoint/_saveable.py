@@ -164,8 +164,10 @@ class Saveable:
         return [Read(s.file, key, s.shape, entry.dtype, s.checksum, c, _into_variable) for c, s in zip(comps, saved)]
 
     def invalidate(self) -> None:
-        """Mark the variable uninitialized (a restore that failed half-way does this)."""
-        invalidate(self.var)
+        """Mark the variable (each of its components) uninitialized: a restore that
+        failed half-way does this."""
+        for part in self.components() or (self.var,):
+            invalidate(part)
 
     @classmethod
     def build(
@@ -210,10 +212,6 @@ class _ReplicatedSaveable(Saveable):
             return per_component
         target = (tuple(self.var.values), self._divide_by())
         return [Read(entry.file, key, entry.shape, entry.dtype, entry.checksum, target, _broadcast)]
-
-    def invalidate(self) -> None:
-        for c in self.var.values:
-            invalidate(c)
 
     @classmethod
     def build(
@@ -312,10 +310,6 @@ class ShardedSaveable(Saveable):
         if per_shard is not None:
             return per_shard
         return [Read(entry.file, key, entry.shape, entry.dtype, entry.checksum, self.var, _reslice)]
-
-    def invalidate(self) -> None:
-        for s in self.var.variables:
-            invalidate(s)
 
     @classmethod
     def build(
