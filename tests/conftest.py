@@ -21,6 +21,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import pathlib
 from typing import Iterator
 
+import numpy as np
+
 import pytest
 
 import gpuvars_backends as backends
@@ -127,3 +129,31 @@ def jax_device_of(array: object) -> object:
     devices = array.devices()  # type: ignore[attr-defined]
     assert len(devices) == 1
     return next(iter(devices))
+
+
+# --- a tensor larger than host memory (test_stformat.py, test_reader.py) ----------------------
+
+HUGE = 2**40  # 1 TiB: more than any test machine's RAM + swap, well under ext4's 16 TiB file limit
+
+
+def huge_file(path: pathlib.Path) -> pathlib.Path:
+    """A structurally valid safetensors file holding one U8 tensor of HUGE bytes, as a sparse
+    file (a few KiB on disk); skips where allocating HUGE bytes could succeed or the file
+    system cannot hold it."""
+    try:
+        overcommit = pathlib.Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+        meminfo = dict(line.split(":", 1) for line in pathlib.Path("/proc/meminfo").read_text().splitlines())
+    except OSError:
+        pytest.skip("needs Linux /proc to know that a 1 TiB allocation fails here")
+    total = sum(int(meminfo.get(k, "0 kB").split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    if overcommit == "1" or total >= HUGE:
+        pytest.skip(f"a {HUGE}-byte allocation may succeed here (overcommit_memory={overcommit}, {total} bytes)")
+    from gpuvars.checkpoint._stformat import layout
+
+    prefix, _ = layout([("big", np.uint8, (HUGE,))])
+    path.write_bytes(prefix)
+    try:
+        os.truncate(path, len(prefix) + HUGE)
+    except OSError as exc:
+        pytest.skip(f"no {HUGE}-byte sparse file here: {exc}")
+    return path

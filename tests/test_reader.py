@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gpuvars as gv
-from gpuvars.checkpoint._stformat import SafetensorsReader, layout
+from gpuvars.checkpoint._stformat import SafetensorsReader
 from gpuvars.cli import main
 
 TEXT = st.characters(exclude_categories=["Cs"])
@@ -383,27 +383,7 @@ def test_special_file_in_place_of_a_listed_file_is_damage_at_once(tmp_path: Path
 
 # --- tensors larger than host memory --------------------------------------------------------------
 
-HUGE = 2**40  # 1 TiB: more than any test machine's RAM + swap, well under ext4's 16 TiB file limit
-
-
-def huge_file(path: Path) -> Path:
-    """A plain safetensors file holding one U8 tensor of HUGE bytes, sparse (a few KiB on disk);
-    skips where allocating HUGE bytes could succeed or the file system cannot hold it."""
-    try:
-        overcommit = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    except OSError:
-        pytest.skip("needs Linux /proc to know that a 1 TiB allocation fails here")
-    total = sum(int(meminfo.get(k, "0 kB").split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
-    if overcommit == "1" or total >= HUGE:
-        pytest.skip(f"a {HUGE}-byte allocation may succeed here (overcommit_memory={overcommit}, {total} bytes)")
-    prefix, _ = layout([("big", np.uint8, (HUGE,))])
-    path.write_bytes(prefix)
-    try:
-        os.truncate(path, len(prefix) + HUGE)
-    except OSError as exc:
-        pytest.skip(f"no {HUGE}-byte sparse file here: {exc}")
-    return path
+from conftest import HUGE, huge_file  # noqa: E402 - shared with test_stformat.py
 
 
 @pytest.fixture

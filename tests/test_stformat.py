@@ -735,28 +735,7 @@ def test_open_regular(tmp_path: Path, no_hang: None) -> None:
 
 # ---- tensors larger than host memory ------------------------------------------------------
 
-HUGE = 2**40  # 1 TiB: more than any test machine's RAM + swap, well under ext4's 16 TiB file limit
-
-
-def huge_file(path: Path) -> Path:
-    """A structurally valid safetensors file holding one U8 tensor of HUGE bytes, as a sparse
-    file (a few KiB on disk); skips where allocating HUGE bytes could succeed or the file
-    system cannot hold it."""
-    try:
-        overcommit = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-    except OSError:
-        pytest.skip("needs Linux /proc to know that a 1 TiB allocation fails here")
-    total = sum(int(meminfo.get(k, "0 kB").split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
-    if overcommit == "1" or total >= HUGE:
-        pytest.skip(f"a {HUGE}-byte allocation may succeed here (overcommit_memory={overcommit}, {total} bytes)")
-    prefix, _ = layout([("big", np.uint8, (HUGE,))])
-    path.write_bytes(prefix)
-    try:
-        os.truncate(path, len(prefix) + HUGE)
-    except OSError as exc:
-        pytest.skip(f"no {HUGE}-byte sparse file here: {exc}")
-    return path
+from conftest import HUGE, huge_file  # noqa: E402 - shared with test_reader.py
 
 
 def test_tensor_larger_than_host_memory_is_resource_exhausted(tmp_path: Path) -> None:
