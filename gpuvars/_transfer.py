@@ -172,11 +172,11 @@ def move(
     """The located array on ``dest`` with ``dtype``; ``private`` forces a fresh copy (one
     that may become a variable's storage), else an array already there is returned as is."""
     array, backend, device = located
+    if not private and np.dtype(array.dtype) == dtype and (
+        device is dest or (device is None and is_host(backend) and dest.backend.host)
+    ):
+        return array  # already there: nothing to copy, nothing that can fail
     with backend_errors(dest, what):
-        if not private and np.dtype(array.dtype) == dtype and (
-            device is dest or (device is None and is_host(backend) and dest.backend.host)
-        ):
-            return array
         if is_host(backend) or backend is dest.backend:
             return dest.backend.asarray(array, dtype, dest.backend_index)
         return dest.backend.asarray(to_host(array, backend), dtype, dest.backend_index)  # between libraries

@@ -526,8 +526,9 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 "create a new variable inside the strategy's scope from its value"
             )
         new: Variable = object.__new__(Variable)
-        for field in Variable.__slots__[:-1]:
-            setattr(new, field, getattr(self, field))
+        for field in Variable.__slots__:
+            if field != "__weakref__":
+                setattr(new, field, getattr(self, field))
         new._ro = None
         if self._storage is not None:
             with backend_errors(self._device, f"copying variable '{self._name}'"):

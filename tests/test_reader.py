@@ -16,24 +16,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 import gpuvars as gv
 from gpuvars.checkpoint._stformat import SafetensorsReader
 from gpuvars.cli import main
-
-TEXT = st.characters(exclude_categories=["Cs"])
-
+from test_stformat import damaged_headers, entry  # the byte-format tests' header builders and fuzzer
 
 def craft(path: Path, header: Any, data: bytes = b"") -> int:
     """Write a safetensors file from a hand-made header; returns its size."""
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return 8 + len(text) + len(data)
-
-
-def entry(dtype: Any, shape: Any, begin: Any, end: Any) -> dict[str, Any]:
-    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
 
 
 def only_checkpoint_errors(fn: Callable[[], Any]) -> None:
@@ -54,43 +47,6 @@ def cli(*args: str) -> int:
 
 
 # --- header fields of the wrong JSON type ---------------------------------------------------------
-
-SCALARS = (st.none() | st.booleans() | st.integers(-2, 16) | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(TEXT, max_size=4)
-           | st.sampled_from(["F32", "U8", "BOOL", "F9", ""]))
-VALUES = st.recursive(
-    SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(TEXT, max_size=3), kids, max_size=3),
-    max_leaves=6,
-)
-FIELDS = {
-    "dtype": VALUES,
-    "shape": VALUES | st.lists(SCALARS, max_size=3) | st.lists(st.integers(0, 12), max_size=3),
-    "data_offsets": VALUES | st.lists(SCALARS, min_size=2, max_size=2) | st.lists(st.integers(0, 12), min_size=2, max_size=2),
-}
-
-
-@st.composite
-def damaged_headers(draw: st.DrawFn) -> dict[str, Any]:
-    """The header of the 11-byte buffer F32 a[2] + U8 b[3] with 1-3 fields replaced by any JSON."""
-    header: dict[str, Any] = {"a": entry("F32", [2], 0, 8), "b": entry("U8", [3], 8, 11)}
-    for _ in range(draw(st.integers(1, 3))):
-        key = draw(st.sampled_from(["a", "b", "__metadata__"]))
-        if key == "__metadata__":
-            header[key] = draw(VALUES | st.dictionaries(st.text(TEXT, max_size=3), SCALARS, max_size=2))
-            continue
-        how = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra", "drop", "whole"]))
-        if how == "whole":
-            header[key] = draw(VALUES)
-        elif not isinstance(header[key], dict):
-            continue
-        elif how == "extra":
-            header[key][draw(st.text(TEXT, max_size=6))] = draw(VALUES)
-        elif how == "drop":
-            header[key].pop(draw(st.sampled_from(list(FIELDS))), None)
-        else:
-            header[key][how] = draw(FIELDS[how])
-    return header
-
 
 def _bad(field: str, value: Any) -> dict[str, Any]:
     return {"a": {**entry("F32", [2], 0, 8), field: value}, "b": entry("U8", [3], 8, 11)}
