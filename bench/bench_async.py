@@ -1,0 +1,983 @@
+"""Asynchronous checkpoint saves: what the call blocks, how fast the background writes, what training stalls.
+
+Three parts, each against Orbax's async checkpointer and PyTorch DCP's ``async_save`` where those
+are installed, on the same tensor bytes, in the same run, every cell in a fresh process:
+
+``call``
+    The time ``save(blocking=False)`` blocks the caller, for 1, 100, 1,000 and 10,000 float32
+    variables of 4 KiB each (``--call-vars``), plus one row of 16 x 64 MiB (1 GiB: the
+    ``throughput`` cells' first-call figure) to show whether the call moves data. A
+    least-squares line over the small-variable rows gives the intercept and the per-variable
+    slope (goal for gpuvars: <= 1 ms + ~5 us per variable, no data moved on the call). Each
+    cell also reports the RSS the call added (a staged host copy shows here) and how many bytes
+    the writer had already written when the call returned (gpuvars' ``fut.progress``).
+``throughput``
+    1 GiB in 16 variables (``--quick``: 256 MiB): a synchronous save against an asynchronous one
+    timed from the call to ``fut.result()`` (Orbax: to ``wait_until_finished()``), alternating
+    in one process; background throughput = sync time / async time (goal for gpuvars: >= 90%).
+``loop``
+    A training loop of 8 variables x 32 MiB (256 MiB; ``--quick``: 8 x 8 MiB), a step = add 1
+    to every variable in place (gpuvars: ``assign_add`` on numpy variables; DCP: ``Tensor.add_``;
+    Orbax: JAX arrays, ``x = add(x, 1)`` jitted, a new array per step, JAX being immutable),
+    checkpointing every ``--every`` steps: no checkpoint / sync / async. Reported: median step,
+    p99 and max step, the worst stall (max step - the same system's median step without
+    checkpoints), total wall time (steps + the wait for the last save). After the loop every
+    checkpoint is read back (untimed) and compared with the values at its save call (values are
+    integers, so the expected value is exact): "value at the call" ok or WRONG.
+
+Systems (``--systems``):
+
+===========  ==================================================================================
+gpuvars      ``gv.Saver(vars).save(prefix)`` / ``save(prefix, blocking=False)`` then
+             ``fut.result()``; numpy variables on /cpu:0. Its own fsyncs: data, index, state
+             file, folder. Runs with ``--gpuvars-python`` (default: this interpreter) and
+             PYTHONPATH set to a folder of symlinks to *this* checkout's ``gpuvars`` and
+             ``backends`` (as ``gpuvars_backends``), so the code measured is the code beside
+             this file, not whatever is installed.
+orbax        ``ocp.Checkpointer`` / ``ocp.AsyncCheckpointer`` with ``StandardCheckpointHandler``
+             and ``StandardSave`` of a dict of JAX CPU arrays; async completion =
+             ``wait_until_finished()``. Runs with ``--baseline-python``.
+dcp          ``torch.distributed.checkpoint.save`` / ``async_save`` (default thread
+             checkpointer) with ``FileSystemWriter(path, sync_files=True)``, state dict of CPU
+             tensors (``torch.from_numpy``); async completion = ``future.result()``. No process
+             group (single process). Runs with ``--baseline-python``.
+===========  ==================================================================================
+
+Durability (fsync on for everyone): gpuvars fsyncs the data file, the index, the state file and
+the folder itself. DCP's ``FileSystemWriter(sync_files=True)`` (its default, passed explicitly)
+fsyncs the data file and ``.metadata``; Orbax's tensorstore writes fsync every data file
+(tensorstore's ``file_io_sync`` default) but not its small metadata files nor the folders. So
+both baselines get, inside the timed region, an ``fsync`` of every file and folder of the
+checkpoint and of its parent folder once the save completed (``fsync_tree``: a few ms; in the
+loop it runs at the next checkpoint call or at the end, counted in that step / the wall time).
+``--audit-fsync`` runs one small save of each system under ``strace -f -y`` and lists the files
+each one fsyncs by itself (needs strace).
+
+Method (the project's rules for benchmarks on these VMs): every cell runs in a fresh process
+(this program re-invokes itself with ``--cell`` under the system's interpreter) and prints one
+JSON line; one untimed warm-up save (of each kind) precedes the timed ones. Memory freed on
+these VMs goes back to the host and the next first touch runs at ~0.5 GB/s, page cache
+included, so before every timed save (and in the loop before every checkpoint step, untimed and
+excluded from the wall time) the cell touches and frees 2 x the data size + 64 MiB of anonymous
+memory (room for a staged copy or copy-on-write copies) and writes and unlinks a scratch file of
+the data size + 64 MiB in the checkpoint folder. Children run with
+``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's default, pinned). Figures are medians over the timed
+saves of a cell and, with ``--repeats`` > 1, over rounds of fresh processes (systems rotating).
+Speed is reported, never asserted.
+
+Usage::
+
+    python bench/bench_async.py --baseline-python /work/benchenv/bin/python     # ~6-8 min, 2 cores
+    python bench/bench_async.py --quick --baseline-python ...                   # < 2 min
+    python bench/bench_async.py --parts call --systems gpuvars --call-vars 1,10,100,1000,10000
+    python bench/bench_async.py --json out.json                                 # every cell too
+    python bench/bench_async.py --audit-fsync --baseline-python ...             # who fsyncs what
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from _common import warm_free_pages
+
+MiB = 1 << 20
+GiB = 1 << 30
+SYSTEMS = ("gpuvars", "orbax", "dcp")
+PARTS = ("call", "throughput", "loop")
+MODES = ("none", "sync", "async")
+RESULT_TAG = "BENCH-CELL-RESULT "
+WARM_MARGIN = 64 * MiB
+SMALL_VAR_ELEMS = 1024  # 4 KiB float32 variables in the call part
+GOAL_CALL_INTERCEPT_S = 1e-3
+GOAL_CALL_SLOPE_S = 5e-6
+GOAL_THROUGHPUT = 0.90
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+
+def make_data(n: int, elems: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` float32 arrays of ``elems`` integer values (< 2**21, so +1 per step stays exact).
+
+    One random block per cell, plus the tensor's index: no two tensors (and no two pages) share
+    bytes, so nothing compresses and the host cannot merge pages.
+    """
+    rng = np.random.default_rng(seed)
+    block = rng.integers(0, 1 << 20, elems).astype(np.float32)
+    return [block + np.float32(i) for i in range(n)]
+
+
+def names_for(n: int) -> list[str]:
+    return [f"layer{i:05d}" for i in range(n)]
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return -1
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file and folder under ``path`` (a file or a folder), then its parent folder."""
+    todo: list[str] = []
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            todo += [os.path.join(root, f) for f in files]
+            todo.append(root)
+    elif os.path.exists(path):
+        todo.append(path)
+    todo.append(os.path.dirname(os.path.abspath(path)))
+    for p in todo:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def prefault(data_bytes: int, folder: str) -> None:
+    """Back the free pages the next save may take: anonymous memory for a staged or copy-on-write
+    copy (2 x data) and page cache for the file (data), + margins."""
+    warm_free_pages(2 * data_bytes + WARM_MARGIN)
+    warm_free_pages(data_bytes + WARM_MARGIN, folder)
+    gc.collect()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q, method="higher"))
+
+
+# --- systems (each runs in its own child process) -----------------------------------------------------
+
+
+class System:
+    """Variables plus sync / async saves. ``start_async`` returns a handle for ``finish``."""
+
+    name = "?"
+    has_async = True
+    why_no_async = ""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self.names = names_for(len(arrays))
+        self.ones = np.ones(arrays[0].shape, np.float32)  # the step's operand, the same for every variable
+        self.done_steps = 0  # steps applied so far: the variables hold x0 + done_steps
+
+    def save_sync(self, path: str, step: int | None = None) -> str:
+        raise NotImplementedError
+
+    def start_async(self, path: str, step: int | None = None) -> Any:
+        raise NotImplementedError
+
+    def is_done(self, handle: Any) -> bool:
+        raise NotImplementedError
+
+    def finish(self, handle: Any) -> str:
+        """Wait for the async save (and add the fsyncs it lacks); return the checkpoint path."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """One training step: +1 on every variable."""
+        raise NotImplementedError
+
+    def read_back(self, path: str) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def progress(self, handle: Any) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class Gpuvars(System):
+    name = "gpuvars"
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        super().__init__(arrays)
+        import gpuvars as gv
+
+        self.gv = gv
+        self.registry = gv.Registry()
+        self.registry.__enter__()
+        self.vars = [gv.Variable(a, name=n, device="/cpu:0") for n, a in zip(self.names, arrays)]
+        self.saver = gv.Saver(self.vars, max_to_keep=None)
+        self.has_async = "blocking" in inspect.signature(gv.Saver.save).parameters
+        if not self.has_async:
+            self.why_no_async = "this gpuvars has no save(blocking=False)"
+
+    def save_sync(self, path: str, step: int | None = None) -> str:
+        return self.saver.save(path, global_step=step)
+
+    def start_async(self, path: str, step: int | None = None) -> Any:
+        return self.saver.save(path, global_step=step, blocking=False)
+
+    def is_done(self, handle: Any) -> bool:
+        return bool(handle.done())
+
+    def finish(self, handle: Any) -> str:
+        return handle.result()
+
+    def progress(self, handle: Any) -> int | None:
+        return int(handle.progress)
+
+    def step(self) -> None:
+        for v in self.vars:
+            v.assign_add(self.ones)
+
+    def read_back(self, path: str) -> list[np.ndarray]:
+        reader = self.gv.CheckpointReader(path)
+        return [np.asarray(reader.get_tensor(n)) for n in self.names]
+
+    def close(self) -> None:
+        close = getattr(self.saver, "close", None)
+        if close is not None:
+            close()
+
+
+class Orbax(System):
+    name = "orbax"
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        super().__init__(arrays)
+        import jax
+        import orbax.checkpoint as ocp
+
+        self.jax = jax
+        self.ocp = ocp
+        dev = jax.devices("cpu")[0]
+        self.tree = {n: jax.device_put(a, dev) for n, a in zip(self.names, arrays)}
+        jax.block_until_ready(self.tree)
+        self.sync_ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        self.async_ckptr = ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler())
+        self.add = jax.jit(lambda x, d: x + d)
+        self.d = jax.device_put(self.ones, dev)
+
+    def _path(self, path: str, step: int | None) -> str:
+        return path if step is None else f"{path}-{step}"
+
+    def save_sync(self, path: str, step: int | None = None) -> str:
+        p = self._path(path, step)
+        self.sync_ckptr.save(p, args=self.ocp.args.StandardSave(self.tree))
+        fsync_tree(p)
+        return p
+
+    def start_async(self, path: str, step: int | None = None) -> Any:
+        p = self._path(path, step)
+        self.async_ckptr.save(p, args=self.ocp.args.StandardSave(self.tree))
+        return p
+
+    def is_done(self, handle: Any) -> bool:
+        return os.path.isdir(handle)  # the tmp folder is renamed to the final path at the commit
+
+    def finish(self, handle: Any) -> str:
+        self.async_ckptr.wait_until_finished()
+        fsync_tree(handle)
+        return handle
+
+    def step(self) -> None:
+        self.tree = {k: self.add(x, self.d) for k, x in self.tree.items()}
+        self.jax.block_until_ready(self.tree)
+
+    def read_back(self, path: str) -> list[np.ndarray]:
+        got = self.ocp.StandardCheckpointer().restore(path)
+        return [np.asarray(got[n]) for n in self.names]
+
+    def close(self) -> None:
+        self.async_ckptr.close()
+        self.sync_ckptr.close()
+
+
+class Dcp(System):
+    name = "dcp"
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        super().__init__(arrays)
+        import torch
+        import torch.distributed.checkpoint as dcp
+
+        self.torch = torch
+        self.dcp = dcp
+        self.sd = {n: torch.from_numpy(a) for n, a in zip(self.names, arrays)}  # shares the memory
+        self.d = torch.from_numpy(self.ones)
+
+    def _path(self, path: str, step: int | None) -> str:
+        return path if step is None else f"{path}-{step}"
+
+    def _writer(self, p: str) -> Any:
+        return self.dcp.FileSystemWriter(p, sync_files=True)
+
+    def save_sync(self, path: str, step: int | None = None) -> str:
+        p = self._path(path, step)
+        self.dcp.save(self.sd, storage_writer=self._writer(p))
+        fsync_tree(p)
+        return p
+
+    def start_async(self, path: str, step: int | None = None) -> Any:
+        p = self._path(path, step)
+        return (p, self.dcp.async_save(self.sd, storage_writer=self._writer(p)))
+
+    def is_done(self, handle: Any) -> bool:
+        return bool(handle[1].done())
+
+    def finish(self, handle: Any) -> str:
+        handle[1].result()
+        fsync_tree(handle[0])
+        return handle[0]
+
+    def step(self) -> None:
+        for t in self.sd.values():
+            t.add_(self.d)
+
+    def read_back(self, path: str) -> list[np.ndarray]:
+        out = {n: self.torch.zeros_like(t) for n, t in self.sd.items()}
+        self.dcp.load(out, storage_reader=self.dcp.FileSystemReader(path))
+        return [out[n].numpy() for n in self.names]
+
+
+SYSTEM_CLASSES: dict[str, type[System]] = {"gpuvars": Gpuvars, "orbax": Orbax, "dcp": Dcp}
+VERSION_DISTS = {"gpuvars": ("numpy",), "orbax": ("orbax-checkpoint", "jax", "tensorstore", "numpy"),
+                 "dcp": ("torch", "numpy")}
+
+
+def versions(system: str) -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "interpreter": sys.executable}
+    for d in VERSION_DISTS[system]:
+        try:
+            out[d] = md.version(d)
+        except md.PackageNotFoundError:
+            out[d] = None
+    if system == "gpuvars":
+        import gpuvars
+
+        out["gpuvars_path"] = os.path.dirname(os.path.realpath(gpuvars.__file__))
+    return out
+
+
+# --- cells ----------------------------------------------------------------------------------------------
+
+
+def cell_call(sysobj: System, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
+    """Blocking time of the async call, ``calls`` times (one untimed warm-up first)."""
+    out: dict[str, Any] = {"call_s": [], "call_rss_kib": [], "progress_at_return": [], "total_s": []}
+    t_cell = time.perf_counter()
+    for i in range(-1, cell["calls"]):
+        sub = os.path.join(folder, f"c{i + 1}")
+        os.makedirs(sub)
+        prefault(data_bytes, sub)
+        r0 = rss_kib()
+        t0 = time.perf_counter()
+        h = sysobj.start_async(os.path.join(sub, "ckpt"))
+        t1 = time.perf_counter()
+        r1 = rss_kib()
+        prog = sysobj.progress(h)
+        sysobj.finish(h)
+        t2 = time.perf_counter()
+        if i >= 0:
+            out["call_s"].append(t1 - t0)
+            out["call_rss_kib"].append(r1 - r0)
+            out["progress_at_return"].append(prog)
+            out["total_s"].append(t2 - t0)
+        shutil.rmtree(sub)
+        if i >= 2 and time.perf_counter() - t_cell > cell["budget_s"]:
+            break  # slow systems at many variables: fewer calls (at least 3)
+    return out
+
+
+def cell_throughput(sysobj: System, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
+    """Sync save vs async save (call -> result), alternating; one untimed warm-up of each."""
+    out: dict[str, Any] = {"sync_s": [], "async_s": [], "call_s": [], "call_rss_kib": [], "progress_at_return": []}
+    for i in range(-1, cell["saves"]):
+        for mode in ("sync", "async") if i % 2 == 0 else ("async", "sync"):
+            if mode == "async" and not sysobj.has_async:
+                continue
+            sub = os.path.join(folder, f"{mode}{i + 1}")
+            os.makedirs(sub)
+            prefault(data_bytes, sub)
+            if mode == "sync":
+                t0 = time.perf_counter()
+                sysobj.save_sync(os.path.join(sub, "ckpt"))
+                t2 = time.perf_counter()
+                if i >= 0:
+                    out["sync_s"].append(t2 - t0)
+            else:
+                r0 = rss_kib()
+                t0 = time.perf_counter()
+                h = sysobj.start_async(os.path.join(sub, "ckpt"))
+                t1 = time.perf_counter()
+                r1 = rss_kib()
+                prog = sysobj.progress(h)
+                sysobj.finish(h)
+                t2 = time.perf_counter()
+                if i >= 0:
+                    out["async_s"].append(t2 - t0)
+                    out["call_s"].append(t1 - t0)
+                    out["call_rss_kib"].append(r1 - r0)
+                    out["progress_at_return"].append(prog)
+            shutil.rmtree(sub)
+    return out
+
+
+def loop_one(sysobj: System, mode: str, steps: int, every: int, folder: str, data_bytes: int) -> dict[str, Any]:
+    """One training loop in ``mode``; the step count at every save is kept to check the saved values."""
+    if mode == "async" and not sysobj.has_async:
+        return {"error": f"no async save: {sysobj.why_no_async}"}
+    sub = os.path.join(folder, mode)
+    os.makedirs(sub)
+    base = os.path.join(sub, "ckpt")
+    # warm-up (untimed): a few steps and one save of this mode, in a folder of its own
+    warm = os.path.join(folder, "warm")
+    os.makedirs(warm)
+    for _ in range(3):
+        sysobj.step()
+        sysobj.done_steps += 1
+    if mode == "sync":
+        sysobj.save_sync(os.path.join(warm, "ckpt"), 0)
+    elif mode == "async":
+        sysobj.finish(sysobj.start_async(os.path.join(warm, "ckpt"), 0))
+    shutil.rmtree(warm)
+    prefault(data_bytes, folder)
+    step_s: list[float] = []
+    saved: list[tuple[Any, int]] = []  # (path, or the pending handle; steps done at the call)
+    pending: Any = None
+    overlaps = 0
+    prefault_s = 0.0
+    t_start = time.perf_counter()
+    for k in range(1, steps + 1):
+        ckpt_step = mode != "none" and k % every == 0
+        if k % every == 0:  # every mode, "none" too; untimed, excluded from the wall time
+            if pending is not None and not sysobj.is_done(pending):
+                overlaps += 1  # skipped: it would hand the save in flight free time
+            else:
+                p0 = time.perf_counter()
+                prefault(data_bytes, sub)
+                prefault_s += time.perf_counter() - p0
+        t0 = time.perf_counter()
+        sysobj.step()
+        sysobj.done_steps += 1
+        if ckpt_step:
+            if mode == "sync":
+                saved.append((sysobj.save_sync(base, k), sysobj.done_steps))
+            else:
+                if pending is not None:  # the previous one: its path (and the baselines' fsync_tree)
+                    saved[-1] = (sysobj.finish(pending), saved[-1][1])
+                pending = sysobj.start_async(base, k)
+                saved.append((pending, sysobj.done_steps))
+        step_s.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    if pending is not None:
+        saved[-1] = (sysobj.finish(pending), saved[-1][1])
+    final_wait = time.perf_counter() - t0
+    wall = time.perf_counter() - t_start - prefault_s
+    return {"step_s": step_s, "final_wait_s": final_wait, "wall_s": wall, "prefault_s": prefault_s,
+            "checkpoints": len(saved), "prefault_overlaps": overlaps, "saved": saved, "sub": sub}
+
+
+def cell_loop(sysobj: System, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
+    """The loop in every mode of ``cell["modes"]``, one after the other in this process; then every
+    checkpoint is read back (untimed) and compared with the values at its call (x0 + steps done)."""
+    x0 = make_data(cell["n_vars"], cell["var_elems"])
+    out: dict[str, Any] = {}
+    for mode in cell["modes"]:
+        r = loop_one(sysobj, mode, cell["steps"], cell["every"], folder, data_bytes)
+        wrong: list[str] = []
+        for path, n in r.pop("saved", []):
+            got = sysobj.read_back(path)
+            for name, a, b in zip(sysobj.names, got, x0):
+                if not np.array_equal(a.reshape(-1), b + np.float32(n)):
+                    diff = float(np.median(a.reshape(-1) - b))
+                    wrong.append(f"{os.path.basename(str(path))}/{name}: median value = x0 + {diff:g}, expected + {n}")
+        if "sub" in r:
+            shutil.rmtree(r.pop("sub"), ignore_errors=True)
+        r.update(wrong=wrong[:8], n_wrong=len(wrong))
+        out[mode] = r
+    return {"modes": out}
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    system, part = cell["system"], cell["part"]
+    folder = os.path.join(cell["dir"], f"cell-{os.getpid()}")
+    os.makedirs(folder)
+    try:
+        arrays = make_data(cell["n_vars"], cell["var_elems"])
+        data_bytes = sum(a.nbytes for a in arrays)
+        sysobj = SYSTEM_CLASSES[system](arrays)
+        del arrays
+        gc.collect()
+        res: dict[str, Any] = {"system": system, "part": part, "n_vars": cell["n_vars"], "data_bytes": data_bytes,
+                               "mode": cell.get("mode"), "versions": versions(system),
+                               "has_async": sysobj.has_async, "why_no_async": sysobj.why_no_async}
+        if part == "call":
+            if not sysobj.has_async:
+                raise RuntimeError(f"no async save: {sysobj.why_no_async}")
+            res.update(cell_call(sysobj, cell, folder, data_bytes))
+        elif part == "throughput":
+            res.update(cell_throughput(sysobj, cell, folder, data_bytes))
+        else:
+            res.update(cell_loop(sysobj, cell, folder, data_bytes))
+        sysobj.close()
+        return res
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- fsync audit ---------------------------------------------------------------------------------------------
+
+
+def audit_cell(system: str, folder: str) -> None:
+    """One small sync and one async save (run under strace by the driver)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    sysobj = SYSTEM_CLASSES[system](make_data(4, 1 << 18))
+    # the baselines' own fsyncs only: no fsync_tree here
+    globals()["fsync_tree"] = lambda path: None
+    sysobj.save_sync(os.path.join(folder, "sync"))
+    if sysobj.has_async:
+        sysobj.finish(sysobj.start_async(os.path.join(folder, "async")))
+    sysobj.close()
+
+
+def audit_fsync(systems: list[str], pythons: dict[str, str], envs: dict[str, dict[str, str]], root: str) -> None:
+    if shutil.which("strace") is None:
+        print("fsync audit: strace is not installed (apt-get install strace)")
+        return
+    import re
+
+    for system in systems:
+        folder = tempfile.mkdtemp(prefix=f"audit-{system}-", dir=root)
+        log = os.path.join(folder, "strace.log")
+        ckpt = os.path.join(folder, "ck")
+        os.makedirs(ckpt)
+        proc = subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,sync_file_range,msync",
+                               "-o", log, pythons[system], os.path.abspath(__file__), "--audit-cell", system, ckpt],
+                              capture_output=True, text=True, env=envs[system], timeout=600)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            print(f"fsync audit {system}: failed ({tail[0]})")
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        synced: dict[str, set[str]] = {"sync": set(), "async": set()}
+        with open(log) as f:
+            for line in f:
+                m = re.search(r"(fsync|fdatasync|sync_file_range)\(\d+<([^>]*)>", line)
+                if m and m.group(2).startswith(ckpt):
+                    rel = os.path.relpath(m.group(2), ckpt)
+                    kind = "async" if "async" in rel else "sync"  # "." (the shared folder) counts as sync
+                    rel = re.sub(r"[0-9a-f]{32}", "<hash>", rel)
+                    rel = re.sub(r"\.tmp-[\w.-]+", ".tmp-*", rel)
+                    synced[kind].add(f"{m.group(1)} {rel}")
+        for kind in ("sync", "async"):
+            items = sorted(synced[kind])
+            print(f"fsync audit {system} {kind}: {len(items)} distinct: " + ("; ".join(items) if items else "none"))
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- the driver -------------------------------------------------------------------------------------------------
+
+
+def gpuvars_pythonpath(root: str) -> str:
+    """A folder with ``gpuvars`` and ``gpuvars_backends`` linked to this checkout's sources."""
+    link_dir = os.path.join(root, f"pythonpath-{abs(hash(REPO)) % 10**8}")
+    os.makedirs(link_dir, exist_ok=True)
+    for name, target in (("gpuvars", os.path.join(REPO, "gpuvars")), ("gpuvars_backends", os.path.join(REPO, "backends"))):
+        link = os.path.join(link_dir, name)
+        if os.path.islink(link) and os.readlink(link) == target:
+            continue
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(target, link)
+    return link_dir
+
+
+def installed(python: str, module: str, env: dict[str, str]) -> str:
+    """'' if ``module`` imports under ``python``, else why not."""
+    if not os.path.exists(python):
+        return f"interpreter {python} not found"
+    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 3)"
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    if proc.returncode == 3:
+        return f"not installed ({module} not importable by {python})"
+    if proc.returncode != 0:
+        return f"not usable: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+    return ""
+
+
+def spawn(cell: dict[str, Any], python: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    try:
+        proc = subprocess.run([python, os.path.abspath(__file__), "--cell", json.dumps(cell)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cell, "error": f"timed out after {timeout:.0f} s"}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        return {**cell, "error": tail[-1].strip() if tail else f"exit status {proc.returncode}", "stderr_tail": tail[-15:]}
+    out: dict[str, Any] = json.loads(lines[-1][len(RESULT_TAG):])
+    return out
+
+
+def merge(into: dict[str, Any], r: dict[str, Any]) -> None:
+    """Pool a later round's result into the first one's: lists concatenate, counts add up."""
+    for k, v in r.items():
+        if isinstance(v, list) and isinstance(into.get(k), list):
+            into[k] = into[k] + v
+        elif k in ("n_wrong", "checkpoints", "prefault_overlaps"):
+            into[k] = into.get(k, 0) + v
+        elif k in ("wall_s", "final_wait_s"):
+            into.setdefault(k + "_all", [into[k]]).append(v)
+            into[k] = statistics.median(into[k + "_all"])
+
+
+def med(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms" if s < 0.1 else f"{s * 1e3:.0f} ms"
+    return f"{s:.2f} s"
+
+
+def fmt_bytes(n: int) -> str:
+    if n >= GiB and n % GiB == 0:
+        return f"{n // GiB} GiB"
+    if n >= MiB:
+        return f"{n / MiB:.0f} MiB"
+    return f"{n / 1024:.0f} KiB"
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """Least squares y = a + b x: (a, b)."""
+    if len(xs) < 2:
+        return None
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return float(a), float(b)
+
+
+def report_call(results: dict[tuple[str, int], dict[str, Any]], tput: dict[str, dict[str, Any]],
+                systems: list[str], call_vars: list[int], big_desc: str) -> tuple[list[str], dict[str, Any]]:
+    lines = ["(1) blocking time of the async save call (median over the calls; each variable 4 KiB float32)", "",
+             "| system | variables | data | call median | call min-max | extra RSS at return | written at return | call -> done |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fits: dict[str, Any] = {}
+    for s in systems:
+        xs, ys = [], []
+        for n in call_vars:
+            r = results.get((s, n))
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {s} | {n:,} | {fmt_bytes(n * SMALL_VAR_ELEMS * 4)} | {r['error'][:150]} | | | | |")
+                continue
+            c = r["call_s"]
+            prog = [p for p in r["progress_at_return"] if p is not None]
+            lines.append(f"| {s} | {n:,} | {fmt_bytes(r['data_bytes'])} | {fmt_s(med(c))} | {fmt_s(min(c))}-{fmt_s(max(c))} | "
+                         f"{max(r['call_rss_kib']) / 1024:.1f} MiB | "
+                         f"{(fmt_bytes(int(max(prog))) if max(prog) else '0') if prog else 'n/a'} | {fmt_s(med(r['total_s']))} |")
+            xs.append(n)
+            ys.append(med(c))
+        t = tput.get(s)
+        if t is not None and "error" not in t and t.get("call_s"):
+            c = t["call_s"]
+            prog = [p for p in t["progress_at_return"] if p is not None]
+            lines.append(f"| {s} | {t['n_vars']} | {big_desc} | {fmt_s(med(c))} | {fmt_s(min(c))}-{fmt_s(max(c))} | "
+                         f"{max(t['call_rss_kib']) / 1024:.1f} MiB | "
+                         f"{(fmt_bytes(int(max(prog))) if max(prog) else '0') if prog else 'n/a'} | {fmt_s(med(t['async_s']))} |")
+        fit = fit_line(xs, ys)
+        if fit:
+            fits[s] = {"intercept_s": fit[0], "slope_s_per_var": fit[1], "points": list(zip(xs, ys))}
+    lines.append("")
+    for s, f in fits.items():
+        goal = ""
+        if s == "gpuvars":
+            ok = f["intercept_s"] <= GOAL_CALL_INTERCEPT_S and f["slope_s_per_var"] <= GOAL_CALL_SLOPE_S
+            goal = f" (goal <= 1 ms + 5 us/variable: {'met' if ok else 'MISSED'})"
+        lines.append(f"fit {s}: call = {fmt_s(max(f['intercept_s'], 0))} + {f['slope_s_per_var'] * 1e6:.2f} us per variable"
+                     f" (intercept {f['intercept_s'] * 1e3:+.3f} ms, least squares over {len(f['points'])} sizes){goal}")
+    lines.append("'extra RSS at return' = VmRSS after the call - before it (a staged copy of the data shows here); "
+                 "'written at return' = fut.progress when the call returned (gpuvars only); the last row per system is "
+                 "the first-call figure of the throughput cells (big variables).")
+    return lines, fits
+
+
+def report_throughput(tput: dict[str, dict[str, Any]], systems: list[str]) -> tuple[list[str], dict[str, Any]]:
+    lines = ["(2) background throughput: sync save vs async save timed from the call to its completion", "",
+             "| system | data | sync median | sync GiB/s | async median | async GiB/s | async/sync throughput | min-max sync / async |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    ratios: dict[str, Any] = {}
+    for s in systems:
+        t = tput.get(s)
+        if t is None:
+            continue
+        if "error" in t:
+            lines.append(f"| {s} | | {t['error'][:150]} | | | | | |")
+            continue
+        gib = t["data_bytes"] / GiB
+        sm, am = med(t["sync_s"]), med(t["async_s"])
+        ratio = sm / am if sm and am else None
+        ratios[s] = ratio
+        goal = ""
+        if s == "gpuvars" and ratio is not None:
+            goal = f" ({'met' if ratio >= GOAL_THROUGHPUT else 'MISSED'}: goal >= 90%)"
+        elif ratio is None:
+            goal = f" ({t.get('why_no_async') or 'no async'})"
+        rng = (f"{min(t['sync_s']):.3f}-{max(t['sync_s']):.3f} / "
+               + (f"{min(t['async_s']):.3f}-{max(t['async_s']):.3f}" if t["async_s"] else "-"))
+        lines.append(f"| {s} | {t['n_vars']} x {fmt_bytes(t['data_bytes'] // t['n_vars'])} | {fmt_s(sm)} | {gib / sm:.2f} | "
+                     f"{fmt_s(am)} | {(f'{gib / am:.2f}' if am else '-')} | "
+                     f"{(f'{ratio * 100:.0f}%' if ratio else '-')}{goal} | {rng} |")
+    lines.append("async/sync throughput = sync median time / async median time (1 = the background write is as fast as a "
+                 "blocking one). Baselines include fsync_tree of the checkpoint in both.")
+    return lines, ratios
+
+
+def report_loop(loops: dict[tuple[str, str], dict[str, Any]], systems: list[str], desc: str) -> list[str]:
+    lines = [f"(3) training loop: {desc}", "",
+             "| system | checkpoints | median step | p99 step | max step | worst stall | total wall | vs no ckpt | "
+             "final wait | value at the call |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in systems:
+        base = loops.get((s, "none"))
+        base_med = med(base["step_s"]) if base and "error" not in base else None
+        base_wall = base["wall_s"] if base and "error" not in base else None
+        for mode in MODES:
+            r = loops.get((s, mode))
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {s} | {mode} | {r['error'][:150]} | | | | | | | |")
+                continue
+            st = r["step_s"]
+            stall = max(st) - base_med if base_med is not None and mode != "none" else None
+            vs = f"{r['wall_s'] / base_wall:.2f}x" if base_wall and mode != "none" else "-"
+            ok = "-" if mode == "none" else ("ok" if r["n_wrong"] == 0 else f"WRONG ({r['n_wrong']} tensors)")
+            ck = "-" if mode == "none" else f"{mode}, {r['checkpoints']}"
+            lines.append(f"| {s} | {ck} | {fmt_s(med(st))} | {fmt_s(pct(st, 99))} | {fmt_s(max(st))} | {fmt_s(stall)} | "
+                         f"{fmt_s(r['wall_s'])} | {vs} | {fmt_s(r['final_wait_s']) if mode == 'async' else '-'} | {ok} |")
+    lines.append("step times over all timed steps (rounds pooled); worst stall = max step - the same system's median step "
+                 "without checkpoints; total wall = the steps + the wait for the last async save (the untimed "
+                 "prefault before each checkpoint step excluded); vs no ckpt = total wall / the no-checkpoint loop's.")
+    for s in systems:
+        for mode in MODES:
+            r = loops.get((s, mode))
+            if r and "error" not in r and r.get("wrong"):
+                lines.append(f"WRONG values {s} {mode}: " + "; ".join(r["wrong"][:3]))
+            if r and "error" not in r and r.get("prefault_overlaps"):
+                lines.append(f"note {s} {mode}: {r['prefault_overlaps']} prefault(s) skipped: the previous save was "
+                             "still in flight at that checkpoint step")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="< 2 min: call 1/100/1000 vars x 5 calls, 256 MiB throughput, 8 x 8 MiB loop")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {SYSTEMS}")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of fresh processes per cell (default 1)")
+    ap.add_argument("--call-vars", default=None, help="variable counts of the call part (default 1,100,1000,10000)")
+    ap.add_argument("--calls", type=int, default=None, help="timed calls per call cell (default 7; quick 5)")
+    ap.add_argument("--saves", type=int, default=None, help="timed sync + async saves per throughput cell (default 3; quick 2)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per loop cell (default 100; quick 40)")
+    ap.add_argument("--every", type=int, default=None, help="checkpoint every N steps (default 20; quick 10)")
+    ap.add_argument("--gpuvars-python", default=sys.executable, help="interpreter of the gpuvars cells (default: this one)")
+    ap.add_argument("--baseline-python", default=os.environ.get("BENCH_BASELINE_PYTHON", sys.executable),
+                    help="interpreter of the orbax and dcp cells (default: $BENCH_BASELINE_PYTHON or this one)")
+    ap.add_argument("--dir", default="/tmp/gpuvars-bench-async", help="folder for the checkpoints")
+    ap.add_argument("--json", metavar="PATH", help="write every cell and the machine here")
+    ap.add_argument("--audit-fsync", action="store_true", help="list what each system fsyncs by itself (strace), then exit")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    ap.add_argument("--audit-cell", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.cell:
+        print(RESULT_TAG + json.dumps(run_cell(json.loads(args.cell))), flush=True)
+        return 0
+    if args.audit_cell:
+        audit_cell(*args.audit_cell)
+        return 0
+
+    q = args.quick
+    call_vars = [int(x) for x in (args.call_vars or ("1,100,1000" if q else "1,100,1000,10000")).split(",") if x]
+    calls = args.calls or (5 if q else 7)
+    budget = 4.0 if q else 20.0  # a call cell stops after this many seconds once it has 3 timed calls
+    saves = args.saves or (2 if q else 3)
+    steps = args.steps or (40 if q else 100)
+    every = args.every or (10 if q else 20)
+    tput_vars, tput_elems = 16, (4 if q else 16) * MiB  # 16 x 16 MiB = 256 MiB / 16 x 64 MiB = 1 GiB
+    loop_vars, loop_elems = 8, (2 if q else 8) * MiB  # 8 x 8 MiB / 8 x 32 MiB
+    parts = [p for p in args.parts.split(",") if p]
+    systems = [s for s in args.systems.split(",") if s]
+    for what, vals, known in (("part", parts, PARTS), ("system", systems, SYSTEMS)):
+        for v in vals:
+            if v not in known:
+                ap.error(f"unknown {what} {v!r}; known: {', '.join(known)}")
+    os.makedirs(args.dir, exist_ok=True)
+
+    base_env = dict(os.environ)
+    base_env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    base_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    base_env.setdefault("JAX_PLATFORMS", "cpu")
+    base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    base_env.pop("PYTHONPATH", None)
+    g_env = dict(base_env, PYTHONPATH=gpuvars_pythonpath(args.dir))
+    pythons = {"gpuvars": args.gpuvars_python, "orbax": args.baseline_python, "dcp": args.baseline_python}
+    envs = {"gpuvars": g_env, "orbax": base_env, "dcp": base_env}
+    modules = {"gpuvars": "gpuvars", "orbax": "orbax.checkpoint", "dcp": "torch.distributed.checkpoint"}
+    skipped: dict[str, str] = {}
+    for s in list(systems):
+        why = installed(pythons[s], modules[s], envs[s])
+        if why:
+            skipped[s] = why
+            systems.remove(s)
+
+    if args.audit_fsync:
+        for s, why in skipped.items():
+            print(f"fsync audit {s}: {why}")
+        audit_fsync(systems, pythons, envs, args.dir)
+        return 0
+
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+        with open("/proc/meminfo") as f:
+            ram = f"{int(f.readline().split()[1]) / (1 << 20):.1f} GiB RAM"
+    except OSError:
+        ram = "? RAM"
+    try:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "-C", REPO, "status", "--porcelain", "--", "gpuvars", "backends"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += "+uncommitted" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
+    print(f"Machine: {cpu}, {os.cpu_count()} cores, {ram}, Linux {platform.release()}; checkpoints in {args.dir}; "
+          f"gpuvars @ {commit} from {REPO}")
+    print(f"Command: {' '.join(['python', 'bench/bench_async.py'] + (argv if argv is not None else sys.argv[1:]))}")
+    for s, why in skipped.items():
+        print(f"Note: {s}: {why}")
+    load0 = os.getloadavg()
+    if load0[0] > 0.5:
+        print(f"Note: load average {load0[0]:.2f} before the run: other processes share the CPUs and the disk")
+    sys.stdout.flush()
+
+    t_start = time.perf_counter()
+    call_res: dict[tuple[str, int], dict[str, Any]] = {}
+    tput_res: dict[str, dict[str, Any]] = {}
+    loop_res: dict[tuple[str, str], dict[str, Any]] = {}
+    seen_versions: dict[str, dict[str, Any]] = {}
+
+    def run(key: Any, store: dict[Any, Any], cell: dict[str, Any], timeout: float) -> None:
+        s = cell["system"]
+        t0 = time.perf_counter()
+        r = spawn(cell, pythons[s], envs[s], timeout)
+        if "versions" in r:
+            seen_versions.setdefault(s, r["versions"])
+        if key not in store or "error" in r:
+            store[key] = r
+        elif "error" not in store[key]:
+            merge(store[key], r)
+        what = r.get("error") or "ok"
+        print(f"  [{time.perf_counter() - t0:5.1f} s] {cell['part']:10} {s:8} {cell['n_vars']} vars: {what}",
+              file=sys.stderr, flush=True)
+
+    common = {"dir": args.dir}
+    for rnd in range(args.repeats):
+        rot = systems[rnd % max(len(systems), 1):] + systems[: rnd % max(len(systems), 1)]
+        if "call" in parts:
+            for n in call_vars:
+                for s in rot:
+                    run((s, n), call_res, {**common, "system": s, "part": "call", "n_vars": n,
+                                           "var_elems": SMALL_VAR_ELEMS, "calls": calls, "budget_s": budget}, 600)
+        if "throughput" in parts or "call" in parts:
+            for s in rot:
+                run(s, tput_res, {**common, "system": s, "part": "throughput", "n_vars": tput_vars,
+                                  "var_elems": tput_elems, "saves": saves}, 600)
+        if "loop" in parts:
+            modes = list(MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)])  # rotate between rounds
+            for s in rot:
+                cell = {**common, "system": s, "part": "loop", "modes": modes, "n_vars": loop_vars,
+                        "var_elems": loop_elems, "steps": steps, "every": every}
+                t0 = time.perf_counter()
+                r = spawn(cell, pythons[s], envs[s], 900)
+                if "versions" in r:
+                    seen_versions.setdefault(s, r["versions"])
+                per_mode = r.get("modes") or {m: {"error": r.get("error", "no result")} for m in modes}
+                for mode, mr in per_mode.items():
+                    key = (s, mode)
+                    if key not in loop_res or "error" in mr:
+                        loop_res[key] = mr
+                    elif "error" not in loop_res[key]:
+                        merge(loop_res[key], mr)
+                status = r.get("error") or ", ".join(f"{m}: {mr.get('error', 'ok')}" for m, mr in per_mode.items())
+                print(f"  [{time.perf_counter() - t0:5.1f} s] loop       {s:8} {status}", file=sys.stderr, flush=True)
+    load1 = os.getloadavg()
+
+    print()
+    for s, v in seen_versions.items():
+        print(f"{s}: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "interpreter") + f" ({v['interpreter']})")
+    out: dict[str, Any] = {}
+    big_desc = f"{fmt_bytes(tput_vars * tput_elems * 4)}"
+    if "call" in parts:
+        print()
+        lines, fits = report_call(call_res, tput_res, systems, call_vars, big_desc)
+        print("\n".join(lines))
+        out["call_fit"] = fits
+    if "throughput" in parts:
+        print()
+        lines, ratios = report_throughput(tput_res, systems)
+        print("\n".join(lines))
+        out["throughput_ratio"] = ratios
+    if "loop" in parts:
+        print()
+        desc = (f"{loop_vars} variables x {fmt_bytes(loop_elems * 4)} ({fmt_bytes(loop_vars * loop_elems * 4)}), "
+                f"{steps} timed steps, a checkpoint every {every} steps, {args.repeats} round(s)")
+        print("\n".join(report_loop(loop_res, systems, desc)))
+    for s, why in skipped.items():
+        print(f"{s}: {why}")
+    print(f"\nTotal {time.perf_counter() - t_start:.0f} s; load average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "versions": seen_versions, "skipped": skipped, "summary": out,
+                       "call": [dict(v, key=list(k)) for k, v in call_res.items()],
+                       "throughput": list(tput_res.values()),
+                       "loop": [dict(v, key=list(k)) for k, v in loop_res.items()],
+                       "loadavg": [load0, load1]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
