@@ -23,7 +23,7 @@ import numpy as np
 from gpuvars._backend_errors import backend_errors, map_backend_error
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.placement import PhysicalDevice
-from gpuvars.variable import Variable, adopt, restore_target
+from gpuvars.variable import Variable, adopt, exclusive, restore_target
 
 CHUNK_BYTES = 64 << 20
 
@@ -35,17 +35,15 @@ def _raise_mapped(exc: Exception, device: PhysicalDevice | None, what: str) -> N
     raise mapped from exc
 
 
-def source(var: Variable, key: str) -> Any:
-    """What the writer streams for ``var``: a host array (the live storage, no copy), or an
-    iterator of host chunks of device storage."""
-    value = var.value()
-    device = var.physical_device
+def source(array: Any, device: PhysicalDevice, what: str) -> Any:
+    """What the writer streams for ``array`` (a pinned storage or its copy, on ``device``): a
+    host array (the storage itself, no copy), or an iterator of host chunks of device storage."""
     if device.backend.platform == "cpu":
         try:
-            return np.asarray(value)  # numpy: the read-only view itself; JAX on CPU: a host view
+            return np.asarray(array)  # numpy: the storage itself; JAX on CPU: a host view
         except Exception as exc:
-            _raise_mapped(exc, device, f"saving variable {var.name!r} (key {key!r})")
-    return _device_chunks(device, value, f"saving variable {var.name!r} (key {key!r})")
+            _raise_mapped(exc, device, what)
+    return _device_chunks(device, array, what)
 
 
 def _device_chunks(device: PhysicalDevice, value: Any, what: str) -> Iterator[np.ndarray[Any, Any]]:
@@ -79,17 +77,18 @@ def restore_into(reader: st.SafetensorsReader, key: str, var: Variable, checksum
     device = var.physical_device
     backend = device.backend
     try:
-        if backend.inplace and backend.platform == "cpu":  # host memory: read straight into it
-            buf = restore_target(var, info.shape, info.dtype)
-            reader.read_into(key, buf, expected_checksum=checksum)
-        elif backend.inplace:  # device memory: chunks through a host staging buffer
-            buf = restore_target(var, info.shape, info.dtype)
-            _stream_to_device(reader, key, buf, device, checksum)
-        else:  # a rebinding backend (JAX): one host buffer, then one copy to the device
-            host = np.empty(info.shape, dtype=info.dtype)
-            reader.read_into(key, host, expected_checksum=checksum)
-            buf = backend.asarray(host, info.dtype, device.backend_index)
-        adopt(var, buf)
+        with exclusive(var):  # no mutation, and no save's pin, sees the buffer half-restored
+            if backend.inplace and backend.platform == "cpu":  # host memory: read straight into it
+                buf = restore_target(var, info.shape, info.dtype)
+                reader.read_into(key, buf, expected_checksum=checksum)
+            elif backend.inplace:  # device memory: chunks through a host staging buffer
+                buf = restore_target(var, info.shape, info.dtype)
+                _stream_to_device(reader, key, buf, device, checksum)
+            else:  # a rebinding backend (JAX): one host buffer, then one copy to the device
+                host = np.empty(info.shape, dtype=info.dtype)
+                reader.read_into(key, host, expected_checksum=checksum)
+                buf = backend.asarray(host, info.dtype, device.backend_index)
+            adopt(var, buf)
     except Exception as exc:
         _raise_mapped(exc, device, f"restoring {key!r} from {reader.path!r} into variable {var.name!r}")
 
