@@ -247,6 +247,7 @@ class _Stager:
         self.pointers: list[int] = []
         self.stream: Any = None
         self.events: list[Any] = []
+        self.ready: list[Any] = []
 
     def reserve(self, nbytes: int, limit: int) -> None:
         """Buffers of at least ``min(nbytes, limit)`` bytes (grown in powers of two up to ``limit``)."""
@@ -255,6 +256,8 @@ class _Stager:
                 self.stream = cupy.cuda.Stream(non_blocking=True)
                 # blocking sync: a thread waiting for a copy sleeps instead of spinning a core
                 self.events = [cupy.cuda.Event(block=True, disable_timing=True) for _ in range(2)]
+                # a stream waits for an event as last recorded when it is told to: reusable at once
+                self.ready = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
             if self.capacity >= min(nbytes, limit):
                 return
             want = min(limit, max(_MIN_BUFFER, 1 << max(0, nbytes - 1).bit_length()))
@@ -273,8 +276,7 @@ class _Stager:
         with cupy.cuda.Device(self.device):
             current = cupy.cuda.get_current_stream()
             streams = [current] if int(current.ptr) == 0 else [current, cupy.cuda.Stream.null]
-            for stream in streams:
-                ready = cupy.cuda.Event(disable_timing=True)
+            for stream, ready in zip(streams, self.ready):
                 ready.record(stream)
                 self.stream.wait_event(ready)
 
