@@ -47,7 +47,20 @@ def source(array: Any, device: PhysicalDevice, what: str) -> Any:
 
 
 def _device_chunks(device: PhysicalDevice, value: Any, what: str) -> Iterator[np.ndarray[Any, Any]]:
+    from gpuvars_backends import HostStaging
+
     backend = device.backend
+    if isinstance(backend, HostStaging):  # CuPy: pinned double buffers on a side stream
+        chunks = backend.chunks_to_host(value, device.backend_index, CHUNK_BYTES)
+        try:
+            while True:
+                with backend_errors(device, what):
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            chunks.close()  # hands the pinned buffers back now, also when the writer stops early
     with backend_errors(device, what):
         flat = value.reshape(-1)
         per = max(1, CHUNK_BYTES // max(1, flat.dtype.itemsize))
@@ -96,8 +109,20 @@ def restore_into(reader: st.SafetensorsReader, key: str, var: Variable, checksum
 def _stream_to_device(
     reader: st.SafetensorsReader, key: str, buf: Any, device: PhysicalDevice, checksum: str | None
 ) -> None:
+    from gpuvars_backends import HostStaging
+
     info = reader.tensors[key]
     backend, index = device.backend, device.backend_index
+    if isinstance(backend, HostStaging):  # CuPy: file -> pinned buffer A while B crosses to the device
+        backend.chunks_to_device(
+            buf,
+            index,
+            CHUNK_BYTES,
+            lambda buffers: reader.read_chunks(
+                key, buffers[0], spare=buffers[1] if len(buffers) > 1 else None, expected_checksum=checksum
+            ),
+        )
+        return
     dst = buf.reshape(-1).view(np.uint8)
     staging = np.empty(min(max(info.nbytes, 1), CHUNK_BYTES), dtype=np.uint8)
     offset = 0
