@@ -346,3 +346,21 @@ def test_a_script_that_ends_right_after_an_async_save_still_commits_it(tmp_path:
     with gv.CheckpointReader(str(tmp_path / "m")) as reader:
         reader.verify()
         assert float(reader.get_tensor("v")[-1]) == (1 << 22) - 1
+
+
+def test_the_device_chunk_path_streams_a_jax_array_in_prefetched_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path JAX-on-GPU saves take (device slices whose host copy starts one chunk ahead),
+    run here on JAX CPU arrays: the chunks add up to the array, in order, for sizes around
+    the chunk size."""
+    pytest.importorskip("jax")
+    from gpuvars.checkpoint import _transfer
+
+    gv.config.set_cpu_backend("jax")
+    device = gv.Variable(np.zeros(1, np.float32), name="probe").physical_device
+    monkeypatch.setattr(_transfer, "CHUNK_BYTES", 64)
+    for n in (0, 1, 15, 16, 17, 50):
+        arr = device.backend.asarray(np.arange(n, dtype=np.float32), np.dtype(np.float32), device.backend_index)
+        chunks = list(_transfer._device_chunks(device, arr, "test"))
+        assert [len(c) for c in chunks] == [min(16, n - i) for i in range(0, n, 16)]
+        joined = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        assert joined.tolist() == list(range(n))

@@ -61,14 +61,25 @@ def _device_chunks(device: PhysicalDevice, value: Any, what: str) -> Iterator[np
                 yield chunk
         finally:
             chunks.close()  # hands the pinned buffers back now, also when the writer stops early
+    # JAX on a GPU: device slices whose host copies start one chunk ahead (copy_to_host_async), so
+    # the next chunk crosses while this one is written; each slice and its host copy die after
+    # its write (the variable's own array never caches a whole host copy).
     with backend_errors(device, what):
         flat = value.reshape(-1)
         per = max(1, CHUNK_BYTES // max(1, flat.dtype.itemsize))
         count = int(flat.shape[0])
-    for start in range(0, count, per):
+        starts = range(0, count, per)
+        ahead = flat[0:per] if count else None
+        if ahead is not None and hasattr(ahead, "copy_to_host_async"):
+            ahead.copy_to_host_async()
+    for start in starts:
         with backend_errors(device, what):
-            chunk = backend.to_numpy(flat[start : start + per])
+            part, ahead = ahead, (flat[start + per : start + 2 * per] if start + per < count else None)
+            if ahead is not None and hasattr(ahead, "copy_to_host_async"):
+                ahead.copy_to_host_async()
+            chunk = np.asarray(part) if hasattr(part, "copy_to_host_async") else backend.to_numpy(part)
         yield chunk
+        del part, chunk
 
 
 def host_tensor(reader: st.SafetensorsReader, key: str, checksum: str | None, device: PhysicalDevice | None) -> Any:
