@@ -16,13 +16,14 @@ import sys
 import threading
 from typing import Any
 
-from ._protocol import RANDOM_KINDS, SCATTER_OPS, UPDATE_OPS, Backend
+from ._protocol import RANDOM_KINDS, SCATTER_OPS, UPDATE_OPS, Backend, HostStaging
 
 __all__ = [
     "RANDOM_KINDS",
     "SCATTER_OPS",
     "UPDATE_OPS",
     "Backend",
+    "HostStaging",
     "Probe",
     "get",
     "installed",
