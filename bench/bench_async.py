@@ -5,7 +5,9 @@ are installed, on the same tensor bytes, in the same run, every cell in a fresh 
 
 ``call``
     The time ``save(blocking=False)`` blocks the caller, for 1, 100, 1,000 and 10,000 float32
-    variables of 4 KiB each (``--call-vars``), plus one row of 16 x 64 MiB (1 GiB: the
+    variables of 4 KiB each (``--call-vars``; the baselines only up to ``--baseline-call-max``,
+    default 1,000, as Orbax takes ~30 s per save of 10,000 arrays here), plus one row of
+    16 x 64 MiB (1 GiB: the
     ``throughput`` cells' first-call figure) to show whether the call moves data. A
     least-squares line over the small-variable rows gives the intercept and the per-variable
     slope (goal for gpuvars: <= 1 ms + ~5 us per variable, no data moved on the call). Each
@@ -20,7 +22,8 @@ are installed, on the same tensor bytes, in the same run, every cell in a fresh 
     to every variable in place (gpuvars: ``assign_add`` on numpy variables; DCP: ``Tensor.add_``;
     Orbax: JAX CPU arrays, ``x = add(x, ones)`` jitted with ``x`` donated, so XLA updates in place
     unless a save still holds the old array),
-    checkpointing every ``--every`` steps: no checkpoint / sync / async. Reported: median step,
+    checkpointing every ``--every`` steps: no checkpoint / sync / async, the three loops one after
+    the other in one process per system (their order rotating between rounds). Reported: median step,
     p99 and max step, the worst stall (max step - the same system's median step without
     checkpoints), total wall time (steps + the wait for the last save). After the loop every
     checkpoint is read back (untimed) and compared with the values at its save call (values are
@@ -81,7 +84,6 @@ import argparse
 import gc
 import inspect
 import json
-import math
 import os
 import platform
 import shutil
@@ -228,7 +230,7 @@ class Gpuvars(System):
             self.why_no_async = "this gpuvars has no save(blocking=False)"
 
     def save_sync(self, path: str, step: int | None = None) -> str:
-        return self.saver.save(path, global_step=step)
+        return str(self.saver.save(path, global_step=step))
 
     def start_async(self, path: str, step: int | None = None) -> Any:
         return self.saver.save(path, global_step=step, blocking=False)
@@ -237,7 +239,7 @@ class Gpuvars(System):
         return bool(handle.done())
 
     def finish(self, handle: Any) -> str:
-        return handle.result()
+        return str(handle.result())
 
     def progress(self, handle: Any) -> int | None:
         return int(handle.progress)
@@ -261,9 +263,10 @@ class Orbax(System):
 
     def __init__(self, arrays: list[np.ndarray]) -> None:
         super().__init__(arrays)
-        import jax
-        import orbax.checkpoint as ocp
+        import importlib
 
+        jax: Any = importlib.import_module("jax")
+        ocp: Any = importlib.import_module("orbax.checkpoint")
         self.jax = jax
         self.ocp = ocp
         dev = jax.devices("cpu")[0]
@@ -295,7 +298,7 @@ class Orbax(System):
     def finish(self, handle: Any) -> str:
         self.async_ckptr.wait_until_finished()
         fsync_tree(handle)
-        return handle
+        return str(handle)
 
     def step(self) -> None:
         self.tree = {k: self.add(x, self.d) for k, x in self.tree.items()}
@@ -315,9 +318,10 @@ class Dcp(System):
 
     def __init__(self, arrays: list[np.ndarray]) -> None:
         super().__init__(arrays)
-        import torch
-        import torch.distributed.checkpoint as dcp
+        import importlib
 
+        torch: Any = importlib.import_module("torch")
+        dcp: Any = importlib.import_module("torch.distributed.checkpoint")
         self.torch = torch
         self.dcp = dcp
         self.sd = {n: torch.from_numpy(a) for n, a in zip(self.names, arrays)}  # shares the memory
@@ -345,7 +349,7 @@ class Dcp(System):
     def finish(self, handle: Any) -> str:
         handle[1].result()
         fsync_tree(handle[0])
-        return handle[0]
+        return str(handle[0])
 
     def step(self) -> None:
         for t in self.sd.values():
@@ -605,7 +609,9 @@ def audit_fsync(systems: list[str], pythons: dict[str, str], envs: dict[str, dic
 
 def gpuvars_pythonpath(root: str) -> str:
     """A folder with ``gpuvars`` and ``gpuvars_backends`` linked to this checkout's sources."""
-    link_dir = os.path.join(root, f"pythonpath-{abs(hash(REPO)) % 10**8}")
+    import hashlib
+
+    link_dir = os.path.join(root, "pythonpath-" + hashlib.sha1(REPO.encode()).hexdigest()[:10])  # stable per checkout
     os.makedirs(link_dir, exist_ok=True)
     for name, target in (("gpuvars", os.path.join(REPO, "gpuvars")), ("gpuvars_backends", os.path.join(REPO, "backends"))):
         link = os.path.join(link_dir, name)
@@ -694,7 +700,8 @@ def report_call(results: dict[tuple[str, int], dict[str, Any]], tput: dict[str, 
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     fits: dict[str, Any] = {}
     for s in systems:
-        xs, ys = [], []
+        xs: list[float] = []
+        ys: list[float] = []
         for n in call_vars:
             r = results.get((s, n))
             if r is None:
@@ -711,7 +718,7 @@ def report_call(results: dict[tuple[str, int], dict[str, Any]], tput: dict[str, 
                          f"{max(r['call_rss_kib']) / 1024:.1f} MiB | "
                          f"{(fmt_bytes(int(max(prog))) if max(prog) else '0') if prog else 'n/a'} | {fmt_s(med(r['total_s']))} |")
             xs.append(n)
-            ys.append(med(c))
+            ys.append(statistics.median(c))
         t = tput.get(s)
         if t is not None and "error" not in t and t.get("call_s"):
             c = t["call_s"]
@@ -813,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="rounds of fresh processes per cell (default 1)")
     ap.add_argument("--call-vars", default=None, help="variable counts of the call part (default 1,100,1000,10000)")
     ap.add_argument("--calls", type=int, default=None, help="timed calls per call cell (default 7; quick 5)")
-    ap.add_argument("--saves", type=int, default=None, help="timed sync + async saves per throughput cell (default 3; quick 2)")
+    ap.add_argument("--saves", type=int, default=None, help="timed sync + async saves per throughput cell (default 5; quick 2)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per loop cell (default 60; quick 40)")
     ap.add_argument("--every", type=int, default=None, help="checkpoint every N steps (default 15; quick 10)")
     ap.add_argument("--baseline-call-max", type=int, default=1000,
@@ -840,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     call_vars = [int(x) for x in (args.call_vars or ("1,100,1000" if q else "1,100,1000,10000")).split(",") if x]
     calls = args.calls or (5 if q else 7)
     budget = 4.0 if q else 20.0  # a call cell stops after this many seconds once it has 3 timed calls
-    saves = args.saves or (2 if q else 3)
+    saves = args.saves or (2 if q else 5)
     steps = args.steps or (40 if q else 60)
     every = args.every or (10 if q else 15)
     tput_vars, tput_elems = 16, (4 if q else 16) * MiB  # 16 x 16 MiB = 256 MiB / 16 x 64 MiB = 1 GiB
