@@ -814,14 +814,14 @@ def report_loop(loops: dict[tuple[str, str], dict[str, Any]], systems: list[str]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="< 2 min: call 1/100/1000 vars x 5 calls, 256 MiB throughput, 8 x 8 MiB loop")
+    ap.add_argument("--quick", action="store_true", help="< 2 min: call 1/100/1000 vars x 3 calls, 256 MiB throughput, 8 x 8 MiB loop of 30 steps")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {PARTS}")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {SYSTEMS}")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of fresh processes per cell (default 1)")
     ap.add_argument("--call-vars", default=None, help="variable counts of the call part (default 1,100,1000,10000)")
-    ap.add_argument("--calls", type=int, default=None, help="timed calls per call cell (default 7; quick 5)")
+    ap.add_argument("--calls", type=int, default=None, help="timed calls per call cell (default 7; quick 3)")
     ap.add_argument("--saves", type=int, default=None, help="timed sync + async saves per throughput cell (default 5; quick 2)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per loop cell (default 60; quick 40)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per loop cell (default 60; quick 30)")
     ap.add_argument("--every", type=int, default=None, help="checkpoint every N steps (default 15; quick 10)")
     ap.add_argument("--baseline-call-max", type=int, default=1000,
                     help="largest variable count of the baselines' call cells (default 1000: Orbax takes ~30 s per "
@@ -845,10 +845,10 @@ def main(argv: list[str] | None = None) -> int:
 
     q = args.quick
     call_vars = [int(x) for x in (args.call_vars or ("1,100,1000" if q else "1,100,1000,10000")).split(",") if x]
-    calls = args.calls or (5 if q else 7)
+    calls = args.calls or (3 if q else 7)
     budget = 4.0 if q else 20.0  # a call cell stops after this many seconds once it has 3 timed calls
     saves = args.saves or (2 if q else 5)
-    steps = args.steps or (40 if q else 60)
+    steps = args.steps or (30 if q else 60)
     every = args.every or (10 if q else 15)
     tput_vars, tput_elems = 16, (4 if q else 16) * MiB  # 16 x 16 MiB = 256 MiB / 16 x 64 MiB = 1 GiB
     loop_vars, loop_elems = 8, (2 if q else 8) * MiB  # 8 x 8 MiB / 8 x 32 MiB
