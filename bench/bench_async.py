@@ -71,8 +71,8 @@ Speed is reported, never asserted.
 
 Usage::
 
-    python bench/bench_async.py --baseline-python /work/benchenv/bin/python     # ~6-8 min, 2 cores
-    python bench/bench_async.py --quick --baseline-python ...                   # < 2 min
+    python bench/bench_async.py --baseline-python /work/benchenv/bin/python     # ~6 min, 2 cores
+    python bench/bench_async.py --quick --baseline-python ...                   # ~1.5 min
     python bench/bench_async.py --parts call --systems gpuvars --call-vars 1,10,100,1000,10000
     python bench/bench_async.py --json out.json                                 # every cell too
     python bench/bench_async.py --audit-fsync --baseline-python ...             # who fsyncs what
@@ -626,8 +626,9 @@ def gpuvars_pythonpath(root: str) -> str:
 def installed(python: str, module: str, env: dict[str, str]) -> str:
     """'' if ``module`` imports under ``python``, else why not."""
     if not os.path.exists(python):
-        return f"interpreter {python} not found"
-    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 3)"
+        return f"not installed (interpreter {python} not found)"
+    code = ("import importlib.util, sys\ntry:\n    found = importlib.util.find_spec(%r) is not None\n"
+            "except ModuleNotFoundError:\n    found = False\nsys.exit(0 if found else 3)" % module)
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     if proc.returncode == 3:
         return f"not installed ({module} not importable by {python})"
