@@ -26,9 +26,18 @@ import math
 import threading
 from typing import Any, Iterator
 
-__all__ = ["Pin", "Snapshot"]
+__all__ = ["Pin", "Snapshot", "holds_arrays"]
 
 _PENDING, _CAPTURED, _DONE = 0, 1, 2
+
+_holding = 0  # snapshots alive that keep arrays of a rebinding backend (JAX)
+_holding_lock = threading.Lock()
+
+
+def holds_arrays() -> bool:
+    """Whether a save in flight keeps old arrays of a rebinding backend: then no update may
+    donate (delete) a variable's buffer (JAX ``donate_argnums``)."""
+    return _holding > 0
 
 
 class Snapshot:
@@ -49,6 +58,7 @@ class Snapshot:
         self._uncaptured = 0
         self._urgent: list[Pin] = []
         self._released = False
+        self._holds = False
 
     def pin(self, storage: Any, backend: Any, device_index: int, name: str) -> Pin:
         """A pin of ``storage`` (the caller holds the variable's lock); captured at once
@@ -60,6 +70,11 @@ class Snapshot:
                 self._uncaptured += 1
             else:
                 p.state = _CAPTURED
+                if not self._holds:
+                    global _holding
+                    with _holding_lock:
+                        _holding += 1
+                    self._holds = True
         return p
 
     @property
@@ -85,6 +100,11 @@ class Snapshot:
         """End the snapshot (after the commit, or a failure): every pin is done, every copy
         freed, every waiting mutation goes on. Idempotent."""
         with self.cond:
+            if self._holds:
+                global _holding
+                with _holding_lock:
+                    _holding -= 1
+                self._holds = False
             self._released = True
             for p in self.pins:
                 if p.state != _DONE:

@@ -45,6 +45,7 @@ __all__ = [
     "invalidate",
     "pin",
     "restore_target",
+    "writable",
 ]
 
 
@@ -664,3 +665,17 @@ def install(variable: Variable, array: Any) -> None:
 def invalidate(variable: Variable) -> None:
     """Drop the value: the variable (every component of a distributed one) becomes uninitialized."""
     variable._mark_uninitialized()
+
+
+def writable(variable: Variable) -> Any:
+    """The storage to update in place (an optimizer's kernel); the caller holds
+    ``exclusive(variable)``. Saves that pinned it and have not read it capture it first.
+
+    Raises:
+        UninitializedVariableError: the variable holds no value.
+    """
+    variable._barrier()
+    storage = variable._storage
+    if storage is None:
+        raise variable._uninitialized()
+    return storage
