@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import threading
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 from gpuvars import placement
@@ -18,6 +20,7 @@ from gpuvars.distribute._context import (
     _strategy,
     get_replica_context,
 )
+from gpuvars.distribute._pool import ReplicaPool
 from gpuvars._creator import plain_variables, variable_creator_scope
 from gpuvars._transfer import on_device
 from gpuvars.distribute.values import MirroredVariable, SyncOnReadVariable, reduce_values
@@ -74,6 +77,7 @@ class MirroredStrategy:
             seen[id(dev)] = spec
         self._devices: tuple[PhysicalDevice, ...] = tuple(resolved)
         self._lock = threading.Lock()
+        self._pool: ReplicaPool | None = None  # replicas 1..n-1 of run(), started on first use
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -133,6 +137,12 @@ class MirroredStrategy:
     def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> Any:
         """Call ``fn`` once per replica, each in a thread with its replica context.
 
+        Replica 0 runs on the calling thread, the others on the strategy's persistent replica
+        threads (started by the first call, ended with the strategy); a call made while
+        another is running (from another thread, or nested in a replica) gets fresh threads.
+        Each replica sees a copy of the caller's context. An exception of a replica is
+        re-raised here once every replica has ended.
+
         ``PerReplica`` arguments give each replica its own value. Aggregated updates of
         mirrored variables meet at a rendezvous (TF's merge_call), so every replica must make
         the same aggregated updates in the same order. Returns a ``PerReplica`` of the
@@ -159,17 +169,20 @@ class MirroredStrategy:
                 errors[i] = exc
                 rendezvous.abort()
 
+        # each replica runs in its own copy of the caller's context, taken now (gv.device
+        # scopes, registries and other ContextVars as the caller sees them)
+        tasks = [functools.partial(contextvars.copy_context().run, one, i) for i in range(n)]
         if n == 1:
-            contextvars.copy_context().run(one, 0)
+            tasks[0]()
         else:
-            threads = [
-                threading.Thread(target=contextvars.copy_context().run, args=(one, i), name=f"gpuvars-replica-{i}")
-                for i in range(n)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            pool = self._pool
+            if pool is None:
+                with self._lock:
+                    if self._pool is None:
+                        self._pool = ReplicaPool(n - 1, "gpuvars-replica")
+                        weakref.finalize(self, self._pool.close)  # also at exit; holds the pool, not self
+                    pool = self._pool
+            pool.run(tasks[0], tasks[1:])
         real = [e for e in errors if e is not None and not isinstance(e, _ReplicaAborted)]
         if real or any(errors):
             raise (real or [e for e in errors if e is not None])[0]
