@@ -171,7 +171,7 @@ class MirroredStrategy:
 
         # each replica runs in its own copy of the caller's context, taken now (gv.device
         # scopes, registries and other ContextVars as the caller sees them)
-        tasks = [functools.partial(contextvars.copy_context().run, one, i) for i in range(n)]
+        tasks = [functools.partial(_run_in, contextvars.copy_context(), one, i) for i in range(n)]
         if n == 1:
             tasks[0]()
         else:
@@ -223,6 +223,10 @@ class MirroredStrategy:
 
     def __repr__(self) -> str:
         return f"MirroredStrategy(devices={list(self.devices)})"
+
+
+def _run_in(context: contextvars.Context, fn: Callable[[int], None], replica: int) -> None:
+    context.run(fn, replica)
 
 
 def build_components(
