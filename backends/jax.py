@@ -90,6 +90,7 @@ class JaxBackend:
             self._devices = list(jax.devices(platform))
         except RuntimeError:
             self._devices = []
+        self._index = {dev: i for i, dev in enumerate(self._devices)}  # device -> its index
         runtime = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
         self.oom_errors: tuple[type[BaseException], ...] = ()
         self.errors: tuple[type[BaseException], ...] = (runtime,)
@@ -118,11 +119,10 @@ class JaxBackend:
         if not isinstance(array, jax.Array):
             return False
         devices = array.devices()
-        return len(devices) == 1 and next(iter(devices)) in self._devices
+        return len(devices) == 1 and next(iter(devices)) in self._index
 
     def device_of(self, array: Any) -> int | None:
-        dev = next(iter(array.devices()))
-        return self._devices.index(dev) if dev in self._devices else None
+        return self._index.get(next(iter(array.devices())))
 
     def asarray(self, value: Any, dtype: np.dtype[Any], device: int) -> Any:
         dev = self._devices[device]
