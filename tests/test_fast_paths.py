@@ -50,6 +50,18 @@ def test_scatter_indices_names_the_first_bad_index(indices: Any, bad: int) -> No
         scatter_indices(np.asarray(indices), 8, "op")
 
 
+@pytest.mark.parametrize("count", [64, 65, 5000])  # both sides of the small/large split
+def test_scatter_indices_many(count: int) -> None:
+    idx = np.arange(count, dtype=np.int64) % 50
+    assert scatter_indices(idx, 50, "op").tolist() == idx.tolist()
+    for bad in (-3, 50):
+        wrong = idx.copy()
+        wrong[count - 2] = bad
+        wrong[count - 1] = 99  # later bad indices are not the one named
+        with pytest.raises(gv.InvalidArgumentError, match=rf"index {bad} is out of range \[0, 50\)"):
+            scatter_indices(wrong, 50, "op")
+
+
 def test_scatter_indices_edges() -> None:
     assert scatter_indices(np.array([], np.int64), 0, "op").size == 0  # empty: nothing to check
     assert scatter_indices(np.zeros((0, 3), np.int32), 5, "op").shape == (0,)
