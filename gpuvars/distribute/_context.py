@@ -73,7 +73,12 @@ class _Rendezvous:
         self._slots: list[Any] = [None] * n
         self._combine: list[Callable[[list[Any]], Any]] = [list] * n
         self._result: Any = None
-        self._barrier = threading.Barrier(n, action=self._reduce)
+        self._barrier = threading.Barrier(max(n, 1), action=self._reduce)
+
+    @property
+    def broken(self) -> bool:
+        """Whether a replica aborted it (or a wait timed out): a later call needs a new one."""
+        return self._barrier.broken
 
     def _reduce(self) -> None:
         # run by exactly one replica, after all n arrived; it must not raise (a raising
@@ -105,6 +110,13 @@ class _Rendezvous:
 
     def abort(self) -> None:
         self._barrier.abort()
+
+    def clear(self) -> None:
+        """Drop the last collective's values and functions (between calls that share it)."""
+        n = self.n
+        self._slots = [None] * n
+        self._combine = [list] * n
+        self._result = None
 
 
 class _Failed:

@@ -7,9 +7,9 @@ wakes n - 1 threads and is woken once, by the last replica to finish.
 
 The threads are daemons and hold no reference to the strategy: a weakref finalizer of the
 strategy (also run at interpreter exit) sends each one a stop sentinel, and they end. One
-call at a time uses a pool; a call that finds it busy (another thread's ``run``, or a
-``run`` nested inside a replica) gets fresh threads of its own instead of waiting, so
-nothing can deadlock. A forked child starts new threads (the parent's do not exist there).
+call at a time reserves a pool (:meth:`ReplicaPool.acquire`, which never waits); a call that
+finds it busy (another thread's ``run``, or a ``run`` nested inside a replica) runs on
+fresh threads of its own (:func:`run_on_fresh_threads`), so nothing can deadlock. A forked child starts new threads (the parent's do not exist there).
 Each task is a callable run exactly as given (the caller wraps it in its context copy).
 """
 
@@ -20,7 +20,7 @@ import queue
 import threading
 from typing import Callable, Sequence
 
-__all__ = ["ReplicaPool"]
+__all__ = ["ReplicaPool", "run_on_fresh_threads"]
 
 Task = Callable[[], None]
 
@@ -90,26 +90,31 @@ class ReplicaPool:
             t.start()
         self._pid = os.getpid()
 
-    def run(self, first: Task, rest: Sequence[Task]) -> None:
-        """Run ``first`` on this thread and ``rest`` (``size`` tasks) on the pool; return when all ended."""
-        if not self._busy.acquire(blocking=False):  # busy: another call, or one nested in a replica
-            _run_on_fresh_threads(first, rest, self._name)
-            return
-        try:
-            if self._closed:
-                _run_on_fresh_threads(first, rest, self._name)
-                return
-            if self._pid != os.getpid():
-                self._start()
-            countdown = _Countdown(len(rest))
-            for inbox, task in zip(self._inboxes, rest):
-                inbox.put((task, countdown))
-            try:
-                first()
-            finally:
-                countdown.done.acquire()  # every other replica has finished
-        finally:
+    def acquire(self) -> bool:
+        """Reserve the pool for one call; False (at once, never waiting) when it is busy or closed."""
+        if not self._busy.acquire(blocking=False):
+            return False
+        if self._closed:
             self._busy.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        """End the reservation :meth:`acquire` made."""
+        self._busy.release()
+
+    def run(self, first: Task, rest: Sequence[Task]) -> None:
+        """Run ``first`` on this thread and ``rest`` (``size`` tasks) on the pool's threads;
+        return when all have ended. The caller holds the reservation (:meth:`acquire`)."""
+        if self._pid != os.getpid():  # first use, or a forked child (the parent's threads are not here)
+            self._start()
+        countdown = _Countdown(len(rest))
+        for inbox, task in zip(self._inboxes, rest):
+            inbox.put((task, countdown))
+        try:
+            first()
+        finally:
+            countdown.done.acquire()  # every other replica has finished
 
     def close(self) -> None:
         """Stop the threads (each ends after its current task); later calls use fresh threads."""
@@ -120,7 +125,8 @@ class ReplicaPool:
         self._inboxes, self._threads = [], []
 
 
-def _run_on_fresh_threads(first: Task, rest: Sequence[Task], name: str) -> None:
+def run_on_fresh_threads(first: Task, rest: Sequence[Task], name: str) -> None:
+    """Run ``first`` on this thread and each of ``rest`` on a new thread; return when all ended."""
     threads = [threading.Thread(target=t, name=f"{name}-{k + 1}", daemon=True) for k, t in enumerate(rest)]
     for t in threads:
         t.start()
