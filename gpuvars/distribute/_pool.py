@@ -9,8 +9,9 @@ The threads are daemons and hold no reference to the strategy: a weakref finaliz
 strategy (also run at interpreter exit) sends each one a stop sentinel, and they end. One
 call at a time reserves a pool (:meth:`ReplicaPool.acquire`, which never waits); a call that
 finds it busy (another thread's ``run``, or a ``run`` nested inside a replica) runs on
-fresh threads of its own (:func:`run_on_fresh_threads`), so nothing can deadlock. A forked child starts new threads (the parent's do not exist there).
-Each task is a callable run exactly as given (the caller wraps it in its context copy).
+fresh threads of its own (:func:`run_on_fresh_threads`), so nothing can deadlock. A
+forked child starts new threads (the parent's do not exist there). Each task is a
+callable run exactly as given (the caller wraps it in its context copy).
 """
 
 from __future__ import annotations
@@ -74,11 +75,6 @@ class ReplicaPool:
         self._threads: list[threading.Thread] = []
         self._pid = -1
         self._closed = False
-
-    @property
-    def threads(self) -> tuple[threading.Thread, ...]:
-        """The running threads (empty before the first call and after :meth:`close`)."""
-        return tuple(self._threads)
 
     def _start(self) -> None:
         self._inboxes = [queue.SimpleQueue() for _ in range(self._size)]
