@@ -606,10 +606,17 @@ def scatter_indices(indices: Any, rows: int, what: str) -> np.ndarray[Any, Any]:
     if idx.dtype.kind not in "iu":
         raise InvalidArgumentError(f"{what}: indices must be integers, got dtype {idx.dtype}")
     flat = idx.reshape(-1).astype(np.int64, copy=False)
-    if flat.size:
-        bad = (flat < 0) | (flat >= rows)
-        if bad.any():
-            raise InvalidArgumentError(f"{what}: index {int(flat[bad][0])} is out of range [0, {rows})")
+    n = flat.size
+    if n:
+        # One bounds check, one pass: seen as uint64, a negative index wraps to >= 2**63, so
+        # the largest unsigned value is >= rows exactly when some index is outside [0, rows).
+        # A few indices are cheaper as Python ints than through a ufunc reduction.
+        unsigned = flat.view(np.uint64)
+        top = max(unsigned.tolist()) if n <= 64 else int(np.maximum.reduce(unsigned))
+        if top >= rows:
+            src = idx.reshape(-1)  # the caller's values (a uint64 index >= 2**63 stays positive)
+            first = int(np.flatnonzero((flat < 0) | (flat >= rows))[0])
+            raise InvalidArgumentError(f"{what}: index {int(src[first])} is out of range [0, {rows})")
     return flat
 
 
