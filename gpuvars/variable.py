@@ -518,6 +518,35 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 self._storage = new
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
+        storage = self._storage
+        if (  # the host fast path: numpy in, nothing to convert, one bounds check
+            self._host
+            and type(indices) is np.ndarray
+            and type(updates) is np.ndarray
+            and storage is not None
+            and updates.dtype is storage.dtype
+            and indices.ndim == 1
+            and indices.dtype.kind in "iu"
+            and storage.ndim
+            and updates.shape == indices.shape + storage.shape[1:]
+        ):
+            # numpy refuses an index >= rows before writing anything (IndexError: the slow path
+            # below then names it); only negative ones, which numpy would wrap, are checked here.
+            if indices.dtype.kind == "u" or not indices.size or (
+                min(indices.tolist()) if indices.size <= 64 else int(indices.min())
+            ) >= 0:
+                lock = self._lock
+                lock.acquire()
+                try:
+                    if self._storage is storage:
+                        if self._guard is not None:
+                            self._barrier()
+                        self._backend.scatter(op, storage, indices, updates, 0)
+                        return self
+                except IndexError:
+                    pass  # out of range: the slow path raises the named error
+                finally:
+                    lock.release()
         with self._lock:
             return self._scatter_locked(op, indices, updates)
 
@@ -539,7 +568,8 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         if self._guard is not None:
             self._barrier()
         with backend_errors(self._device, what):
-            flat_upd = upd.reshape((flat_idx.size,) + tuple(storage.shape[1:]))
+            flat_shape = (flat_idx.size,) + tuple(storage.shape[1:])
+            flat_upd = upd if tuple(upd.shape) == flat_shape else upd.reshape(flat_shape)  # JAX: no eager reshape
             new = self._backend.scatter(op, storage, flat_idx, flat_upd, self._device.backend_index)
         if new is not storage:
             self._storage = new

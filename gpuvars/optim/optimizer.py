@@ -180,7 +180,7 @@ class Optimizer:
             raise InvalidArgumentError(
                 f"optimizer '{self.name}': expected gv.Variable or gv.ShardedVariable, got {type(var).__name__}"
             )
-        if isinstance(var, SyncOnReadVariable) or var.synchronization is VariableSynchronization.ON_READ:
+        if isinstance(var, SyncOnReadVariable) or getattr(var, "synchronization", None) is VariableSynchronization.ON_READ:
             raise InvalidArgumentError(
                 f"optimizer '{self.name}': variable '{var.name}' is synchronization=ON_READ (a metric "
                 "aggregated on read); it cannot be trained"
