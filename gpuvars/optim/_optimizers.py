@@ -27,7 +27,8 @@ def scratch(like: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.nbytes < like.nbytes:
         buf = _scratch.buf = np.empty(max(like.nbytes, 1), np.uint8)
-    return buf[: like.nbytes].view(like.dtype).reshape(like.shape)
+    out: np.ndarray[Any, Any] = buf[: like.nbytes].view(like.dtype).reshape(like.shape)
+    return out
 
 
 def _flag(value: Any, what: str) -> bool:

@@ -32,7 +32,8 @@ from gpuvars._backend_errors import backend_errors
 from gpuvars._creator import plain_variables
 from gpuvars.distribute import MirroredVariable, ShardedVariable, SyncOnReadVariable
 from gpuvars.distribute._context import get_replica_context
-from gpuvars.distribute.values import ReduceOp, reduce_values
+from gpuvars.distribute import ReduceOp
+from gpuvars.distribute.values import reduce_values
 from gpuvars.errors import InvalidArgumentError
 from gpuvars.initializers import Constant, Zeros
 from gpuvars.placement import PhysicalDevice
@@ -252,7 +253,7 @@ class Optimizer:
         return built
 
     def _counter(self, device: PhysicalDevice) -> Variable:
-        dtype = np.dtype(np.int64)
+        dtype: np.dtype[Any] = np.dtype(np.int64)
         try:
             device.backend.check_dtype(dtype)
         except TypeError:  # JAX without jax_enable_x64 holds no int64
@@ -316,7 +317,7 @@ class Optimizer:
                 entries = self._prepare([var for _, var in pairs])
                 step = int(self.iterations.numpy())
                 hyper = self._hyper(step + 1, self._learning_rate_at(step))
-                work = []
+                work: list[tuple[_Leaf, Any]] = []
                 for (g, var), entry in zip(pairs, entries):
                     what = f"the gradient of variable '{var.name}'"
                     located = _transfer.admit(g, [leaf.var.physical_device for leaf in entry.leaves], what)
@@ -350,13 +351,13 @@ class Optimizer:
         for g, var in pairs:  # each replica's gradient is judged where it goes: its own component
             _transfer.admit(g, [var.values[rid].physical_device], f"the gradient of variable '{var.name}'")
         sums, hyper = ctx._exchange([g for g, _ in pairs], combine)
-        work = []
+        local: list[tuple[_Leaf, Any]] = []
         for (_, var), total in zip(pairs, sums):
             leaf = self._entries[id(var)].leaves[rid]
             what = f"the gradient of variable '{var.name}'"
             located = _transfer.locate(_transfer.on_device(total, leaf.var.physical_device))
-            work.append((leaf, self._gradient(leaf, located, what)))
-        self._run(work, hyper)
+            local.append((leaf, self._gradient(leaf, located, what)))
+        self._run(local, hyper)
 
     def _prepare(self, var_list: Sequence[Any]) -> list[_Entry]:
         """The entries of ``var_list`` (built when missing), with every slot and

@@ -52,7 +52,7 @@ class ExponentialDecay(LearningRateSchedule):
         p = step / self.decay_steps
         if self.staircase:
             p = math.floor(p)
-        return self.initial_learning_rate * self.decay_rate**p
+        return float(self.initial_learning_rate * self.decay_rate**p)
 
 
 class CosineDecay(LearningRateSchedule):
