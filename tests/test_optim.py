@@ -385,3 +385,26 @@ def test_bad_input_gets_clear_errors(four_cpus: str) -> None:
     else:  # numpy arrays are host data: no transfer at all
         with config.transfer_guard("disallow"):
             opt.apply_gradients([(other.value(), w)])
+
+
+def test_packed_blocked_and_threaded_numpy_paths_agree_with_the_rule() -> None:
+    """Many small variables (packed into runs), large ones (block by block, on threads), two
+    dtypes and a 0-d one, in one step: each ends where the published rule puts it."""
+    from gpuvars.optim import optimizer as base
+
+    rng = np.random.default_rng(11)
+    shapes = [(), (1,), (5, 3)] * 300 + [(base.PACK + 7,), (base.PARALLEL // 2 + 3,), (base.PARALLEL + 5,)]
+    dtypes = [np.float64 if i % 3 else np.float32 for i in range(len(shapes))]
+    p0 = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+    vs = [gv.Variable(p.copy(), name=f"v{i}") for i, p in enumerate(p0)]
+    opt = gv.optim.Adam(0.01)
+    ref = ref_adam(0.01)
+    states: list[dict[str, Any]] = [{} for _ in vs]
+    expect = [p.astype(np.float64) for p in p0]
+    for t in range(1, 4):
+        grads = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)]
+        opt.apply_gradients(list(zip(grads, vs)))
+        expect = [ref(p, g.astype(np.float64), st, t) for p, g, st in zip(expect, grads, states)]
+    for v, e, d in zip(vs, expect, dtypes):
+        tol = 1e-10 if d == np.float64 else 2e-6
+        np.testing.assert_allclose(v.numpy(), e, rtol=tol, atol=tol, err_msg=v.name)

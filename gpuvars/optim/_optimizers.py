@@ -63,6 +63,12 @@ class SGD(Optimizer):
     def _hyper(self, step: int, lr: float) -> tuple[float, ...]:
         return (lr, self.momentum)
 
+    def _cuda(self) -> str:
+        if not self.slot_names:
+            return "p = p - h0 * g;"
+        step = "p = p + h1 * momentum - h0 * g;" if self.nesterov else "p = p + momentum;"
+        return "momentum = h1 * momentum - h0 * g; " + step
+
     def _rule(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], hp: Any) -> tuple[Any, dict[str, Any]]:
         lr, mom = hp[0], hp[1]
         if not slots:
@@ -107,6 +113,11 @@ class Adam(Optimizer):
     def _hyper(self, step: int, lr: float) -> tuple[float, ...]:
         alpha = lr * math.sqrt(1.0 - self.beta_2**step) / (1.0 - self.beta_1**step)
         return (alpha, 1.0 - self.beta_1, 1.0 - self.beta_2, self.epsilon, 0.0)
+
+    def _cuda(self) -> str:  # AdamW too: h4 is lr * weight_decay (0 for Adam)
+        denom = "vhat = max(vhat, v); T d = vhat;" if self.amsgrad else "T d = v;"
+        return ("p = p - p * h4; m = m + (g - m) * h1; v = v + (g * g - v) * h2; "
+                f"{denom} p = p - (m * h0) / (sqrt(d) + h3);")
 
     def _rule(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], hp: Any) -> tuple[Any, dict[str, Any]]:
         alpha, c1, c2, eps, decay = hp[0], hp[1], hp[2], hp[3], hp[4]
@@ -174,6 +185,14 @@ class RMSprop(Optimizer):
     def _hyper(self, step: int, lr: float) -> tuple[float, ...]:
         return (lr, self.rho, self.momentum, self.epsilon)
 
+    def _cuda(self) -> str:
+        body = "rms = h1 * rms + (1 - h1) * g * g; T d = rms;"
+        if self.centered:
+            body += " mg = h1 * mg + (1 - h1) * g; d = rms - mg * mg;"
+        body += " T inc = h0 * g / sqrt(d + h3);"
+        return body + (" momentum = h2 * momentum + inc; p = p - momentum;" if "momentum" in self.slot_names
+                       else " p = p - inc;")
+
     def _rule(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], hp: Any) -> tuple[Any, dict[str, Any]]:
         lr, rho, mom, eps = hp[0], hp[1], hp[2], hp[3]
         rms = rho * slots["rms"] + (1 - rho) * g * g
@@ -231,6 +250,9 @@ class Adagrad(Optimizer):
 
     def _hyper(self, step: int, lr: float) -> tuple[float, ...]:
         return (lr, self.epsilon)
+
+    def _cuda(self) -> str:
+        return "accumulator = accumulator + g * g; p = p - h0 * g / sqrt(accumulator + h1);"
 
     def _rule(self, xp: Any, p: Any, g: Any, slots: dict[str, Any], hp: Any) -> tuple[Any, dict[str, Any]]:
         acc = slots["accumulator"] + g * g

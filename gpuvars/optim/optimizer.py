@@ -21,6 +21,7 @@ of its call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Any, Callable, Iterable, Sequence
@@ -285,7 +286,8 @@ class Optimizer:
                     f"optimizer '{self.name}': grads_and_vars must hold (gradient, variable) pairs, got {pair!r:.80}"
                 )
             g, var = pair
-            self._check_trainable(var)
+            if id(var) not in self._entries:  # checked once, when its slots are built
+                self._check_trainable(var)
             if id(var) in seen:
                 raise InvalidArgumentError(f"optimizer '{self.name}': variable '{var.name}' appears twice")
             seen.add(id(var))
@@ -319,9 +321,15 @@ class Optimizer:
                 hyper = self._hyper(step + 1, self._learning_rate_at(step))
                 work: list[tuple[_Leaf, Any]] = []
                 for (g, var), entry in zip(pairs, entries):
+                    leaves = entry.leaves
+                    if type(g) is np.ndarray and len(leaves) == 1 and leaves[0].rows is None and leaves[0].var.physical_device.backend.host:
+                        var0 = leaves[0].var  # the host fast path: a numpy gradient of a numpy variable
+                        if g.dtype == var0.dtype and g.shape == var0.shape:
+                            work.append((leaves[0], g))
+                            continue
                     what = f"the gradient of variable '{var.name}'"
-                    located = _transfer.admit(g, [leaf.var.physical_device for leaf in entry.leaves], what)
-                    work.extend((leaf, self._gradient(leaf, located, what)) for leaf in entry.leaves)
+                    located = _transfer.admit(g, [leaf.var.physical_device for leaf in leaves], what)
+                    work.extend((leaf, self._gradient(leaf, located, what)) for leaf in leaves)
                 self._run(work, hyper)
                 self._bump()
             return
@@ -377,22 +385,62 @@ class Optimizer:
         it.assign(np.asarray(int(it.numpy()) + 1, dtype=it.dtype))
 
     def _run(self, work: list[tuple[_Leaf, Any]], hyper: tuple[float, ...]) -> None:
-        """Update every leaf, grouped by device: JAX once per device (one jit), numpy and
-        CuPy variable by variable."""
+        """Update every leaf, grouped by device: JAX once per device (one jit), CuPy one kernel
+        per variable, numpy through :meth:`_numpy_step`."""
         by_jax: dict[PhysicalDevice, list[tuple[_Leaf, Any]]] = {}
+        host: list[tuple[_Leaf, Any]] = []
         for leaf, grad in work:
             device = leaf.var.physical_device
             name = device.backend.name
             if name == "jax":
                 by_jax.setdefault(device, []).append((leaf, grad))
             elif name == "cupy":
-                from gpuvars.optim import _cupy
-
-                self._locked(leaf, lambda p, slots: _cupy.update(self, p, grad, slots, hyper, device))
+                self._cupy_task(leaf, grad, hyper)
             else:
-                self._locked(leaf, lambda p, slots: self._numpy(p, grad, slots, hyper))
+                host.append((leaf, grad))
+        if host:
+            self._numpy_step(host, hyper)
         for device, items in by_jax.items():
             self._jax_step(device, items, hyper)
+
+    def _numpy_step(self, items: list[tuple[_Leaf, Any]], hyper: tuple[float, ...]) -> None:
+        """numpy: small variables of one dtype are updated together (packed into one flat run,
+        one kernel call, unpacked: a dozen ufunc calls per group, not per variable); large ones
+        block by block; the tasks are shared among threads when there is enough work."""
+        groups: dict[np.dtype[Any], list[tuple[_Leaf, Any]]] = {}
+        tasks: list[tuple[int, Callable[[], None]]] = []
+        for leaf, grad in items:
+            p = leaf.var.value()
+            if p.size <= PACK:
+                groups.setdefault(p.dtype, []).append((leaf, grad))
+            else:
+                tasks.append((p.size, functools.partial(self._blocked_task, leaf, grad, hyper)))
+        for group in groups.values():
+            for lo in range(0, len(group), PACK_COUNT):
+                part = group[lo : lo + PACK_COUNT]
+                size = sum(leaf.var.value().size for leaf, _ in part)
+                tasks.append((size, functools.partial(self._packed_task, part, hyper)))
+        total = sum(size for size, _ in tasks)
+        if total < PARALLEL or len(tasks) < 2:
+            for _, task in tasks:
+                task()
+            return
+        pool = _threads()
+        if _workers < 2:
+            for _, task in tasks:
+                task()
+            return
+        shares: list[list[Callable[[], None]]] = [[] for _ in range(_workers)]
+        loads = [0] * _workers
+        for size, task in sorted(tasks, key=lambda t: -t[0]):  # largest first onto the least loaded
+            k = loads.index(min(loads))
+            shares[k].append(task)
+            loads[k] += size
+        futures = [pool.submit(_run_all, share) for share in shares[1:] if share]
+        for t in shares[0]:
+            t()
+        for f in futures:
+            f.result()
 
     def _gradient(self, leaf: _Leaf, located: Any, what: str) -> Any:
         """The located gradient (rows of it for a shard) as an array on the leaf's device with
@@ -412,17 +460,47 @@ class Optimizer:
         _shapes.check_cast(np.dtype(array.dtype), dtype, what)
         return _transfer.move(located, device, dtype, private=False, what=what)
 
-    def _locked(self, leaf: _Leaf, kernel: Callable[[Any, dict[str, Any]], None]) -> None:
-        """Run an in-place kernel over the leaf's storage and slots, each under its lock,
+    def _cupy_task(self, leaf: _Leaf, grad: Any, hyper: tuple[float, ...]) -> None:
+        from gpuvars.optim import _cupy
+
+        device = leaf.var.physical_device
+
+        def kernel(ps: list[Any], ss: list[dict[str, Any]]) -> None:
+            _cupy.update(self, ps[0], grad, ss[0], hyper, device)
+
+        self._locked([leaf], kernel)
+
+    def _blocked_task(self, leaf: _Leaf, grad: Any, hyper: tuple[float, ...]) -> None:
+        def kernel(ps: list[Any], ss: list[dict[str, Any]]) -> None:
+            _blocked(self._numpy, ps[0], grad, ss[0], hyper)
+
+        self._locked([leaf], kernel)
+
+    def _packed_task(self, part: list[tuple[_Leaf, Any]], hyper: tuple[float, ...]) -> None:
+        def kernel(ps: list[Any], ss: list[dict[str, Any]]) -> None:
+            _packed(self._numpy, ps, [g for _, g in part], ss, hyper)
+
+        self._locked([leaf for leaf, _ in part], kernel)
+
+    def _locked(self, leaves: list[_Leaf], kernel: Callable[[list[Any], list[dict[str, Any]]], None]) -> None:
+        """Run an in-place kernel over the leaves' storages and slots, each under its lock,
         after the write barrier."""
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(exclusive(leaf.var))
-            for slot in leaf.slots.values():
-                stack.enter_context(exclusive(slot))
-            p = writable(leaf.var)
-            slots = {name: writable(s) for name, s in leaf.slots.items()}
-            with backend_errors(leaf.var.physical_device, f"optimizer '{self.name}' updating '{leaf.var.name}'"):
-                kernel(p, slots)
+        locks = []
+        try:
+            for leaf in leaves:
+                for var in (leaf.var, *leaf.slots.values()):
+                    lock = exclusive(var)
+                    lock.__enter__()
+                    locks.append(lock)
+            ps = [writable(leaf.var) for leaf in leaves]
+            ss = [{name: writable(s) for name, s in leaf.slots.items()} for leaf in leaves]
+            first = leaves[0].var
+            with backend_errors(first.physical_device, f"optimizer '{self.name}' updating '{first.name}'"
+                                + (f" and {len(leaves) - 1} more" if len(leaves) > 1 else "")):
+                kernel(ps, ss)
+        finally:
+            for lock in reversed(locks):
+                lock.__exit__(None, None, None)
 
     def _jax_step(self, device: PhysicalDevice, items: list[tuple[_Leaf, Any]], hyper: tuple[float, ...]) -> None:
         import jax
@@ -475,6 +553,84 @@ class Optimizer:
     def _numpy(self, p: Any, g: Any, slots: dict[str, Any], hp: tuple[float, ...]) -> None:
         """The same update in place on numpy arrays."""
         raise NotImplementedError
+
+    def _cuda(self) -> str:
+        """The same update as the body of a CuPy ``ElementwiseKernel`` over ``g``, the scalars
+        ``h0, h1, ...`` of :meth:`_hyper` (inputs) and ``p`` and the slots (in-place outputs)."""
+        raise NotImplementedError
+
+
+BLOCK = 1 << 14  # elements: a block of p, g, every slot and the scratch stays in the L2 cache
+PARALLEL = 1 << 20  # elements from which the work is shared among threads (ufuncs release the GIL)
+PACK = 1 << 14  # variables of at most this many elements are updated packed together
+PACK_COUNT = 512  # variables per packed run
+_pool: Any = None
+_workers = 0
+_pool_lock = threading.Lock()
+
+
+def _threads() -> Any:
+    global _pool, _workers
+    with _pool_lock:
+        if _pool is None:
+            import concurrent.futures
+            import os
+
+            _workers = min(4, os.cpu_count() or 1)
+            _pool = concurrent.futures.ThreadPoolExecutor(_workers, thread_name_prefix="gpuvars-optim")
+        return _pool
+
+
+def _blocked(kernel: Callable[..., None], p: Any, g: Any, slots: dict[str, Any], hp: tuple[float, ...]) -> None:
+    """Run a numpy kernel block by block, so its dozen passes over memory hit the cache: one
+    pass over memory per variable per step, not one per ufunc; large variables on threads."""
+    n = p.size
+    if n <= BLOCK:
+        kernel(p, g, slots, hp)
+        return
+    pf, gf = p.reshape(-1), np.ascontiguousarray(g).reshape(-1)
+    sf = {k: v.reshape(-1) for k, v in slots.items()}
+
+    def run(a: int, b: int) -> None:
+        for lo in range(a, b, BLOCK):
+            hi = min(lo + BLOCK, b)
+            kernel(pf[lo:hi], gf[lo:hi], {k: v[lo:hi] for k, v in sf.items()}, hp)
+
+    pool = _threads() if n >= PARALLEL and not _in_pool() else None
+    if pool is None or _workers < 2:
+        run(0, n)
+        return
+    parts = _workers
+    per = -(-n // parts // BLOCK) * BLOCK
+    futures = [pool.submit(run, lo, min(lo + per, n)) for lo in range(per, n, per)]
+    run(0, min(per, n))
+    for f in futures:
+        f.result()
+
+
+def _run_all(tasks: list[Callable[[], None]]) -> None:
+    for task in tasks:
+        task()
+
+
+def _in_pool() -> bool:
+    return threading.current_thread().name.startswith("gpuvars-optim")
+
+
+def _packed(kernel: Callable[..., None], ps: list[Any], gs: list[Any], ss: list[dict[str, Any]],
+            hp: tuple[float, ...]) -> None:
+    """One kernel call over many small variables: packed into flat runs, updated, unpacked."""
+    flat = np.concatenate([p.reshape(-1) for p in ps])
+    grad = np.concatenate([np.asarray(g).reshape(-1) for g in gs])
+    slots = {name: np.concatenate([s[name].reshape(-1) for s in ss]) for name in ss[0]} if ss[0] else {}
+    _blocked(kernel, flat, grad, slots, hp)
+    at = 0
+    for i, p in enumerate(ps):
+        n = p.size
+        p.reshape(-1)[...] = flat[at : at + n]
+        for name, run in slots.items():
+            ss[i][name].reshape(-1)[...] = run[at : at + n]
+        at += n
 
 
 def _to_array(g: Any) -> Any:
