@@ -197,6 +197,19 @@ def variable_record(
     return rec
 
 
+def plain_variable_records(
+    rows: Sequence[tuple[str, Sequence[int], str, str, bool, str, str]],
+) -> dict[str, dict[str, Any]]:
+    """``{key: variable_record(shape, dtype, kind, trainable, file, checksum)}`` for rows
+    ``(key, shape, dtype, kind, trainable, file, checksum)`` of variables without
+    components: the same JSON, built in one comprehension (no call per variable)."""
+    return {
+        key: {"shape": list(shape), "dtype": dtype, "kind": kind, "trainable": trainable, "file": file,
+              "checksum": checksum}
+        for key, shape, dtype, kind, trainable, file, checksum in rows
+    }
+
+
 def build_index(
     policy: VariablePolicy,
     global_step: int | None,

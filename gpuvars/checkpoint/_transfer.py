@@ -16,7 +16,7 @@ and builds its message up front; this builds it only on failure.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -44,6 +44,24 @@ def source(array: Any, device: PhysicalDevice, what: str) -> Any:
         except Exception as exc:
             _raise_mapped(exc, device, what)
     return _device_chunks(device, array, what)
+
+
+def is_host(device: PhysicalDevice) -> bool:
+    """Whether ``device``'s storage is host memory that :func:`host_sources` views without a copy."""
+    return bool(device.backend.platform == "cpu")
+
+
+def host_sources(arrays: Sequence[Any], devices: Sequence[PhysicalDevice], what: Callable[[int], str]) -> list[Any]:
+    """:func:`source` for a run of host arrays (``is_host`` devices): numpy storage as it is,
+    a JAX CPU array as a host view; ``what(i)`` names the i-th for an error."""
+    out = list(arrays)
+    for i, a in enumerate(out):
+        if type(a) is not np.ndarray:
+            try:
+                out[i] = np.asarray(a)
+            except Exception as exc:
+                _raise_mapped(exc, devices[i], what(i))
+    return out
 
 
 def _device_chunks(device: PhysicalDevice, value: Any, what: str) -> Iterator[np.ndarray[Any, Any]]:
