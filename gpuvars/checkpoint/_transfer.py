@@ -135,6 +135,50 @@ def restore_into(reader: st.SafetensorsReader, key: str, var: Variable, checksum
         _raise_mapped(exc, device, f"restoring {key!r} from {reader.path!r} into variable {var.name!r}")
 
 
+def run_target(device: PhysicalDevice) -> bool:
+    """Whether :func:`restore_run` takes variables on ``device``: host storage updated in place."""
+    backend = device.backend
+    return bool(backend.inplace and backend.platform == "cpu")
+
+
+def restore_run(reader: st.SafetensorsReader, keys: list[str], variables: list[Variable],
+                checksums: list[str | None]) -> None:
+    """:func:`restore_into` for a run of tensors back to back in the file, each into a
+    :func:`run_target` variable: every variable held (:func:`exclusive`) for the run, one
+    ``preadv`` into their storages, each checksum verified, then each buffer adopted.
+
+    The variables' locks are only tried: when another thread holds one, the run lets go of
+    what it holds and restores key by key (no lock-order deadlock with anyone)."""
+    tensors = reader.tensors
+    held: list[Any] = []
+    n = 0
+    try:
+        for var in variables:
+            lock: Any = exclusive(var)
+            if not lock.acquire(blocking=False):
+                break
+            held.append(lock)
+        if len(held) == len(variables):
+            bufs = []
+            for n, (key, var) in enumerate(zip(keys, variables)):
+                info = tensors[key]
+                bufs.append(restore_target(var, info.shape, info.dtype))
+            n = -1  # a failure from here on is the run's read
+            reader.read_run(keys, bufs, checksums)
+            for var, buf in zip(variables, bufs):
+                adopt(var, buf)
+            return
+    except Exception as exc:
+        k = max(n, 0)
+        _raise_mapped(exc, variables[k].physical_device,
+                      f"restoring {keys[k]!r} from {reader.path!r} into variable {variables[k].name!r}")
+    finally:
+        for lock in reversed(held):
+            lock.release()
+    for key, var, checksum in zip(keys, variables, checksums):  # a lock was busy: one by one
+        restore_into(reader, key, var, checksum)
+
+
 def _stream_to_device(
     reader: st.SafetensorsReader, key: str, buf: Any, device: PhysicalDevice, checksum: str | None
 ) -> None:
