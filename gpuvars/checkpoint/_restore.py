@@ -11,6 +11,7 @@ of old and new values.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from typing import Any, Mapping
 
@@ -172,15 +173,16 @@ def _work(
     readers: Mapping[str, st.SafetensorsReader],
 ) -> tuple[list[tuple[str, Any]], list[int]]:
     """The restore's work items and their bytes: the adapters' reads key by key, and the
-    plain variables' tensors in the targets' order, cut into runs (``RUN_MIN`` or more
-    small tensors, neighbours there and back to back in the file, each into a variable
-    whose storage :func:`_transfer.run_target` takes), the rest key by key."""
+    plain variables' tensors: runs (``RUN_MIN`` or more small tensors back to back in the
+    file, each into a variable whose storage :func:`_transfer.run_target` takes), then the
+    rest key by key in the targets' order."""
     work: list[tuple[str, Any]] = [("key", k) for k, reads in plans.items() if reads]
     sizes = [sum(r.nbytes for r in plans[k]) for _, k in work]
     host: dict[int, bool] = {}
     for name, keys in direct.items():
         tensors = readers[name].tensors
-        infos = [tensors[k] for k in keys]  # the targets' order (a run: neighbours in it and in the file)
+        infos = sorted((tensors[k] for k in keys), key=operator.attrgetter("begin"))
+        alone: set[str] = set()
         i, count = 0, len(infos)
         while i < count:
             j, nbytes, end = i, 0, infos[i].begin
@@ -203,9 +205,12 @@ def _work(
                 sizes.append(nbytes)
                 i = j
             else:
-                work.append(("key", infos[i].name))
-                sizes.append(infos[i].nbytes)
+                alone.add(infos[i].name)
                 i += 1
+        for key in keys:  # the rest in the targets' order
+            if key in alone:
+                work.append(("key", key))
+                sizes.append(tensors[key].nbytes)
     return work, sizes
 
 
