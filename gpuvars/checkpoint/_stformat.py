@@ -492,7 +492,7 @@ class SafetensorsWriter:
         for i in range(0, len(arrays), _IOV_MAX):
             group = arrays[i:i + _IOV_MAX]
             total = sum(a.nbytes for a in group)
-            n = os.pwritev(fd, group, offset)
+            n = os.pwritev(fd, group, offset)  # type: ignore[arg-type]  # numpy arrays are buffers
             if n != total:  # a short write: the rest, buffer by buffer
                 done = 0
                 for a in group:
@@ -502,7 +502,7 @@ class SafetensorsWriter:
                     done += a.nbytes
             offset += total
         for name, data in zip(names, arrays):
-            hashes[name] = digest(data)
+            hashes[name] = digest(data)  # type: ignore[arg-type]
 
     def commit(self) -> FileRecord:
         """fsync, rename onto ``path`` and fsync the folder; every tensor must be written."""
@@ -740,7 +740,7 @@ class SafetensorsReader:
         for i in range(0, len(outs), _IOV_MAX):
             group = outs[i:i + _IOV_MAX]
             total = sum(a.nbytes for a in group)
-            n = os.preadv(fd, group, offset)
+            n = os.preadv(fd, group, offset)  # type: ignore[arg-type]  # numpy arrays are buffers
             if n != total:  # a short read: the rest, buffer by buffer (end of file: truncated)
                 done = 0
                 for k, a in enumerate(group):
@@ -752,7 +752,7 @@ class SafetensorsReader:
         if expected_checksums is not None:
             digest = xxhash.xxh3_64_hexdigest
             for info, out, want in zip(infos, outs, expected_checksums):
-                if want is not None and (actual := digest(out)) != want:
+                if want is not None and (actual := digest(out)) != want:  # type: ignore[arg-type]
                     raise self._corrupt(f"{CHECKSUM_ALGORITHM} checksum mismatch: expected {want}, "
                                         f"computed {actual}", info.name)
 
