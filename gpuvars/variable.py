@@ -190,8 +190,11 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         declared = None if shape is None else _shapes.parse_shape(shape, what)
 
         # Placement: explicit device= is the innermost scope; the enclosing scopes fill the gaps.
-        with devices.device(device if device is not None else ""):
+        if device is None:  # no scope of its own: the enclosing ones (no context manager per variable)
             spec = devices.current_device_spec("Variable", self._name)
+        else:
+            with devices.device(device):
+                spec = devices.current_device_spec("Variable", self._name)
         self._device: PhysicalDevice = resolve(spec, what, stacklevel=4)  # warn at the user's line
         self._backend = self._device.backend
         self._host = self._backend.host
