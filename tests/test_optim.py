@@ -408,3 +408,18 @@ def test_packed_blocked_and_threaded_numpy_paths_agree_with_the_rule() -> None:
     for v, e, d in zip(vs, expect, dtypes):
         tol = 1e-10 if d == np.float64 else 2e-6
         np.testing.assert_allclose(v.numpy(), e, rtol=tol, atol=tol, err_msg=v.name)
+
+
+def test_assert_consumed_names_slots_the_restoring_optimizer_lacks(tmp_path: Path) -> None:
+    w = gv.Variable(np.ones(3, np.float32), name="w")
+    opt = gv.optim.Adam(amsgrad=True)
+    opt.apply_gradients([(np.ones(3, np.float32), w)])
+    prefix = gv.Saver().save(tmp_path / "m")
+    with gv.Registry():
+        w2 = gv.Variable(gv.zeros([3]), name="w")
+        plain = gv.optim.Adam()  # no vhat slot
+        plain.build([w2])
+        result = gv.Saver().restore(prefix)
+        assert result.unused == ("w/Adam/vhat",)
+        with pytest.raises(gv.CheckpointMismatchError, match="w/Adam/vhat"):
+            result.assert_consumed()

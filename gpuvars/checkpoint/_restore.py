@@ -29,11 +29,29 @@ class RestoreResult:
 
     ``device_differences`` maps a key to ``(saved device, the variable's device)`` when the
     checkpoint recorded devices and the variable lives elsewhere (a variable never moves).
+    ``unused`` lists the checkpoint's keys nothing was restored into (TF1's Saver ignores
+    them too); :meth:`assert_consumed` makes them an error, as TF2's checkpoint status does,
+    e.g. to catch optimizer slots a differently configured optimizer does not have.
     """
 
     prefix: str
     restored: tuple[str, ...]
     device_differences: dict[str, tuple[str, str]]
+    unused: tuple[str, ...] = ()
+
+    def assert_consumed(self) -> RestoreResult:
+        """Raise unless every key of the checkpoint was restored; returns self.
+
+        Raises:
+            CheckpointMismatchError: naming the unused keys.
+        """
+        if self.unused:
+            shown = ", ".join(repr(k) for k in self.unused[:20])
+            more = f" (and {len(self.unused) - 20} more)" if len(self.unused) > 20 else ""
+            raise CheckpointMismatchError(
+                f"checkpoint {self.prefix!r} holds keys nothing was restored into: {shown}{more}"
+            )
+        return self
 
 
 def check_compatible(index: _format.Index, targets: Mapping[str, Saveable]) -> None:
@@ -86,7 +104,8 @@ def _validate_and_restore(
         for key, sv in targets.items()
         if key in devices and devices[key]["device"] != sv.device
     }
-    return RestoreResult(index.prefix, tuple(targets), differences)
+    unused = tuple(k for k in index.variables if k not in targets)
+    return RestoreResult(index.prefix, tuple(targets), differences, unused)
 
 
 def _restore(index: _format.Index, targets: Mapping[str, Saveable], verify_first: bool, progress: bool | None) -> None:
