@@ -157,3 +157,27 @@ def huge_file(path: pathlib.Path) -> pathlib.Path:
     except OSError as exc:
         pytest.skip(f"no {HUGE}-byte sparse file here: {exc}")
     return path
+
+
+# --- fault tests: case counts and the asynchronous save --------------------------------------------
+
+
+def fault_cases(n: int) -> int:
+    """``n`` cases for a fault test, times the factor of ``GPUVARS_LONG_FAULTS`` (the longer local
+    mode): unset or 0 runs ``n``, 1 runs ``10 * n``, a larger integer k runs ``k * n``."""
+    raw = os.environ.get("GPUVARS_LONG_FAULTS", "0").strip() or "0"
+    try:
+        factor = int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"GPUVARS_LONG_FAULTS must be an integer, got {raw!r}") from None
+    return n * (1 if factor <= 0 else 10 if factor == 1 else factor)
+
+
+def has_async_save() -> bool:
+    """Whether this gpuvars has ``Saver.save(..., blocking=False)``."""
+    import inspect
+
+    return "blocking" in inspect.signature(gv.Saver.save).parameters
+
+
+needs_async_save = pytest.mark.skipif(not has_async_save(), reason="this gpuvars has no Saver.save(blocking=False) yet")
