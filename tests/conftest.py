@@ -19,7 +19,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import pathlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -28,6 +28,9 @@ import pytest
 import gpuvars_backends as backends
 import gpuvars as gv
 from gpuvars import config, placement
+
+if TYPE_CHECKING:
+    from fault_child import ForkServer
 
 #: The checkout these tests belong to (tests/ lives in it).
 CHECKOUT = pathlib.Path(__file__).resolve().parent.parent
@@ -181,3 +184,13 @@ def has_async_save() -> bool:
 
 
 needs_async_save = pytest.mark.skipif(not has_async_save(), reason="this gpuvars has no Saver.save(blocking=False) yet")
+
+
+@pytest.fixture(scope="session")
+def fork_server() -> Iterator["ForkServer"]:
+    """tests/fault_child.py as a fork server: children for the fault tests in milliseconds."""
+    from fault_child import ForkServer
+
+    server = ForkServer()
+    yield server
+    server.close()

@@ -12,97 +12,18 @@ times the cases (see conftest.fault_cases).
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import random
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 import gpuvars as gv
 from conftest import fault_cases, has_async_save, needs_async_save
+from fault_child import ForkServer  # the fork_server fixture (conftest)
 
 N = 65536  # float32 elements per variable: 4 variables, 1 MiB per checkpoint
-HELPER = Path(__file__).with_name("fault_child.py")
-# A child imports the gpuvars this process imported: same interpreter, environment and working directory.
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-    [str(Path(gv.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-
-
-class ForkServer:
-    """tests/fault_child.py running; forks a saving child per :meth:`run_and_kill`."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(HELPER)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=ENV)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.reader = threading.Thread(target=self._drain, daemon=True)
-        self.reader.start()
-        assert self.next_line() == "up"
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put("EOF")
-
-    def next_line(self, timeout: float = 60.0) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"the fork server said nothing for {timeout} s") from None
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def run_and_kill(self, folder: Path, start: int, mode: str, delay: float, *, pause: float = 0.0,
-                     blocking: bool = True, mutate_after: bool = False) -> tuple[int, list[int]]:
-        """Fork a saving child, SIGKILL it ``delay`` seconds after it is ready; (pid, steps it committed)."""
-        args = dict(folder=str(folder), start=start, mode=mode, pause=pause, blocking=blocking, n=N,
-                    mutate_after=mutate_after)
-        self.send("run " + json.dumps(args))
-        ready = self.next_line()
-        assert ready.startswith("ready "), ready
-        pid = int(ready.split()[1])
-        time.sleep(delay)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it died by itself: its status says how
-        self.send(f"reap {pid}")
-        lines = []
-        while not (line := self.next_line()).startswith(f"reaped {pid} "):
-            assert line != "EOF", "the fork server died"
-            lines.append(line)
-        status = int(line.split()[2])
-        errors = [x for x in lines if x.startswith("error")]
-        assert not errors and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (status, errors)
-        return pid, [int(x) for x in lines]
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.send("quit")
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-        self.reader.join(timeout=30)
-        self.proc.stdout.close()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ForkServer]:
-    s = ForkServer()
-    yield s
-    s.close()
 
 
 def check_consistent(prefix: str) -> float:
@@ -165,7 +86,7 @@ MODES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_sigkill_during_saves_never_leaves_a_half_valid_checkpoint(
-    server: ForkServer, tmp_path: Path, mode: dict[str, bool]
+    fork_server: ForkServer, tmp_path: Path, mode: dict[str, bool]
 ) -> None:
     rng = random.Random(1234)
     folder = tmp_path / "ckpt"
@@ -174,7 +95,7 @@ def test_sigkill_during_saves_never_leaves_a_half_valid_checkpoint(
     trials = fault_cases(30)
     for trial in range(trials):
         start = (trial + 1) * 1000
-        pid, committed = server.run_and_kill(folder, start, "steps", delays(rng, trial, 0.15), **mode)
+        pid, committed = fork_server.run_and_kill(folder, start, "steps", delays(rng, trial, 0.15), n=N, **mode)
         saw_temps += bool(temps_of(folder, pid))
         latest = restore_latest(folder)
         if committed:
@@ -191,7 +112,7 @@ def test_sigkill_during_saves_never_leaves_a_half_valid_checkpoint(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_sigkill_while_saving_over_the_same_prefix(server: ForkServer, tmp_path: Path, mode: dict[str, bool]) -> None:
+def test_sigkill_while_saving_over_the_same_prefix(fork_server: ForkServer, tmp_path: Path, mode: dict[str, bool]) -> None:
     rng = random.Random(99)
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -200,7 +121,7 @@ def test_sigkill_while_saving_over_the_same_prefix(server: ForkServer, tmp_path:
     outcomes = set()
     for trial in range(fault_cases(24)):
         start = (trial + 1) * 1000
-        pid, committed = server.run_and_kill(folder, start, "same", delays(rng, trial, 0.1), pause=0.006, **mode)
+        pid, committed = fork_server.run_and_kill(folder, start, "same", delays(rng, trial, 0.1), n=N, pause=0.006, **mode)
         last = committed[-1] if committed else start - 1
         if os.path.exists(prefix + ".index.json"):
             value = check_consistent(prefix)  # the new whole checkpoint (never the old index with new data)
@@ -216,9 +137,9 @@ def test_sigkill_while_saving_over_the_same_prefix(server: ForkServer, tmp_path:
     assert outcomes == {"whole", "absent"}
 
 
-def test_fork_server_children_really_save(server: ForkServer, tmp_path: Path) -> None:
+def test_fork_server_children_really_save(fork_server: ForkServer, tmp_path: Path) -> None:
     """The harness itself: a child given time commits several checkpoints, each holding its step."""
-    pid, committed = server.run_and_kill(tmp_path, 7, "steps", 0.5, blocking=not has_async_save(), mutate_after=True)
+    pid, committed = fork_server.run_and_kill(tmp_path, 7, "steps", 0.5, n=N, blocking=not has_async_save(), mutate_after=True)
     assert len(committed) >= 3 and committed == list(range(7, 7 + len(committed)))
     on_disk = {check_consistent(p) for p in committed_prefixes(tmp_path)}
     # max_to_keep=3; the kill may land between a commit and its report, or before a deletion
