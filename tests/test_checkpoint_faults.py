@@ -247,3 +247,74 @@ def test_folder_replaced_by_a_file_keeps_the_previous_checkpoint(tmp_path: Path,
     if how != "close":
         assert saver.save(folder / "m", global_step=4) == gv.latest_checkpoint(folder) == str(folder / "m-4")
         assert sorted(os.listdir(folder)) == ["checkpoint", "m-4.index.json", "m-4.safetensors"]
+
+
+# --- host memory over many saves: in a child process --------------------------------------------------
+
+RSS_CHILD = textwrap.dedent(
+    """
+    import json, os
+    import numpy as np
+    import gpuvars as gv
+
+    folder, blocking, saves = argv[0], argv[1] == "1", int(argv[2])
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(field)
+
+    n = 1 << 19  # 4 variables of 2 MiB: a leak of one variable per save is 100 MiB over 50 saves
+    vs = [gv.Variable(np.zeros(n, np.float32), name=f"v{i}", device="/cpu:0") for i in range(4)]
+    saver = gv.Saver(vs, max_to_keep=2)
+
+    def save(step):
+        for v in vs:
+            v.assign(np.full(n, step, np.float32))
+        if blocking:
+            saver.save(folder + "/m", global_step=step)
+        else:
+            fut = saver.save(folder + "/m", global_step=step, blocking=False)
+            for v in vs:  # mutated before the writer got to them: copied, then the copies must go
+                v.assign_add(np.ones(n, np.float32))
+            return fut
+
+    for step in range(5):  # warm up: the writer, its buffers, the allocator's pools
+        save(step)
+    saver.wait_until_finished() if not blocking else None
+    base = status("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS now: the peak from here on
+        hwm = True
+    except OSError:
+        hwm = False
+    samples = []
+    for step in range(100, 100 + saves):
+        save(step)
+        samples.append(status("VmRSS"))
+    if not blocking:
+        saver.wait_until_finished()
+    samples.append(status("VmRSS"))
+    say("result " + json.dumps({"base": base, "samples": samples, "peak": status("VmHWM") if hwm else None,
+                                "latest": gv.latest_checkpoint(folder)}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc/self/status (Linux)")
+@pytest.mark.parametrize("blocking", [
+    pytest.param(True, id="blocking"),
+    pytest.param(False, id="async", marks=pytest.mark.skipif(not has_async_save(), reason="no Saver.save(blocking=False) yet")),
+])
+def test_rss_stays_flat_over_50_saves(fork_server: ForkServer, tmp_path: Path, blocking: bool) -> None:
+    lines = fork_server.exec(RSS_CHILD, str(tmp_path), "1" if blocking else "0", "50", timeout=300)
+    (line,) = [x for x in lines if x.startswith("result ")]
+    r = json.loads(line[len("result "):])
+    assert r["latest"] == str(tmp_path / "m-149")
+    growth = max(r["samples"]) - r["base"]
+    mib = 1 << 20
+    assert growth <= 64 * mib, f"VmRSS grew {growth / mib:.1f} MiB over 50 saves (samples {r['samples']})"
+    if r["peak"] is not None:
+        assert r["peak"] - r["base"] <= 64 * mib, f"VmHWM is {(r['peak'] - r['base']) / mib:.1f} MiB over the start"
