@@ -54,6 +54,7 @@ ATTEMPT = textwrap.dedent(
         try:
             fut = saver.save(prefix, global_step=2, blocking=False)
         except gv.CheckpointError as exc:  # a failure found before the call returned
+            saver.wait_until_finished(timeout=60)  # nothing in flight, nothing to raise again
             return "at-call", exc
         try:
             if how == "result":
