@@ -193,7 +193,7 @@ def read_everything(p: Pristine) -> None:
             if loaded is None:
                 assert len(reg) == 0, "a failed load left variables registered"
             else:
-                assert sorted(loaded) == sorted(SAVED)
+                assert set(loaded) <= set(SAVED)  # an index edited to drop a variable is a smaller checkpoint
                 for key, v in loaded.items():
                     assert np.array_equal(v.numpy(), SAVED[key]), f"loaded {key!r}: {v.numpy()!r}"
         reader = only_checkpoint_errors(gv.CheckpointReader, p.prefix)
