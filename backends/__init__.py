@@ -16,13 +16,14 @@ import sys
 import threading
 from typing import Any
 
-from ._protocol import RANDOM_KINDS, SCATTER_OPS, UPDATE_OPS, Backend
+from ._protocol import RANDOM_KINDS, SCATTER_OPS, UPDATE_OPS, Backend, HostStaging
 
 __all__ = [
     "RANDOM_KINDS",
     "SCATTER_OPS",
     "UPDATE_OPS",
     "Backend",
+    "HostStaging",
     "Probe",
     "get",
     "installed",
@@ -74,6 +75,9 @@ def installed(library: str) -> bool:
 def probe(library: str, platform: str) -> Probe:
     """Import ``library`` (first time only), count its ``platform`` devices and cache it."""
     key = (library, platform)
+    cached = _cache.get(key)  # the hot path (every owner_of): a dict read is atomic, no lock
+    if cached is not None:
+        return cached
     if key not in _TABLE:
         raise ValueError(
             f"no backend for library {library!r} on platform {platform!r}; "

@@ -3,12 +3,17 @@
 A backend serves the devices of one platform ("cpu" or "gpu") of one library. Device
 indices are plain ints (parsing happened above). Methods raise builtins or the
 library's own errors; the engine maps them to its own hierarchy at one boundary.
+
+:class:`HostStaging` is optional: a backend with device memory of its own may move it to
+and from the host through staging it manages (CuPy: pinned double buffers on a side
+stream); the engine asks ``isinstance(backend, HostStaging)`` and otherwise copies chunk
+by chunk through ``to_numpy`` / ``apply``. numpy and JAX do not implement it.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Generator, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -80,3 +85,24 @@ class Backend(Protocol):
 
     def from_dlpack(self, obj: Any, device: int) -> Any:
         """Import a DLPack-capable object onto ``device`` (copying only if it lives elsewhere)."""
+
+
+@runtime_checkable
+class HostStaging(Protocol):
+    """Optional: device memory to and from the host through the backend's own staging buffers."""
+
+    def chunks_to_host(
+        self, array: Any, device: int, chunk_bytes: int
+    ) -> Generator[np.ndarray[Any, Any], None, None]:
+        """The bytes of ``array`` in C order, as uint8 host chunks of at most ``chunk_bytes``;
+        each chunk is valid until the next one is asked for (close the generator to stop early)."""
+
+    def chunks_to_device(
+        self,
+        dst: Any,
+        device: int,
+        chunk_bytes: int,
+        fill: Callable[[list[memoryview]], Iterator[memoryview]],
+    ) -> None:
+        """Copy into ``dst`` the bytes ``fill(buffers)`` yields, read into the given host buffers in
+        turn (chunk k into ``buffers[k % len(buffers)]``); returns once they are on the device."""

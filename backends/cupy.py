@@ -1,12 +1,21 @@
-"""CuPy on CUDA devices: every call runs inside ``cupy.cuda.Device(i)``; updates in place."""
+"""CuPy on CUDA devices: every call runs inside ``cupy.cuda.Device(i)``; updates in place.
+
+Checkpoint bytes cross between a device and the host through a pinned staging pool kept
+here (:func:`configure_staging`, :func:`staging_bytes`, :func:`release_staging`): per
+device, pairs of page-locked buffers with a non-blocking stream and one event per buffer,
+reused across tensors and saves, never more pinned bytes than the budget. A transfer
+that finds every pair of its device busy (another thread's) goes the pageable way
+instead of waiting, so no thread ever waits for staging another holds.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
-from ._util import draw_dtype, truncated, unique_rounds
+from ._util import draw_dtype, staged_in, staged_out, truncated, unique_rounds
 
 try:
     import cupy
@@ -141,3 +150,216 @@ class CupyBackend:
         with cupy.cuda.Device(device):
             arr = cupy.from_dlpack(obj)
             return arr if arr.device.id == device else self.asarray(arr, arr.dtype, device)
+
+    def chunks_to_host(self, array: Any, device: int, chunk_bytes: int) -> Generator[np.ndarray[Any, Any], None, None]:
+        with cupy.cuda.Device(device):
+            src = array if array.flags.c_contiguous else cupy.ascontiguousarray(array)
+            total = int(src.nbytes)
+        if total == 0:
+            return
+        stager = _lease(device, min(total, chunk_bytes))
+        if stager is None:  # every pinned pair of this device is in use: pageable copies
+            flat = src.reshape(-1).view(cupy.uint8)
+            for offset in range(0, total, chunk_bytes):
+                with cupy.cuda.Device(device):
+                    chunk: np.ndarray[Any, Any] = cupy.asnumpy(flat[offset : offset + chunk_bytes])
+                yield chunk
+            return
+        try:
+            base = int(src.data.ptr)
+            d2h = cupy.cuda.runtime.memcpyDeviceToHost
+
+            def copy_out(i: int, offset: int, n: int) -> None:
+                with cupy.cuda.Device(device):
+                    cupy.cuda.runtime.memcpyAsync(stager.pointers[i], base + offset, n, d2h, stager.stream.ptr)
+                    stager.events[i].record(stager.stream)
+
+            stager.after_queued_work()  # the copies read what the work queued so far wrote
+            size = min(total, chunk_bytes, stager.capacity)
+            yield from staged_out(total, [b[:size] for b in stager.readonly], copy_out, stager.wait)
+        finally:
+            _give_back(stager)  # drains copies still queued when the consumer stopped early
+
+    def chunks_to_device(
+        self, dst: Any, device: int, chunk_bytes: int, fill: Callable[[list[memoryview]], Iterator[memoryview]]
+    ) -> None:
+        total = int(dst.nbytes)
+        if total == 0:  # nothing to copy; the reader still checks the (empty) tensor's checksum
+            for _ in fill([memoryview(bytearray(0))]):
+                pass
+            return
+        with cupy.cuda.Device(device):
+            target = dst if dst.flags.c_contiguous else cupy.empty(dst.shape, dtype=dst.dtype)
+        flat = target.reshape(-1).view(cupy.uint8)
+        size = min(total, chunk_bytes)
+        stager = _lease(device, size)
+        if stager is None:  # every pinned pair of this device is in use: pageable copies
+            done = 0
+            for chunk in fill([memoryview(bytearray(size))]):
+                with cupy.cuda.Device(device):
+                    flat[done : done + chunk.nbytes].set(np.frombuffer(chunk, np.uint8))
+                done += chunk.nbytes
+        else:
+            try:
+                base = int(flat.data.ptr)
+                h2d = cupy.cuda.runtime.memcpyHostToDevice
+
+                def copy_in(i: int, view: memoryview, offset: int) -> None:
+                    host = np.frombuffer(view, np.uint8).ctypes.data  # the buffer fill chose
+                    with cupy.cuda.Device(device):
+                        cupy.cuda.runtime.memcpyAsync(base + offset, host, view.nbytes, h2d, stager.stream.ptr)
+                        stager.events[i].record(stager.stream)
+
+                stager.after_queued_work()  # no copy lands under a kernel still reading dst
+                size = min(size, stager.capacity)
+                done = staged_in(fill([b[:size].data for b in stager.arrays]), 2, copy_in, stager.wait)
+                stager.drain()  # on the device before anyone reads dst
+            finally:
+                _give_back(stager)
+        if done != total:
+            raise ValueError(f"expected {total} bytes for the device array, received {done}")
+        if target is not dst:
+            with cupy.cuda.Device(device):
+                dst[...] = target
+
+
+# --- the pinned staging pool ------------------------------------------------------------------
+
+_MIN_BUFFER = 1 << 20  # a pair for tiny tensors costs 2 MiB once, not a cudaHostAlloc per tensor
+_lock = threading.Lock()
+_buffer_bytes = 64 << 20  # one staging buffer; a pair double-buffers one transfer
+_budget_bytes = 2 * _buffer_bytes  # pinned bytes per device, all pairs together
+_generation = 0  # bumped by configure/release: pairs of an older generation are freed on return
+_pools: dict[int, list[_Stager]] = {}  # device -> every live pair (idle or lent)
+
+
+class _Stager:
+    """Two pinned host buffers, a non-blocking stream and an event per buffer, on one device;
+    lent to one transfer at a time. CUDA objects are made on first use, outside the pool lock."""
+
+    def __init__(self, device: int, generation: int) -> None:
+        self.device = device
+        self.generation = generation
+        self.lent = True
+        self.capacity = 0
+        self.arrays: list[np.ndarray[Any, Any]] = []
+        self.readonly: list[np.ndarray[Any, Any]] = []
+        self.pointers: list[int] = []
+        self.stream: Any = None
+        self.events: list[Any] = []
+        self.ready: list[Any] = []
+
+    def reserve(self, nbytes: int, limit: int) -> None:
+        """Buffers of at least ``min(nbytes, limit)`` bytes (grown in powers of two up to ``limit``)."""
+        with cupy.cuda.Device(self.device):
+            if self.stream is None:
+                self.stream = cupy.cuda.Stream(non_blocking=True)
+                # blocking sync: a thread waiting for a copy sleeps instead of spinning a core
+                self.events = [cupy.cuda.Event(block=True, disable_timing=True) for _ in range(2)]
+                # a stream waits for an event as last recorded when it is told to: reusable at once
+                self.ready = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
+            if self.capacity >= min(nbytes, limit):
+                return
+            want = min(limit, max(_MIN_BUFFER, 1 << max(0, nbytes - 1).bit_length()))
+            self.arrays, self.readonly, self.pointers, self.capacity = [], [], [], 0  # free first: the budget holds
+            memory = [cupy.cuda.PinnedMemory(want, cupy.cuda.runtime.hostAllocPortable) for _ in range(2)]
+        self.arrays = [np.frombuffer(cupy.cuda.PinnedMemoryPointer(m, 0), np.uint8, want) for m in memory]
+        self.readonly = [a.view() for a in self.arrays]
+        for a in self.readonly:
+            a.flags.writeable = False  # what a save's consumer gets: it reads, the stream writes
+        self.pointers = [int(m.ptr) for m in memory]
+        self.capacity = want
+
+    def after_queued_work(self) -> None:
+        """Order this stream after the work already queued on the current stream and, through
+        the legacy null stream, on every blocking stream of the device."""
+        with cupy.cuda.Device(self.device):
+            current = cupy.cuda.get_current_stream()
+            streams = [current] if int(current.ptr) == 0 else [current, cupy.cuda.Stream.null]
+            for stream, ready in zip(streams, self.ready):
+                ready.record(stream)
+                self.stream.wait_event(ready)
+
+    def wait(self, i: int) -> None:
+        self.events[i].synchronize()
+
+    def drain(self) -> None:
+        if self.stream is not None:
+            with cupy.cuda.Device(self.device):
+                self.stream.synchronize()
+
+
+def _lease(device: int, nbytes: int) -> _Stager | None:
+    """An idle pair of ``device`` with buffers for ``nbytes`` (at most the buffer size), a new
+    one while the budget allows, or None when every pair is lent."""
+    with _lock:
+        pairs = _pools.setdefault(device, [])
+        stager = next((s for s in pairs if not s.lent), None)
+        if stager is not None:
+            stager.lent = True
+        elif len(pairs) < _budget_bytes // (2 * _buffer_bytes):
+            stager = _Stager(device, _generation)  # counted now: two threads cannot both pass the budget
+            pairs.append(stager)
+        else:
+            return None
+        limit = _buffer_bytes
+    try:
+        stager.reserve(nbytes, limit)  # pinned memory exhausted: CUDARuntimeError, mapped by the engine
+    except BaseException:
+        _give_back(stager)
+        raise
+    return stager
+
+
+def _give_back(stager: _Stager) -> None:
+    """Return a pair once its stream is idle; a pair that cannot be drained (a CUDA error) or
+    belongs to an older configuration is dropped, and its pinned memory freed."""
+    try:
+        stager.drain()
+        reusable = True
+    except Exception:
+        reusable = False
+    with _lock:
+        pairs = _pools.get(stager.device, [])
+        if reusable and stager.generation == _generation:
+            stager.lent = False
+        elif stager in pairs:
+            pairs.remove(stager)
+
+
+def configure_staging(*, buffer_bytes: int | None = None, budget_bytes: int | None = None) -> tuple[int, int]:
+    """Set the staging buffer size and the pinned budget per device (at least one pair of
+    buffers); frees idle pairs; returns the previous ``(buffer_bytes, budget_bytes)``."""
+    global _buffer_bytes, _budget_bytes
+    buffer = _buffer_bytes if buffer_bytes is None else int(buffer_bytes)
+    budget = 2 * buffer if budget_bytes is None else int(budget_bytes)
+    if buffer < 1 or budget < 2 * buffer:
+        raise ValueError(
+            f"staging needs buffer_bytes >= 1 and budget_bytes >= 2 * buffer_bytes, "
+            f"received buffer_bytes={buffer}, budget_bytes={budget}"
+        )
+    with _lock:
+        previous = (_buffer_bytes, _budget_bytes)
+        _buffer_bytes, _budget_bytes = buffer, budget
+    release_staging()
+    return previous
+
+
+def staging_bytes(device: int | None = None) -> int:
+    """Pinned bytes the pool holds for ``device`` (every device: None), idle and lent."""
+    with _lock:
+        pools = _pools.values() if device is None else [_pools.get(device, [])]
+        return sum(2 * s.capacity for pairs in pools for s in pairs)
+
+
+def release_staging() -> int:
+    """Free every idle pair (lent ones when they come back); returns the pinned bytes freed now."""
+    global _generation
+    with _lock:
+        _generation += 1
+        freed = 0
+        for pairs in _pools.values():
+            for s in [s for s in pairs if not s.lent]:
+                freed += 2 * s.capacity
+                pairs.remove(s)
+        return freed

@@ -11,6 +11,7 @@ from gpuvars.checkpoint import (
     CheckpointState,
     LoadedCheckpoint,
     RestoreResult,
+    SaveFuture,
     SaveOptions,
     Saver,
     VariablePolicy,
@@ -71,6 +72,7 @@ from gpuvars.init_ops import (
 from gpuvars.placement import list_devices
 from gpuvars.registry import Registry, RegistryMember, global_variables, trainable_variables
 from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization
+from gpuvars import optim  # after everything it builds on
 
 __version__ = "0.1.0"
 
@@ -103,6 +105,7 @@ __all__ = [
     "ReplicaContext",
     "ResourceExhaustedError",
     "RestoreResult",
+    "SaveFuture",
     "SaveOptions",
     "Saver",
     "SerializationError",
@@ -124,6 +127,7 @@ __all__ = [
     "global_variables",
     "global_variables_initializer",
     "initializers",
+    "optim",
     "is_variable_initialized",
     "latest_checkpoint",
     "list_devices",

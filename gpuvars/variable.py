@@ -19,12 +19,14 @@ surface and the engine functions at the end of this file (:func:`restore_target`
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+import threading
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
 from gpuvars import _creator, _expr, _shapes, _transfer, devices
 from gpuvars._backend_errors import backend_errors
+from gpuvars._snapshot import Pin, Snapshot
 from gpuvars._surface import VariableSurface
 from gpuvars.errors import InvalidArgumentError, UninitializedVariableError
 from gpuvars.init_ops import InitPlan, is_deferred, keras_style
@@ -38,9 +40,12 @@ __all__ = [
     "VariableSynchronization",
     "adopt",
     "check_variable_args",
+    "exclusive",
     "install",
     "invalidate",
+    "pin",
     "restore_target",
+    "writable",
 ]
 
 
@@ -136,7 +141,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
     __slots__ = (
         "_name", "_device", "_backend", "_host", "_dtype", "_declared", "_pending_shape",
         "_fix_on_init", "_storage", "_ro", "_init", "_init_shape", "_deps", "_trainable",
-        "_synchronization", "_aggregation", "__weakref__",
+        "_synchronization", "_aggregation", "_lock", "_guard", "__weakref__",
     )
 
     def __init__(
@@ -153,6 +158,8 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         aggregation: VariableAggregation = VariableAggregation.NONE,
     ) -> None:
         registry = current_registry()
+        self._lock = threading.RLock()  # held by every mutation (and while a save pins the storage)
+        self._guard: list[Pin] | None = None  # the pins of saves that have not read the storage yet
         self._storage: Any = None
         self._dtype: np.dtype[Any] | None = None
         self._pending_shape: tuple[int, ...] | None = None
@@ -256,25 +263,40 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
     def _install(self, arr: Any) -> None:
         """Make ``arr`` (a private array on our device, our dtype) the value: written into the
         existing buffer when the shape is unchanged, else adopted as the new storage."""
-        storage = self._storage
-        if storage is not None and self._backend.inplace and storage.shape == arr.shape:
-            with backend_errors(self._device, f"writing variable '{self._name}'"):
-                self._backend.apply("assign", storage, arr, self._device.backend_index)
-            return
-        if self._host and not (arr.flags.c_contiguous and arr.flags.writeable):
-            arr = np.array(arr, order="C", copy=True)
-        self._set_storage(arr)
+        with self._lock:
+            storage = self._storage
+            if storage is not None and self._backend.inplace and storage.shape == arr.shape:
+                if self._guard is not None:
+                    self._barrier()
+                with backend_errors(self._device, f"writing variable '{self._name}'"):
+                    self._backend.apply("assign", storage, arr, self._device.backend_index)
+                return
+            if self._host and not (arr.flags.c_contiguous and arr.flags.writeable):
+                arr = np.array(arr, order="C", copy=True)
+            self._set_storage(arr)
+
+    def _barrier(self) -> None:
+        """Before an in-place write (under the lock): every save that pinned the storage and has
+        not read it yet captures it first (a copy, or a wait for the writer)."""
+        guard = self._guard
+        if guard is not None:
+            for p in guard:
+                p.capture()
+            self._guard = None
 
     def _set_storage(self, storage: Any) -> None:
         """Adopt ``storage`` (on our device, our dtype); the first value of a deferred callable
         with no ``shape=`` fixes the shape."""
-        self._storage = storage
-        self._pending_shape = tuple(storage.shape)
-        self._ro = None
-        if self._dtype is None:  # a deferred callable restored before it ever ran
-            self._dtype = np.dtype(storage.dtype)
-        if self._fix_on_init:
-            self._declared, self._fix_on_init = self._pending_shape, False
+        with self._lock:
+            if storage is not self._storage:
+                self._guard = None  # the pins keep the old buffer, and nothing writes it any more
+            self._storage = storage
+            self._pending_shape = tuple(storage.shape)
+            self._ro = None
+            if self._dtype is None:  # a deferred callable restored before it ever ran
+                self._dtype = np.dtype(storage.dtype)
+            if self._fix_on_init:
+                self._declared, self._fix_on_init = self._pending_shape, False
 
     def _restore_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
         if not _shapes.fits(shape, self._declared):
@@ -282,14 +304,18 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 f"variable '{self._name}': checkpoint shape {shape} is not compatible with the "
                 f"declared shape {_shapes.fmt(self._declared)}"
             )
-        storage = self._storage
-        if storage is None or tuple(storage.shape) != shape:  # the caller maps failures (it knows the file)
-            storage = self._backend.empty(shape, dtype, self._device.backend_index)
-        return storage
+        with self._lock:
+            storage = self._storage
+            if storage is None or tuple(storage.shape) != shape:  # the caller maps failures (it knows the file)
+                return self._backend.empty(shape, dtype, self._device.backend_index)
+            self._barrier()  # the restore writes the live buffer in place (the caller holds the lock: exclusive())
+            return storage
 
     def _mark_uninitialized(self) -> None:
-        self._storage = None
-        self._ro = None
+        with self._lock:
+            self._guard = None  # the pins keep the buffer
+            self._storage = None
+            self._ro = None
 
     # --- identity and metadata ------------------------------------------------------------
 
@@ -422,8 +448,16 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
             ):
                 # The hot path: host to host, nothing to convert. Slice assignment skips
                 # np.copyto's dispatch (16 elements: 254 ns vs 509 ns, bench/README.md).
-                storage[...] = value
-                return self if read_value else None
+                lock = self._lock  # the write barrier: a save's pin of this buffer is captured first
+                lock.acquire()  # acquire/release: half the cost of a with block (~90 ns vs ~180 ns)
+                try:
+                    if self._storage is storage:
+                        if self._guard is not None:
+                            self._barrier()
+                        storage[...] = value
+                        return self if read_value else None
+                finally:
+                    lock.release()
             self._write("assign", value)
             return self if read_value else None
 
@@ -432,8 +466,16 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         def assign_add(self, delta, *, read_value=True):
             storage = self._storage
             if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
-                np.add(storage, delta, storage)  # inlined on purpose: a shared helper costs a call
-                return self if read_value else None
+                lock = self._lock  # inlined on purpose: a shared helper costs a call
+                lock.acquire()
+                try:
+                    if self._storage is storage:
+                        if self._guard is not None:
+                            self._barrier()
+                        np.add(storage, delta, storage)
+                        return self if read_value else None
+                finally:
+                    lock.release()
             self._write("add", delta)
             return self if read_value else None
 
@@ -442,29 +484,73 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         def assign_sub(self, delta, *, read_value=True):
             storage = self._storage
             if self._host and type(delta) is np.ndarray and storage is not None and delta.dtype is storage.dtype and delta.shape == storage.shape:
-                np.subtract(storage, delta, storage)
-                return self if read_value else None
+                lock = self._lock  # inlined on purpose: a shared helper costs a call
+                lock.acquire()
+                try:
+                    if self._storage is storage:
+                        if self._guard is not None:
+                            self._barrier()
+                        np.subtract(storage, delta, storage)
+                        return self if read_value else None
+                finally:
+                    lock.release()
             self._write("sub", delta)
             return self if read_value else None
 
         assign_sub.__doc__ = VariableSurface.assign_sub.__doc__
 
     def _write(self, op: str, value: Any) -> None:
-        storage = self._storage
-        if storage is None and op != "assign":
-            raise self._uninitialized()
-        src = self._operand(value, op)
-        device = self._device
-        with backend_errors(device, f"{op} to variable '{self._name}'"):
-            if storage is None or src.shape != storage.shape:
-                # first value, or a dynamic-shape reallocation: the storage needs a private copy
-                self._install(self._backend.asarray(src, self._dtype, device.backend_index))  # type: ignore[arg-type]
-                return
-            new = self._backend.apply(op, storage, src, device.backend_index)
-        if new is not storage:
-            self._storage = new
+        with self._lock:
+            storage = self._storage
+            if storage is None and op != "assign":
+                raise self._uninitialized()
+            src = self._operand(value, op)
+            device = self._device
+            with backend_errors(device, f"{op} to variable '{self._name}'"):
+                if storage is None or src.shape != storage.shape:
+                    # first value, or a dynamic-shape reallocation: the storage needs a private copy
+                    self._install(self._backend.asarray(src, self._dtype, device.backend_index))  # type: ignore[arg-type]
+                    return
+                if self._guard is not None:
+                    self._barrier()
+                new = self._backend.apply(op, storage, src, device.backend_index)
+            if new is not storage:
+                self._storage = new
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
+        storage = self._storage
+        if (  # the host fast path: numpy in, nothing to convert, one bounds check
+            self._host
+            and type(indices) is np.ndarray
+            and type(updates) is np.ndarray
+            and storage is not None
+            and updates.dtype is storage.dtype
+            and indices.ndim == 1
+            and indices.dtype.kind in "iu"
+            and storage.ndim
+            and updates.shape == indices.shape + storage.shape[1:]
+        ):
+            # numpy refuses an index >= rows before writing anything (IndexError: the slow path
+            # below then names it); only negative ones, which numpy would wrap, are checked here.
+            if indices.dtype.kind == "u" or not indices.size or (
+                min(indices.tolist()) if indices.size <= 64 else int(indices.min())
+            ) >= 0:
+                lock = self._lock
+                lock.acquire()
+                try:
+                    if self._storage is storage:
+                        if self._guard is not None:
+                            self._barrier()
+                        self._backend.scatter(op, storage, indices, updates, 0)
+                        return self
+                except IndexError:
+                    pass  # out of range: the slow path raises the named error
+                finally:
+                    lock.release()
+        with self._lock:
+            return self._scatter_locked(op, indices, updates)
+
+    def _scatter_locked(self, op: str, indices: Any, updates: Any) -> Variable:
         storage = self._storage
         what = f"scatter_{op} on variable '{self._name}'"
         if storage is None:
@@ -479,8 +565,11 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 f"{what}: updates must have shape indices.shape + variable.shape[1:] = {expected}, "
                 f"got {tuple(upd.shape)}"
             )
+        if self._guard is not None:
+            self._barrier()
         with backend_errors(self._device, what):
-            flat_upd = upd.reshape((flat_idx.size,) + tuple(storage.shape[1:]))
+            flat_shape = (flat_idx.size,) + tuple(storage.shape[1:])
+            flat_upd = upd if tuple(upd.shape) == flat_shape else upd.reshape(flat_shape)  # JAX: no eager reshape
             new = self._backend.scatter(op, storage, flat_idx, flat_upd, self._device.backend_index)
         if new is not storage:
             self._storage = new
@@ -529,7 +618,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         for field in Variable.__slots__:
             if field != "__weakref__":
                 setattr(new, field, getattr(self, field))
-        new._ro = None
+        new._ro, new._lock, new._guard = None, threading.RLock(), None
         if self._storage is not None:
             with backend_errors(self._device, f"copying variable '{self._name}'"):
                 new._storage = self._backend.asarray(self._storage, self._storage.dtype, self._device.backend_index)
@@ -547,10 +636,17 @@ def scatter_indices(indices: Any, rows: int, what: str) -> np.ndarray[Any, Any]:
     if idx.dtype.kind not in "iu":
         raise InvalidArgumentError(f"{what}: indices must be integers, got dtype {idx.dtype}")
     flat = idx.reshape(-1).astype(np.int64, copy=False)
-    if flat.size:
-        bad = (flat < 0) | (flat >= rows)
-        if bad.any():
-            raise InvalidArgumentError(f"{what}: index {int(flat[bad][0])} is out of range [0, {rows})")
+    n = flat.size
+    if n:
+        # One bounds check, one pass: seen as uint64, a negative index wraps to >= 2**63, so
+        # the largest unsigned value is >= rows exactly when some index is outside [0, rows).
+        # A few indices are cheaper as Python ints than through a ufunc reduction.
+        unsigned = flat.view(np.uint64)
+        top = max(unsigned.tolist()) if n <= 64 else int(np.maximum.reduce(unsigned))
+        if top >= rows:
+            src = idx.reshape(-1)  # the caller's values (a uint64 index >= 2**63 stays positive)
+            first = int(np.flatnonzero((flat < 0) | (flat >= rows))[0])
+            raise InvalidArgumentError(f"{what}: index {int(src[first])} is out of range [0, {rows})")
     return flat
 
 
@@ -570,6 +666,27 @@ def restore_target(variable: Variable, shape: tuple[int, ...], dtype: np.dtype[A
     return variable._restore_buffer(tuple(shape), dtype)
 
 
+def exclusive(variable: Variable) -> ContextManager[bool]:
+    """``with exclusive(v):`` no other thread mutates ``v`` or pins it meanwhile (a restore
+    fills the storage in place inside; :func:`restore_target` captures pending pins first).
+    It is the variable's own reentrant lock: no generator per call on per-tensor paths."""
+    return variable._lock
+
+
+def pin(variable: Variable, snapshot: Snapshot) -> Pin | None:
+    """Pin ``variable``'s storage for a save (the write barrier, :mod:`gpuvars._snapshot`):
+    until the save has read it, a mutation first captures it. None when uninitialized."""
+    with variable._lock:  # a mutation in flight ends first
+        storage = variable._storage
+        if storage is None:
+            return None
+        p = snapshot.pin(storage, variable._backend, variable._device.backend_index, variable._name)
+        if variable._backend.inplace:
+            guard = variable._guard
+            variable._guard = [p] if guard is None else [q for q in guard if not q.done] + [p]
+        return p
+
+
 def adopt(variable: Variable, storage: Any) -> None:
     """Make ``storage`` (on the variable's device, its dtype, owned by nobody else) the value."""
     variable._set_storage(storage)
@@ -585,3 +702,17 @@ def install(variable: Variable, array: Any) -> None:
 def invalidate(variable: Variable) -> None:
     """Drop the value: the variable (every component of a distributed one) becomes uninitialized."""
     variable._mark_uninitialized()
+
+
+def writable(variable: Variable) -> Any:
+    """The storage to update in place (an optimizer's kernel); the caller holds
+    ``exclusive(variable)``. Saves that pinned it and have not read it capture it first.
+
+    Raises:
+        UninitializedVariableError: the variable holds no value.
+    """
+    variable._barrier()
+    storage = variable._storage
+    if storage is None:
+        raise variable._uninitialized()
+    return storage

@@ -556,7 +556,7 @@ def test_retention_deletes_only_after_a_commit(tmp_path: Path, monkeypatch: pyte
     saver = gv.Saver(max_to_keep=2)
     p1, p2 = saver.save(tmp_path / "m", global_step=1), saver.save(tmp_path / "m", global_step=2)
 
-    def failing_source(var: gv.Variable, key: str) -> Any:
+    def failing_source(*args: Any) -> Any:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(_transfer, "source", failing_source)
@@ -597,7 +597,7 @@ def test_saving_over_a_prefix_retires_its_index_first(tmp_path: Path, monkeypatc
 
     seen: list[bool] = []
 
-    def failing_source(var: gv.Variable, key: str) -> Any:
+    def failing_source(*args: Any) -> Any:
         seen.append(os.path.exists(prefix + ".index.json"))
         raise OSError(5, "Input/output error")
 

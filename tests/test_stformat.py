@@ -561,6 +561,34 @@ def test_read_chunks_reassembles(tmp_path: Path, size: int) -> None:
             r.read_chunks("x", np.frombuffer(b"abc", np.uint8))
 
 
+
+@pytest.mark.parametrize("size", [1, 7, 16, 1000])
+def test_read_chunks_alternates_with_a_spare_buffer(tmp_path: Path, size: int) -> None:
+    """With ``spare`` chunk k lands in buffer k % 2 and the previous chunk stays intact
+    while the next is read: what double-buffered restores to a device rely on."""
+    arr = sample(np.float64, (13,))
+    path = tmp_path / "c.safetensors"
+    record = save(path, {"x": arr})
+    a, b = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
+    with SafetensorsReader(path) as r:
+        parts, previous = [], None
+        for k, part in enumerate(r.read_chunks("x", a, spare=b, expected_checksum=record.tensors["x"])):
+            owner = a if k % 2 == 0 else b
+            assert np.shares_memory(np.frombuffer(part, np.uint8), owner)
+            if previous is not None:  # the chunk before is untouched by this read
+                assert bytes(previous[1]) == previous[0]
+            parts.append(bytes(part))
+            previous = (bytes(part), part)
+        assert b"".join(parts) == arr.tobytes()
+        with pytest.raises(InvalidArgumentError, match="'x'.*spare buffer must match"):
+            r.read_chunks("x", a, spare=np.zeros(size + 1, np.uint8))
+        with pytest.raises(InvalidArgumentError, match="'x'.*read-only=True"):
+            r.read_chunks("x", a, spare=memoryview(bytes(size)))
+        bad = dict(record.tensors, x="0" * 16)
+        with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+            list(r.read_chunks("x", a, spare=b, expected_checksum=bad["x"]))
+
+
 # ---- writer ------------------------------------------------------------------------------
 
 def test_layout_validation() -> None:

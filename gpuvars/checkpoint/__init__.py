@@ -3,7 +3,8 @@
 The package in layers (each module imports only from the rows below it)::
 
     saver.py, load.py        Saver (retention, the folder's state file); load_checkpoint, CheckpointReader
-    _write.py, _restore.py   write and commit a checkpoint; validate one and stream it back
+    _async.py                the future of an asynchronous save, its thread, the wait at exit
+    _write.py, _restore.py   pin the values at the call, write and commit them; validate one and stream it back
     _saveable.py             one adapter per kind of variable: the only way to the variables
     _transfer.py             bytes between one variable's storage and a file
     _state.py, _format.py    the state file's schema; the index's and device map's schema and file names
@@ -17,6 +18,7 @@ from gpuvars.checkpoint.policy import SaveOptions, VariablePolicy
 from gpuvars.checkpoint.saver import (
     CheckpointState,
     RestoreResult,
+    SaveFuture,
     Saver,
     get_checkpoint_state,
     latest_checkpoint,
@@ -27,6 +29,7 @@ __all__ = [
     "CheckpointState",
     "LoadedCheckpoint",
     "RestoreResult",
+    "SaveFuture",
     "SaveOptions",
     "Saver",
     "VariablePolicy",

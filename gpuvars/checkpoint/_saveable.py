@@ -22,8 +22,9 @@ Adapters use only the variables' public API, the engine access functions of
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from gpuvars.variable import (
     Variable,
     VariableAggregation,
     VariableSynchronization,
+    exclusive,
     install,
     invalidate,
 )
@@ -147,9 +149,10 @@ class Saveable:
 
     # --- save and restore -------------------------------------------------------------------
 
-    def source(self, key: str) -> Any:
-        """What the writer streams for the logical tensor: a host array or host chunks."""
-        return _transfer.source(self.var, key)
+    def parts(self, key: str) -> list[Any]:
+        """What the logical tensor is made of, along axis 0: variables (a save pins their
+        storage at its call) or arrays computed at the call."""
+        return [self.var]
 
     def reads(self, key: str, entry: _format.VarEntry) -> list[Read]:
         """The reads that restore the variable from ``entry`` of the index."""
@@ -260,8 +263,8 @@ class MirroredSaveable(_ReplicatedSaveable):
     kind = "mirrored"
     __slots__ = ()
 
-    def source(self, key: str) -> Any:
-        return _transfer.source(self.var.primary, key)
+    def parts(self, key: str) -> list[Any]:
+        return [self.var.primary]
 
 
 class SyncOnReadSaveable(_ReplicatedSaveable):
@@ -270,10 +273,13 @@ class SyncOnReadSaveable(_ReplicatedSaveable):
     kind = "sync_on_read"
     __slots__ = ()
 
-    def source(self, key: str) -> Any:
+    def parts(self, key: str) -> list[Any]:
         primary = self.var.primary
-        with backend_errors(primary.physical_device, f"saving {key!r}: reducing variable {self.name!r}"):
-            return np.ascontiguousarray(self.var.numpy())  # the reduced value, one tensor in host memory
+        with contextlib.ExitStack() as hold:
+            for c in self.var.values:  # no component changes while the reduction reads it
+                hold.enter_context(exclusive(c))
+            with backend_errors(primary.physical_device, f"saving {key!r}: reducing variable {self.name!r}"):
+                return [np.ascontiguousarray(self.var.numpy())]  # the reduced value, at the call, in host memory
 
     def _divide_by(self) -> int:
         return len(self.var.values) if self.var.aggregation is VariableAggregation.SUM else 1
@@ -302,8 +308,8 @@ class ShardedSaveable(Saveable):
             [(s.device, o, int(s.shape[0])) for s, o in zip(shards, self.var.offsets)],
         )
 
-    def source(self, key: str) -> Any:
-        return _chain(self.var.variables, key)
+    def parts(self, key: str) -> list[Any]:
+        return list(self.var.variables)
 
     def reads(self, key: str, entry: _format.VarEntry) -> list[Read]:
         per_shard = self._component_reads(key, entry)
@@ -329,15 +335,6 @@ class ShardedSaveable(Saveable):
                 for k, (r, dev) in enumerate(zip(rows, placed))
             ]
         return ShardedVariable._from_shards(name, shards, entry.trainable)
-
-
-def _chain(shards: Sequence[Variable], key: str) -> Iterator[Any]:
-    for shard in shards:
-        src = _transfer.source(shard, key)
-        if isinstance(src, np.ndarray):
-            yield src
-        else:
-            yield from src
 
 
 def _reslice(reader: st.SafetensorsReader, read: Read) -> None:

@@ -630,24 +630,34 @@ class SafetensorsReader:
         self._check(info, hasher, expected_checksum)
 
     def read_chunks(self, name: str, buffer: np.ndarray | memoryview, *,
-                    expected_checksum: str | None = None) -> Iterator[memoryview]:
+                    expected_checksum: str | None = None,
+                    spare: np.ndarray | memoryview | None = None) -> Iterator[memoryview]:
         """Fill the reusable ``buffer`` again and again, yielding the filled part each time.
 
         Copy each yielded view away (e.g. to the device) before asking for the next;
-        the checksum is verified after the last chunk, before the iterator ends.
+        the checksum is verified after the last chunk, before the iterator ends. With
+        ``spare`` (a second buffer of the same size) chunks alternate between ``buffer``
+        (chunks 0, 2, ...) and ``spare`` (1, 3, ...): a yielded view then stays intact
+        until the one after the next is asked for, so it can be copied away while the
+        next chunk is read (double buffering).
         """
         info = self._info(name)
         what = f"{self.path}: tensor {name!r}"
-        staging = _chunk_view(buffer, what)
-        if staging.readonly or (not staging.nbytes and info.nbytes):
-            raise InvalidArgumentError(f"{what}: staging buffer must be writable and non-empty, "
-                                       f"received {staging.nbytes} bytes, read-only={staging.readonly}")
-        return self._chunks(info, staging, expected_checksum)
+        views = [_chunk_view(b, what) for b in ((buffer,) if spare is None else (buffer, spare))]
+        for staging in views:
+            if staging.readonly or (not staging.nbytes and info.nbytes):
+                raise InvalidArgumentError(f"{what}: staging buffer must be writable and non-empty, "
+                                           f"received {staging.nbytes} bytes, read-only={staging.readonly}")
+        if len(views) == 2 and views[0].nbytes != views[1].nbytes:
+            raise InvalidArgumentError(f"{what}: spare buffer must match the staging buffer's size, "
+                                       f"received {views[1].nbytes} and {views[0].nbytes} bytes")
+        return self._chunks(info, views, expected_checksum)
 
-    def _chunks(self, info: TensorInfo, staging: memoryview, expected: str | None) -> Iterator[memoryview]:
+    def _chunks(self, info: TensorInfo, views: Sequence[memoryview], expected: str | None) -> Iterator[memoryview]:
         hasher = new_hasher() if expected is not None else None
-        for i in range(0, info.nbytes, max(1, staging.nbytes)):  # an empty tensor may come with an empty buffer
-            part = staging[:min(staging.nbytes, info.nbytes - i)]
+        size = views[0].nbytes
+        for k, i in enumerate(range(0, info.nbytes, max(1, size))):  # an empty tensor may come with an empty buffer
+            part = views[k % len(views)][:min(size, info.nbytes - i)]
             self._pread_exact(part, info.begin + i, info.name)
             if hasher is not None:
                 hasher.update(part)
@@ -682,7 +692,7 @@ class SafetensorsReader:
             if staging is None:
                 staging = local.staging = memoryview(bytearray(max(1, min(CHUNK_BYTES, largest))))
             try:
-                for _ in self._chunks(info, staging, expected[info.name]):
+                for _ in self._chunks(info, (staging,), expected[info.name]):
                     pass
             except CheckpointCorruptError:
                 return False

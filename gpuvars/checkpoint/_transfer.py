@@ -23,7 +23,7 @@ import numpy as np
 from gpuvars._backend_errors import backend_errors, map_backend_error
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.placement import PhysicalDevice
-from gpuvars.variable import Variable, adopt, restore_target
+from gpuvars.variable import Variable, adopt, exclusive, restore_target
 
 CHUNK_BYTES = 64 << 20
 
@@ -35,29 +35,51 @@ def _raise_mapped(exc: Exception, device: PhysicalDevice | None, what: str) -> N
     raise mapped from exc
 
 
-def source(var: Variable, key: str) -> Any:
-    """What the writer streams for ``var``: a host array (the live storage, no copy), or an
-    iterator of host chunks of device storage."""
-    value = var.value()
-    device = var.physical_device
+def source(array: Any, device: PhysicalDevice, what: str) -> Any:
+    """What the writer streams for ``array`` (a pinned storage or its copy, on ``device``): a
+    host array (the storage itself, no copy), or an iterator of host chunks of device storage."""
     if device.backend.platform == "cpu":
         try:
-            return np.asarray(value)  # numpy: the read-only view itself; JAX on CPU: a host view
+            return np.asarray(array)  # numpy: the storage itself; JAX on CPU: a host view
         except Exception as exc:
-            _raise_mapped(exc, device, f"saving variable {var.name!r} (key {key!r})")
-    return _device_chunks(device, value, f"saving variable {var.name!r} (key {key!r})")
+            _raise_mapped(exc, device, what)
+    return _device_chunks(device, array, what)
 
 
 def _device_chunks(device: PhysicalDevice, value: Any, what: str) -> Iterator[np.ndarray[Any, Any]]:
+    from gpuvars_backends import HostStaging
+
     backend = device.backend
+    if isinstance(backend, HostStaging):  # CuPy: pinned double buffers on a side stream
+        chunks = backend.chunks_to_host(value, device.backend_index, CHUNK_BYTES)
+        try:
+            while True:
+                with backend_errors(device, what):
+                    chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            chunks.close()  # hands the pinned buffers back now, also when the writer stops early
+    # JAX on a GPU: device slices whose host copies start one chunk ahead (copy_to_host_async), so
+    # the next chunk crosses while this one is written; each slice and its host copy die after
+    # its write (the variable's own array never caches a whole host copy).
     with backend_errors(device, what):
         flat = value.reshape(-1)
         per = max(1, CHUNK_BYTES // max(1, flat.dtype.itemsize))
         count = int(flat.shape[0])
-    for start in range(0, count, per):
+        starts = range(0, count, per)
+        ahead = flat[0:per] if count else None
+        if ahead is not None and hasattr(ahead, "copy_to_host_async"):
+            ahead.copy_to_host_async()
+    for start in starts:
         with backend_errors(device, what):
-            chunk = backend.to_numpy(flat[start : start + per])
+            part, ahead = ahead, (flat[start + per : start + 2 * per] if start + per < count else None)
+            if ahead is not None and hasattr(ahead, "copy_to_host_async"):
+                ahead.copy_to_host_async()
+            chunk = np.asarray(part) if hasattr(part, "copy_to_host_async") else backend.to_numpy(part)
         yield chunk
+        del part, chunk
 
 
 def host_tensor(reader: st.SafetensorsReader, key: str, checksum: str | None, device: PhysicalDevice | None) -> Any:
@@ -79,17 +101,18 @@ def restore_into(reader: st.SafetensorsReader, key: str, var: Variable, checksum
     device = var.physical_device
     backend = device.backend
     try:
-        if backend.inplace and backend.platform == "cpu":  # host memory: read straight into it
-            buf = restore_target(var, info.shape, info.dtype)
-            reader.read_into(key, buf, expected_checksum=checksum)
-        elif backend.inplace:  # device memory: chunks through a host staging buffer
-            buf = restore_target(var, info.shape, info.dtype)
-            _stream_to_device(reader, key, buf, device, checksum)
-        else:  # a rebinding backend (JAX): one host buffer, then one copy to the device
-            host = np.empty(info.shape, dtype=info.dtype)
-            reader.read_into(key, host, expected_checksum=checksum)
-            buf = backend.asarray(host, info.dtype, device.backend_index)
-        adopt(var, buf)
+        with exclusive(var):  # no mutation, and no save's pin, sees the buffer half-restored
+            if backend.inplace and backend.platform == "cpu":  # host memory: read straight into it
+                buf = restore_target(var, info.shape, info.dtype)
+                reader.read_into(key, buf, expected_checksum=checksum)
+            elif backend.inplace:  # device memory: chunks through a host staging buffer
+                buf = restore_target(var, info.shape, info.dtype)
+                _stream_to_device(reader, key, buf, device, checksum)
+            else:  # a rebinding backend (JAX): one host buffer, then one copy to the device
+                host = np.empty(info.shape, dtype=info.dtype)
+                reader.read_into(key, host, expected_checksum=checksum)
+                buf = backend.asarray(host, info.dtype, device.backend_index)
+            adopt(var, buf)
     except Exception as exc:
         _raise_mapped(exc, device, f"restoring {key!r} from {reader.path!r} into variable {var.name!r}")
 
@@ -97,8 +120,20 @@ def restore_into(reader: st.SafetensorsReader, key: str, var: Variable, checksum
 def _stream_to_device(
     reader: st.SafetensorsReader, key: str, buf: Any, device: PhysicalDevice, checksum: str | None
 ) -> None:
+    from gpuvars_backends import HostStaging
+
     info = reader.tensors[key]
     backend, index = device.backend, device.backend_index
+    if isinstance(backend, HostStaging):  # CuPy: file -> pinned buffer A while B crosses to the device
+        backend.chunks_to_device(
+            buf,
+            index,
+            CHUNK_BYTES,
+            lambda buffers: reader.read_chunks(
+                key, buffers[0], spare=buffers[1] if len(buffers) > 1 else None, expected_checksum=checksum
+            ),
+        )
+        return
     dst = buf.reshape(-1).view(np.uint8)
     staging = np.empty(min(max(info.nbytes, 1), CHUNK_BYTES), dtype=np.uint8)
     offset = 0

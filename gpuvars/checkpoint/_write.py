@@ -11,20 +11,24 @@ temporary name); what the save had written is removed and nothing of it is visib
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Generator, Iterator, Mapping
 
 import numpy as np
 
+from gpuvars._snapshot import Pin, Snapshot
 from gpuvars.checkpoint import _atomic, _format, _progress, _transfer
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint._saveable import Saveable
 from gpuvars.checkpoint.policy import VariablePolicy
 from gpuvars.errors import CheckpointError, CheckpointWriteError, UninitializedVariableError
+from gpuvars.variable import Variable, pin
 
-__all__ = ["delete_checkpoint", "write_checkpoint", "write_error"]
+__all__ = ["SavePlan", "delete_checkpoint", "prepare_save", "write_checkpoint", "write_error"]
 
 
 def write_error(prefix: str, doing: str, exc: OSError, after_commit: str | None = None) -> CheckpointWriteError:
@@ -41,31 +45,112 @@ def write_error(prefix: str, doing: str, exc: OSError, after_commit: str | None 
     return CheckpointWriteError(exc.errno, msg) if exc.errno is not None else CheckpointWriteError(msg)
 
 
-def write_checkpoint(
+class SavePlan:
+    """One save from its call to its commit: the tensors, pinned at the call (G1), and how
+    far the writing is (:attr:`written` of :attr:`total` bytes).
+
+    Made by :func:`prepare_save` (everything validated, nothing written); run once by
+    :func:`write_checkpoint`, in the caller's thread or a background one.
+    """
+
+    def __init__(self, prefix: str, policy: VariablePolicy, step: int | None, snapshot: Snapshot) -> None:
+        self.prefix, self.policy, self.step, self.snapshot = prefix, policy, step, snapshot
+        self.entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
+        self.meta: dict[str, tuple[str, bool]] = {}  # key -> (kind, trainable)
+        self.parts: dict[str, list[Any]] = {}  # key -> [(pin, variable) or an array], along axis 0
+        self.replicas: list[dict[str, tuple[Pin, Variable]]] = []  # replica k -> {key: its component}
+        self.devices: bytes | None = None
+        self.total = 0
+        self.written = 0
+        self._count = threading.Lock()
+
+    def advance(self, nbytes: int) -> None:
+        with self._count:
+            self.written += nbytes
+
+
+def prepare_save(
     prefix: str,
     saveables: Mapping[str, Saveable],
     policy: VariablePolicy,
     step: int | None,
-    progress: bool | None = None,
-) -> None:
-    """Write and commit the checkpoint ``prefix`` of ``saveables`` (validated first).
+    copy_on_write_bytes: int | None,
+) -> SavePlan:
+    """Validate a save of ``saveables`` and pin every variable's storage: from now on the
+    checkpoint holds the values of this moment, whatever other threads do. Moves no data
+    (a sync-on-read variable's reduced value is computed here).
 
     Raises:
-        UninitializedVariableError: a variable has no value (nothing is written).
-        InvalidArgumentError: a dtype safetensors cannot hold (nothing is written).
+        UninitializedVariableError: a variable has no value.
+        InvalidArgumentError: a dtype safetensors cannot hold.
+    """
+    plan = SavePlan(prefix, policy, step, Snapshot(copy_on_write_bytes))
+    pins: dict[int, tuple[Pin, Variable]] = {}
+
+    def pinned(var: Variable, key: str, name: str) -> tuple[Pin, Variable]:
+        got = pins.get(id(var))
+        if got is not None:
+            got[0].add_use()
+            return got
+        p = pin(var, plan.snapshot)
+        if p is None:
+            raise _uninitialized(name, key)
+        pins[id(var)] = got = (p, var)
+        return got
+
+    try:
+        for key, sv in saveables.items():
+            if not sv.initialized:
+                raise _uninitialized(sv.name, key)
+            parts = [pinned(x, key, sv.name) if isinstance(x, Variable) else x for x in sv.parts(key)]
+            arrays = [x[0] if isinstance(x, tuple) else x for x in parts]
+            first = arrays[0]
+            dtype = np.dtype(first.dtype)
+            shape = tuple(int(d) for d in first.shape)
+            if len(arrays) > 1:  # shards along axis 0
+                shape = (sum(int(a.shape[0]) for a in arrays),) + shape[1:]
+            st.st_dtype(dtype, key=key)  # a dtype safetensors cannot hold fails before any write
+            plan.entries.append((key, dtype, shape))
+            plan.meta[key] = (sv.kind, sv.trainable)
+            plan.parts[key] = parts
+            plan.total += math.prod(shape) * dtype.itemsize
+        if policy is VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES:
+            for key, sv in saveables.items():
+                for k, comp in enumerate(sv.components()):
+                    while len(plan.replicas) <= k:
+                        plan.replicas.append({})
+                    got = plan.replicas[k][key] = pinned(comp, key, sv.name)
+                    plan.total += got[0].nbytes
+        if policy.saves_devices():
+            plan.devices = _format.build_devices({key: sv.device_record() for key, sv in saveables.items()})
+    except BaseException:
+        plan.snapshot.release()
+        raise
+    return plan
+
+
+def _uninitialized(name: str, key: str) -> UninitializedVariableError:
+    return UninitializedVariableError(
+        f"cannot save variable '{name}' (key {key!r}): it is not initialized; nothing was written"
+    )
+
+
+def write_checkpoint(plan: SavePlan, progress: bool | None = None) -> None:
+    """Write and commit the checkpoint ``plan.prefix`` (index last), then release the
+    snapshot (also on failure: waiting mutations go on).
+
+    Raises:
         CheckpointWriteError: the file system failed; nothing of this save is visible.
     """
-    folder, base = os.path.split(prefix)
-    entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
-    for key, sv in saveables.items():
-        dtype, shape = sv.dtype, sv.shape
-        if not sv.initialized or dtype is None or shape is None:
-            raise UninitializedVariableError(
-                f"cannot save variable '{sv.name}' (key {key!r}): it is not initialized; nothing was written"
-            )
-        st.st_dtype(dtype, key=key)  # a dtype safetensors cannot hold fails before any write
-        entries.append((key, np.dtype(dtype), shape))
+    try:
+        _write(plan, progress)
+    finally:
+        plan.snapshot.release()
 
+
+def _write(plan: SavePlan, progress: bool | None) -> None:
+    prefix = plan.prefix
+    folder, base = os.path.split(prefix)
     doing = f"creating the folder {folder!r}"
     written: list[str] = []
     try:
@@ -85,40 +170,41 @@ def write_checkpoint(
         data_name = _format.data_file(base)
         doing = f"writing {data_name}"
         record = _write_file(
-            os.path.join(folder, data_name), entries, {"format": _format.FORMAT, "version": str(_format.VERSION)},
-            lambda key: saveables[key].source(key), progress, f"saving {base}",
+            os.path.join(folder, data_name), plan.entries,
+            {"format": _format.FORMAT, "version": str(_format.VERSION)}, plan.parts, plan,
+            _progress.bar(plan.total, f"saving {base}", progress),
         )
         written.append(record.file)
         files: dict[str, dict[str, Any]] = {
             record.file: _format.file_record("data", record.size, record.header_checksum)
         }
         components: dict[str, list[dict[str, Any]]] = {}
-        if policy is VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES:
+        if plan.replicas:
             doing = "writing the replica files"
-            for rec, parts in _write_replica_files(prefix, folder, base, saveables, written):
+            for rec, parts in _write_replica_files(plan, folder, base, written):
                 files[rec.file] = _format.file_record("replica", rec.size, rec.header_checksum)
                 for key, checksum in rec.tensors.items():
                     components.setdefault(key, []).append(
                         _format.component_record(rec.file, parts[key], checksum)
                     )
-        if policy.saves_devices():
+        plan.snapshot.release()  # every byte is in a file: no mutation waits on this save any more
+        if plan.devices is not None:
             name = _format.devices_file(base)
             doing = f"writing {name}"
-            payload = _format.build_devices({key: sv.device_record() for key, sv in saveables.items()})
-            _atomic.write_bytes(os.path.join(folder, name), payload, sync_dir=False)
+            _atomic.write_bytes(os.path.join(folder, name), plan.devices, sync_dir=False)
             written.append(name)
-            files[name] = _format.file_record("devices", len(payload), st.checksum(payload))
+            files[name] = _format.file_record("devices", len(plan.devices), st.checksum(plan.devices))
             _atomic.fsync_dir(folder)  # every renamed file is durable before the index names it
         index = _format.build_index(
-            policy,
-            step,
+            plan.policy,
+            plan.step,
             time.time(),
             {
                 key: _format.variable_record(
-                    shape, st.st_dtype(dtype), saveables[key].kind, saveables[key].trainable,
+                    shape, st.st_dtype(dtype), plan.meta[key][0], plan.meta[key][1],
                     record.file, record.tensors[key], components.get(key, ()),
                 )
-                for key, dtype, shape in entries
+                for key, dtype, shape in plan.entries
             },
             files,
         )
@@ -135,56 +221,94 @@ def write_checkpoint(
         raise
 
 
+def _reading(part: Any) -> Any:
+    """The bytes of one part, held for the write: a pin's reading, or the array itself."""
+    return part[0].reading() if isinstance(part, tuple) else contextlib.nullcontext(part)
+
+
+def _chunks(parts: list[Any], what: str) -> Generator[Any, None, None]:
+    """The tensor's bytes, part after part; each pin is held only while its part is written."""
+    for part in parts:
+        with _reading(part) as array:
+            device = part[1].physical_device if isinstance(part, tuple) else None
+            src = np.asarray(array) if device is None else _transfer.source(array, device, what)
+            if isinstance(src, np.ndarray):
+                yield src
+            else:
+                yield from src
+
+
+def _order(order: list[str], parts: Mapping[str, list[Any]], snapshot: Snapshot) -> Iterator[str]:
+    """``order`` (the file's, sequential), except that a tensor whose variable a mutation is
+    waiting for (the copy-on-write budget is spent) is written next."""
+    owner = {id(p[0]): key for key in order for p in parts[key] if isinstance(p, tuple)}
+    done: set[str] = set()
+    i = 0
+    while i < len(order):
+        urgent = snapshot.next_urgent() if owner else None
+        key = owner.get(id(urgent)) if urgent is not None else None
+        if key is None or key in done:
+            key = order[i]
+            i += 1
+            if key in done:
+                continue
+        done.add(key)
+        yield key
+
+
 def _write_file(
     path: str,
     entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]],
     metadata: dict[str, str],
-    source: Any,
-    progress: bool | None,
-    desc: str,
+    parts: Mapping[str, list[Any]],
+    plan: SavePlan,
+    meter: Any,
 ) -> st.FileRecord:
-    """One safetensors file, each tensor streamed from ``source(key)``, then committed."""
-    writer = st.SafetensorsWriter(path, entries, metadata=metadata)
+    """One safetensors file, each tensor streamed from its parts, then committed."""
     try:
-        meter = _progress.bar(sum(writer.infos[k].nbytes for k in writer.order), desc, progress)
+        writer = st.SafetensorsWriter(path, entries, metadata=metadata)
         try:
-            for key in writer.order:
-                writer.write(key, source(key))
-                meter.update(writer.infos[key].nbytes)
-        finally:
-            meter.close()
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+            for key in _order(writer.order, parts, plan.snapshot):
+                gen = _chunks(parts[key], f"saving {key!r} to {path!r}")
+                try:
+                    writer.write(key, gen)
+                finally:
+                    gen.close()  # a failed write ends the pin's reading now, not at garbage collection
+                nbytes = writer.infos[key].nbytes
+                plan.advance(nbytes)
+                meter.update(nbytes)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        meter.close()
 
 
 def _write_replica_files(
-    prefix: str, folder: str, base: str, saveables: Mapping[str, Saveable], written: list[str]
+    plan: SavePlan, folder: str, base: str, written: list[str]
 ) -> list[tuple[st.FileRecord, dict[str, tuple[int, ...]]]]:
     """``P.replica-K-of-N.safetensors``: file K holds the K-th component of every distributed
     variable that has one; the N files are written in parallel (pwrite and xxh3 release the GIL).
     Returns each file's record and its tensors' shapes, in replica order."""
-    dist = {key: sv.components() for key, sv in saveables.items()}
-    dist = {key: comps for key, comps in dist.items() if comps}
-    n = max((len(c) for c in dist.values()), default=0)
+    n = len(plan.replicas)
     results: list[tuple[st.FileRecord, dict[str, tuple[int, ...]]] | None] = [None] * n
     errors: list[BaseException] = []
 
     def write(k: int) -> None:
         name = _format.replica_file(base, k, n)
         try:
-            parts = {key: comps[k] for key, comps in dist.items() if len(comps) > k}
-            shapes = {key: tuple(c.shape) for key, c in parts.items()}
-            entries = [(key, np.dtype(c.dtype), shapes[key]) for key, c in parts.items()]
+            comps = plan.replicas[k]
+            shapes = {key: c[0].shape for key, c in comps.items()}
+            entries = [(key, np.dtype(c[0].dtype), shapes[key]) for key, c in comps.items()]
             record = _write_file(
                 os.path.join(folder, name), entries,
                 {"format": _format.FORMAT, "version": str(_format.VERSION), "replica": f"{k} of {n}"},
-                lambda key: _transfer.source(parts[key], key), False, "",
+                {key: [c] for key, c in comps.items()}, plan, _progress.bar(0, "", False),
             )
             results[k] = (record, shapes)
         except OSError as exc:
-            errors.append(exc if isinstance(exc, CheckpointError) else write_error(prefix, f"writing {name}", exc))
+            errors.append(exc if isinstance(exc, CheckpointError) else write_error(plan.prefix, f"writing {name}", exc))
         except BaseException as exc:  # handed to the saving thread below
             errors.append(exc)
 

@@ -51,7 +51,12 @@ class SaveOptions:
 
     Args:
         experimental_variable_policy: a :class:`VariablePolicy` or its name (case-insensitive).
-        progress: show a progress bar for large saves/restores on a terminal (None: auto).
+        progress: show a progress bar for large saves/restores on a terminal (None: auto,
+            blocking saves only; an asynchronous save shows one only with True).
+        copy_on_write_bytes: the most memory a save holds in copies of variables mutated
+            before it has written them (G3; on each variable's device). When it is spent, a
+            mutation waits until the writer has written that variable (the writer takes it
+            next). None: no limit. Default 1 GiB.
 
     Example:
         >>> import gpuvars as gv
@@ -61,6 +66,7 @@ class SaveOptions:
 
     experimental_variable_policy: VariablePolicy | str | None = VariablePolicy.NONE
     progress: bool | None = None
+    copy_on_write_bytes: int | None = 1 << 30
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -68,6 +74,9 @@ class SaveOptions:
         )
         if self.progress is not None and not isinstance(self.progress, bool):
             raise InvalidArgumentError(f"SaveOptions.progress must be a bool or None, got {self.progress!r}")
+        cow = self.copy_on_write_bytes
+        if cow is not None and (isinstance(cow, bool) or not isinstance(cow, int) or cow < 0):
+            raise InvalidArgumentError(f"SaveOptions.copy_on_write_bytes must be None or an int >= 0, got {cow!r}")
 
     @property
     def policy(self) -> VariablePolicy:

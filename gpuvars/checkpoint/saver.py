@@ -17,15 +17,17 @@ import dataclasses
 import logging
 import operator
 import os
+import threading
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping, overload
 
 import numpy as np
 
-from gpuvars.checkpoint import _format, _saveable, _state
+from gpuvars.checkpoint import _async, _format, _saveable, _state
+from gpuvars.checkpoint._async import SaveFuture
 from gpuvars.checkpoint._restore import RestoreResult, restore_variables
 from gpuvars.checkpoint._saveable import Saveable
-from gpuvars.checkpoint._write import delete_checkpoint, write_checkpoint, write_error
+from gpuvars.checkpoint._write import delete_checkpoint, prepare_save, write_checkpoint, write_error
 from gpuvars.checkpoint.policy import SaveOptions
 from gpuvars.errors import CheckpointError, InvalidArgumentError
 from gpuvars.registry import current_registry
@@ -33,7 +35,7 @@ from gpuvars.variable import Variable
 
 _log = logging.getLogger("gpuvars")
 
-__all__ = ["CheckpointState", "RestoreResult", "Saver", "get_checkpoint_state", "latest_checkpoint"]
+__all__ = ["CheckpointState", "RestoreResult", "SaveFuture", "Saver", "get_checkpoint_state", "latest_checkpoint"]
 
 
 def _saveables(var_map: Mapping[str, Any]) -> dict[str, Saveable]:
@@ -165,6 +167,15 @@ class Saver:
         self._last_preserved = time.time()
         self._adopted: set[str] = set()  # folders whose state file this saver has taken over
         self._recovered = False  # recover_last_checkpoints set the list: adopt nothing
+        self._turn = threading.Lock()  # one save starts at a time; it first waits for the one in flight
+        self._in_flight: SaveFuture | None = None
+        self._closed = False
+
+    def __enter__(self) -> Saver:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @property
     def last_checkpoints(self) -> list[str]:
@@ -223,15 +234,46 @@ class Saver:
 
     # --- save ---------------------------------------------------------------------------------
 
-    def save(self, save_path: str | os.PathLike[str], global_step: Any = None, options: SaveOptions | None = None) -> str:
-        """Write a checkpoint at ``save_path`` (``-<global_step>`` appended) and return its prefix.
+    @overload
+    def save(self, save_path: str | os.PathLike[str], global_step: Any = None, options: SaveOptions | None = None,
+             *, blocking: Literal[True] = True) -> str: ...
+
+    @overload
+    def save(self, save_path: str | os.PathLike[str], global_step: Any = None, options: SaveOptions | None = None,
+             *, blocking: Literal[False]) -> SaveFuture: ...
+
+    @overload
+    def save(self, save_path: str | os.PathLike[str], global_step: Any = None, options: SaveOptions | None = None,
+             *, blocking: bool) -> str | SaveFuture: ...
+
+    def save(
+        self,
+        save_path: str | os.PathLike[str],
+        global_step: Any = None,
+        options: SaveOptions | None = None,
+        *,
+        blocking: bool = True,
+    ) -> str | SaveFuture:
+        """Write a checkpoint at ``save_path`` (``-<global_step>`` appended) of every variable's
+        value at this call, and return its prefix (or, with ``blocking=False``, a
+        :class:`gpuvars.SaveFuture` at once, while a thread writes).
+
+        The checkpoint holds the values of the call even while other threads (or the caller,
+        after ``blocking=False``) keep assigning: a variable mutated before the writer has read
+        it is first copied (``SaveOptions.copy_on_write_bytes``), or the mutation waits for it.
+        One save is in flight per Saver: a later save waits for it, and raises its error if it
+        failed (an error already raised by ``SaveFuture.result()`` is not raised again).
 
         Raises:
             UninitializedVariableError: a variable has no value (nothing is written).
             InvalidArgumentError: a bad path, step or a dtype safetensors cannot hold.
             CheckpointWriteError: the file system failed (no space, no permission, ...), an
                 OSError too; nothing of this save is visible, earlier checkpoints are untouched.
+                With ``blocking=False`` this comes from ``result()``, the next ``save()``,
+                :meth:`wait_until_finished` or :meth:`close`.
         """
+        if not isinstance(blocking, bool):
+            raise InvalidArgumentError(f"Saver.save: blocking must be a bool, got {blocking!r}")
         opts = options if options is not None else self._options
         if not isinstance(opts, SaveOptions):
             raise InvalidArgumentError(f"options must be a gv.SaveOptions, got {type(opts).__name__}")
@@ -240,9 +282,55 @@ class Saver:
         if step is not None:
             base = f"{base}-{step}"
         prefix = os.path.join(folder, base)
-        write_checkpoint(prefix, self._saveables, opts.policy, step, progress=opts.progress)
-        self._after_commit(prefix, folder)
-        return prefix
+        with self._turn:
+            if self._closed:
+                raise InvalidArgumentError(f"Saver.save({prefix!r}): this saver was closed")
+            self._wait_in_flight(None)
+            plan = prepare_save(prefix, self._saveables, opts.policy, step, opts.copy_on_write_bytes)
+
+            def run() -> None:
+                write_checkpoint(plan, progress=opts.progress if blocking else bool(opts.progress))
+                self._after_commit(prefix, folder)
+
+            if blocking:
+                run()
+                return prefix
+            self._in_flight = _async.start(plan, run)
+            return self._in_flight
+
+    def _wait_in_flight(self, timeout: float | None) -> None:
+        """Wait for the save in flight; raise its error unless ``result()`` already did."""
+        fut = self._in_flight
+        if fut is None:
+            return
+        if not fut._finished.wait(timeout):
+            raise TimeoutError(f"checkpoint {fut.prefix!r} is still being written after {timeout} s")
+        self._in_flight = None
+        if fut._error is not None and not fut._reported:
+            fut._reported = True
+            raise fut._error
+
+    def wait_until_finished(self, timeout: float | None = None) -> None:
+        """Wait for the save in flight, if any.
+
+        Raises:
+            TimeoutError: it is still running after ``timeout`` seconds.
+            CheckpointError: it failed (unless ``SaveFuture.result()`` already raised it).
+        """
+        _async._check_timeout(timeout, "Saver.wait_until_finished")
+        with self._turn:
+            self._wait_in_flight(timeout)
+
+    def close(self) -> None:
+        """Wait for the save in flight and refuse later saves (restores still work).
+        Idempotent; a Saver is also a context manager that closes on exit.
+
+        Raises:
+            CheckpointError: the save in flight failed (unless ``result()`` already raised it).
+        """
+        with self._turn:
+            self._closed = True
+            self._wait_in_flight(None)
 
     def _adopt(self, folder: str, now: float) -> None:
         """On the first save into ``folder``, take over the checkpoints its state file keeps
