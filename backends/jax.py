@@ -172,6 +172,11 @@ class JaxBackend:
                 raise ValueError(f"unknown random kind {kind!r}")
             return jax.device_put(out.astype(dtype), self._devices[device])
 
+    def jit(self, fn: Any, donate_argnums: tuple[int, ...] = ()) -> Any:
+        """``jax.jit(fn)`` for engine kernels written against ``self.xp`` (an optimizer's step
+        over every variable of a device); ``donate_argnums`` lets XLA reuse those inputs."""
+        return jax.jit(fn, donate_argnums=donate_argnums)
+
     def synchronize(self, device: int) -> None:
         # JAX has no per-device barrier; a tiny blocking computation drains the queue in order.
         jax.device_put(0, self._devices[device]).block_until_ready()

@@ -16,12 +16,12 @@ import math
 import os
 import threading
 import time
-from typing import Any, Generator, Iterator, Mapping
+from typing import Any, Generator, Mapping
 
 import numpy as np
 
 from gpuvars._snapshot import Pin, Snapshot
-from gpuvars.checkpoint import _atomic, _format, _progress, _transfer
+from gpuvars.checkpoint import _atomic, _format, _parallel, _progress, _transfer
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint._saveable import Saveable
 from gpuvars.checkpoint.policy import VariablePolicy
@@ -84,6 +84,17 @@ def prepare_save(
         UninitializedVariableError: a variable has no value.
         InvalidArgumentError: a dtype safetensors cannot hold.
     """
+    with _parallel.gc_paused():
+        return _prepare(prefix, saveables, policy, step, copy_on_write_bytes)
+
+
+def _prepare(
+    prefix: str,
+    saveables: Mapping[str, Saveable],
+    policy: VariablePolicy,
+    step: int | None,
+    copy_on_write_bytes: int | None,
+) -> SavePlan:
     plan = SavePlan(prefix, policy, step, Snapshot(copy_on_write_bytes))
     pins: dict[int, tuple[Pin, Variable]] = {}
 
@@ -98,22 +109,41 @@ def prepare_save(
         pins[id(var)] = got = (p, var)
         return got
 
+    entries, meta, plan_parts = plan.entries, plan.meta, plan.parts
+    st_names: dict[Any, str] = {}  # dtype -> its safetensors name, checked once per dtype
+    total = 0
     try:
         for key, sv in saveables.items():
             if not sv.initialized:
                 raise _uninitialized(sv.name, key)
-            parts = [pinned(x, key, sv.name) if isinstance(x, Variable) else x for x in sv.parts(key)]
-            arrays = [x[0] if isinstance(x, tuple) else x for x in parts]
-            first = arrays[0]
-            dtype = np.dtype(first.dtype)
-            shape = tuple(int(d) for d in first.shape)
-            if len(arrays) > 1:  # shards along axis 0
-                shape = (sum(int(a.shape[0]) for a in arrays),) + shape[1:]
-            st.st_dtype(dtype, key=key)  # a dtype safetensors cannot hold fails before any write
-            plan.entries.append((key, dtype, shape))
-            plan.meta[key] = (sv.kind, sv.trainable)
-            plan.parts[key] = parts
-            plan.total += math.prod(shape) * dtype.itemsize
+            parts = sv.parts(key)
+            if len(parts) == 1 and isinstance(parts[0], Variable):  # the common case: one variable
+                got = pinned(parts[0], key, sv.name)
+                parts = [got]
+                storage = got[0].storage
+                dtype = storage.dtype
+                shape = storage.shape
+                if type(shape) is not tuple:
+                    shape = tuple(int(d) for d in shape)
+                nbytes = got[0].nbytes
+            else:
+                parts = [pinned(x, key, sv.name) if isinstance(x, Variable) else x for x in parts]
+                arrays = [x[0] if isinstance(x, tuple) else x for x in parts]
+                first = arrays[0]
+                dtype = first.dtype
+                shape = tuple(int(d) for d in first.shape)
+                if len(arrays) > 1:  # shards along axis 0
+                    shape = (sum(int(a.shape[0]) for a in arrays),) + shape[1:]
+                nbytes = -1
+            if type(dtype) is not np.dtype:
+                dtype = np.dtype(dtype)
+            if dtype not in st_names:
+                st_names[dtype] = st.st_dtype(dtype, key=key)  # a dtype safetensors cannot hold fails before any write
+            entries.append((key, dtype, shape))
+            meta[key] = (sv.kind, sv.trainable)
+            plan_parts[key] = parts
+            total += nbytes if nbytes >= 0 else math.prod(shape) * dtype.itemsize
+        plan.total += total
         if policy is VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES:
             for key, sv in saveables.items():
                 for k, comp in enumerate(sv.components()):
@@ -143,7 +173,8 @@ def write_checkpoint(plan: SavePlan, progress: bool | None = None) -> None:
         CheckpointWriteError: the file system failed; nothing of this save is visible.
     """
     try:
-        _write(plan, progress)
+        with _parallel.gc_paused():
+            _write(plan, progress)
     finally:
         plan.snapshot.release()
 
@@ -195,19 +226,21 @@ def _write(plan: SavePlan, progress: bool | None) -> None:
             written.append(name)
             files[name] = _format.file_record("devices", len(plan.devices), st.checksum(plan.devices))
             _atomic.fsync_dir(folder)  # every renamed file is durable before the index names it
-        index = _format.build_index(
-            plan.policy,
-            plan.step,
-            time.time(),
-            {
-                key: _format.variable_record(
-                    shape, st.st_dtype(dtype), plan.meta[key][0], plan.meta[key][1],
-                    record.file, record.tensors[key], components.get(key, ()),
-                )
-                for key, dtype, shape in plan.entries
-            },
-            files,
-        )
+        meta, checksums, st_names = plan.meta, record.tensors, {}
+        for _, dtype, _ in plan.entries:
+            if dtype not in st_names:
+                st_names[dtype] = st.st_dtype(dtype)
+        variables = _format.plain_variable_records([
+            (key, shape, st_names[dtype], meta[key][0], meta[key][1], record.file, checksums[key])
+            for key, dtype, shape in plan.entries if key not in components
+        ])
+        for key, dtype, shape in plan.entries:
+            if key in components:
+                variables[key] = _format.variable_record(
+                    shape, st_names[dtype], meta[key][0], meta[key][1], record.file, checksums[key], components[key])
+        if components:  # the order of plan.entries, as before
+            variables = {key: variables[key] for key, _, _ in plan.entries}
+        index = _format.build_index(plan.policy, plan.step, time.time(), variables, files)
         doing = f"writing {index_name} (the commit)"
         _atomic.write_bytes(index_path, _format.dump_json(index))
     except BaseException as exc:
@@ -238,22 +271,9 @@ def _chunks(parts: list[Any], what: str) -> Generator[Any, None, None]:
                 yield from src
 
 
-def _order(order: list[str], parts: Mapping[str, list[Any]], snapshot: Snapshot) -> Iterator[str]:
-    """``order`` (the file's, sequential), except that a tensor whose variable a mutation is
-    waiting for (the copy-on-write budget is spent) is written next."""
-    owner = {id(p[0]): key for key in order for p in parts[key] if isinstance(p, tuple)}
-    done: set[str] = set()
-    i = 0
-    while i < len(order):
-        urgent = snapshot.next_urgent() if owner else None
-        key = owner.get(id(urgent)) if urgent is not None else None
-        if key is None or key in done:
-            key = order[i]
-            i += 1
-            if key in done:
-                continue
-        done.add(key)
-        yield key
+RUN_MIN = 8  #: a run of fewer tensors goes through the general path
+RUN_TENSOR_BYTES = 256 << 10  #: the largest tensor a run takes (bigger ones: aligned chunks)
+RUN_BYTES = st.CHUNK_BYTES  #: a run's bytes; its live buffers hold mutations back while it is written
 
 
 def _write_file(
@@ -264,25 +284,96 @@ def _write_file(
     plan: SavePlan,
     meter: Any,
 ) -> st.FileRecord:
-    """One safetensors file, each tensor streamed from its parts, then committed."""
+    """One safetensors file, each tensor streamed from its parts, then committed.
+
+    File order (sequential), except that a tensor whose variable a mutation is waiting
+    for (the copy-on-write budget is spent) is written next. Runs of small single-part
+    host tensors (``RUN_MIN`` or more, back to back in the file) are written by one
+    ``pwritev``, their reads begun and ended under one acquisition of the snapshot's lock;
+    the rest, tensor by tensor, through :meth:`Pin.reading`.
+    """
     try:
         writer = st.SafetensorsWriter(path, entries, metadata=metadata)
         try:
-            for key in _order(writer.order, parts, plan.snapshot):
-                gen = _chunks(parts[key], f"saving {key!r} to {path!r}")
-                try:
-                    writer.write(key, gen)
-                finally:
-                    gen.close()  # a failed write ends the pin's reading now, not at garbage collection
-                nbytes = writer.infos[key].nbytes
-                plan.advance(nbytes)
-                meter.update(nbytes)
+            order, infos, snapshot = writer.order, writer.infos, plan.snapshot
+            done: set[str] = set()
+            owner: dict[int, str] | None = None  # pin -> key, built when a mutation first waits
+            host: dict[int, bool] = {}  # id(device) -> whether it is host memory a run may take
+            i, count = 0, len(order)
+            while i < count:
+                if snapshot.has_urgent:
+                    if owner is None:
+                        owner = {id(p[0]): key for key in order for p in parts[key] if isinstance(p, tuple)}
+                    urgent = snapshot.next_urgent()
+                    key = owner.get(id(urgent)) if urgent is not None else None
+                    if key is not None and key not in done:
+                        _write_one(writer, key, parts[key], path, plan, meter)
+                        done.add(key)
+                        continue
+                key = order[i]
+                if key in done:
+                    i += 1
+                    continue
+                j, nbytes = i, 0
+                while j < count and j - i < 1024:
+                    k = order[j]
+                    ps = parts[k]
+                    size = infos[k].nbytes
+                    if (len(ps) != 1 or type(ps[0]) is not tuple or size > RUN_TENSOR_BYTES
+                            or nbytes + size > RUN_BYTES or k in done):
+                        break
+                    device = ps[0][1].physical_device
+                    ok = host.get(id(device))
+                    if ok is None:
+                        ok = host[id(device)] = _transfer.is_host(device)
+                    if not ok:
+                        break
+                    nbytes += size
+                    j += 1
+                if j - i >= RUN_MIN:
+                    run = order[i:j]
+                    _write_run(writer, run, parts, path, plan)
+                    done.update(run)  # a pin read for two files may come back as urgent: not twice here
+                    plan.advance(nbytes)
+                    meter.update(nbytes)
+                    i = j
+                else:
+                    _write_one(writer, key, parts[key], path, plan, meter)
+                    done.add(key)
+                    i += 1
             return writer.commit()
         except BaseException:
             writer.abort()
             raise
     finally:
         meter.close()
+
+
+def _write_one(writer: st.SafetensorsWriter, key: str, parts: list[Any], path: str, plan: SavePlan,
+               meter: Any) -> None:
+    gen = _chunks(parts, f"saving {key!r} to {path!r}")
+    try:
+        writer.write(key, gen)
+    finally:
+        gen.close()  # a failed write ends the pin's reading now, not at garbage collection
+    nbytes = writer.infos[key].nbytes
+    plan.advance(nbytes)
+    meter.update(nbytes)
+
+
+def _write_run(writer: st.SafetensorsWriter, keys: list[str], parts: Mapping[str, list[Any]], path: str,
+               plan: SavePlan) -> None:
+    """Keys back to back in the file, each one pinned host variable: their reads begun
+    under one lock, one pwritev, their reads ended under one lock (also on failure)."""
+    pins = [parts[k][0][0] for k in keys]
+    snapshot = plan.snapshot
+    arrays, live = snapshot.begin_reads(pins)
+    try:
+        sources = _transfer.host_sources(arrays, [parts[k][0][1].physical_device for k in keys],
+                                         lambda n: f"saving {keys[n]!r} to {path!r}")
+        writer.write_run(keys, sources)
+    finally:
+        snapshot.end_reads(pins, live)
 
 
 def _write_replica_files(
