@@ -468,23 +468,6 @@ def write_in_parallel(names: Sequence[str], write: Callable[[int], T], written: 
     return [r for r in results if r is not None]
 
 
-class _SharedMeter:
-    """One progress bar for files written on several threads: ``update`` under a lock,
-    ``close`` left to the owner."""
-
-    def __init__(self, meter: Any) -> None:
-        self._meter, self._lock = meter, threading.Lock()
-        self.silent = getattr(meter, "silent", False)
-
-    def update(self, n: int) -> None:
-        if not self.silent:
-            with self._lock:
-                self._meter.update(n)
-
-    def close(self) -> None:
-        pass
-
-
 def _write_shards(plan: SavePlan, folder: str, base: str, written: list[str], meter: Any) -> list[st.FileRecord]:
     """``P-0000K-of-0000N.safetensors``: ``plan.entries`` cut by :func:`shard_entries`, the N
     files written in parallel; each thread writes its file's tensors in file order, taking a
@@ -494,7 +477,7 @@ def _write_shards(plan: SavePlan, folder: str, base: str, written: list[str], me
     shards = shard_entries(plan.entries, sizes, plan.max_shard_size)
     n = len(shards)
     names = [_format.shard_file(base, k + 1, n) for k in range(n)]
-    shared = _SharedMeter(meter)
+    shared = _progress.Shared(meter)
 
     def write(k: int) -> st.FileRecord:
         return _write_file(
