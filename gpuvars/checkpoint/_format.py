@@ -668,9 +668,10 @@ def read_hf_index(path: str) -> Index:
     infos: dict[str, st.TensorInfo] = {}
     files: dict[str, dict[str, Any]] = {}
     for shard, keys in by_shard.items():
-        shard_path = os.path.join(folder, shard)
-        if not os.path.lexists(shard_path):
+        if not os.path.lexists(os.path.join(folder, shard)):
             raise CheckpointCorruptError(f"{where}, tensor {keys[0]!r}: its shard {shard!r} is missing")
+    for shard, keys in by_shard.items():
+        shard_path = os.path.join(folder, shard)
         with st.SafetensorsReader(shard_path) as reader:  # a regular file, its header validated
             tensors, size = reader.tensors, reader.size
         for key in keys:
