@@ -581,3 +581,29 @@ def test_unsharded_saves_stay_version_1_and_v1_checkpoints_load(tmp_path: pathli
     pathlib.Path(prefix + ".index.json").write_text(json.dumps(index))
     with pytest.raises(gv.CheckpointCorruptError, match=r"format version 3 is newer than this gpuvars reads \(2\)"):
         gv.load_checkpoint(prefix)
+
+
+def test_a_failing_shard_write_leaves_nothing_and_names_the_shard(tmp_path: pathlib.Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from gpuvars.checkpoint import _write
+
+    _vars = _model(6)
+    saver = gv.Saver()
+    real = _write._write_file
+
+    def failing(path: str, *args: Any, **kwargs: Any) -> Any:
+        if path.endswith("m-00002-of-00003.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(_write, "_write_file", failing)
+    with pytest.raises(gv.CheckpointWriteError, match=r"writing m-00002-of-00003\.safetensors failed: No space") as info:
+        saver.save(str(tmp_path / "m"), options=gv.SaveOptions(max_shard_size=800))
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(os.listdir(tmp_path)) == []  # the shards that were committed are removed, no index
+    monkeypatch.setattr(_write, "_write_file", real)
+    prefix = saver.save(str(tmp_path / "m"), options=gv.SaveOptions(max_shard_size=800))
+    with gv.CheckpointReader(prefix) as reader:
+        assert reader.verify() == []

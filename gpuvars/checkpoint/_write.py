@@ -453,18 +453,18 @@ def write_in_parallel(names: Sequence[str], write: Callable[[int], T], written: 
     if n == 1:  # in this thread: nothing to overlap
         try:
             one(0)
-        except BaseException as exc:
-            failures.append((0, exc))
+        except BaseException as caught:
+            failures.append((0, caught))
     else:
         with concurrent.futures.ThreadPoolExecutor(min(n, max(2, _parallel.THREADS)),
                                                    thread_name_prefix="gpuvars-shard") as pool:
             futures = [pool.submit(one, k) for k in range(n)]
-        failures = [(k, exc) for k, f in enumerate(futures) if (exc := f.exception()) is not None]
+        failures = [(k, e) for k, f in enumerate(futures) if (e := f.exception()) is not None]
     if failures:
-        k, exc = failures[0]
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
-            raise error(names[k], exc) from exc
-        raise exc
+        k, first = failures[0]
+        if isinstance(first, OSError) and not isinstance(first, CheckpointError):
+            raise error(names[k], first) from first
+        raise first
     return [r for r in results if r is not None]
 
 
