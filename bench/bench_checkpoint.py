@@ -112,11 +112,12 @@ from _common import warm_free_pages
 import xxhash
 
 CPU_SYSTEMS = ("raw", "gpuvars", "safetensors", "numpy", "torch", "jaxcpu-put", "gpuvars-jaxcpu")
+OPT_SYSTEMS = ("gpuvars-sharded",)  # only on request (--max-shard-size adds it)
 GPU_SYSTEMS = ("base-cupy", "gpuvars-cupy", "base-jax", "gpuvars-jax")
 BASELINE = {"raw": "raw", "gpuvars": "raw", "safetensors": "raw", "numpy": "raw", "torch": "raw",
             "base-cupy": "base-cupy", "gpuvars-cupy": "base-cupy",
             "base-jax": "base-jax", "gpuvars-jax": "base-jax",
-            "jaxcpu-put": "raw", "gpuvars-jaxcpu": "jaxcpu-put"}
+            "jaxcpu-put": "raw", "gpuvars-jaxcpu": "jaxcpu-put", "gpuvars-sharded": "raw"}
 WORKLOADS = ("big", "small", "tiny")
 PHASES = ("save", "restore", "verify", "load")
 MiB = 1 << 20
@@ -131,6 +132,7 @@ WARM_MARGIN = 64 * MiB
 NOTES = {
     "raw": "f.write per tensor + fsync / readinto existing buffers",
     "gpuvars": "Saver.save (own fsyncs) / Saver.restore into existing variables, checksummed",
+    "gpuvars-sharded": "as gpuvars, SaveOptions(max_shard_size=--max-shard-size): shards written in parallel",
     "safetensors": "save_file + added fsync / load_file allocates",
     "numpy": "np.savez + added fsync / np.load allocates, every array read",
     "torch": "torch.save + added fsync / torch.load(weights_only) allocates",
@@ -608,6 +610,15 @@ class JaxCpuPut(System):
         return [np.asarray(a) for a in self.result]
 
 
+class GpuvarsSharded(Gpuvars):
+    """gpuvars with the data file cut into shards (``SaveOptions(max_shard_size=...)``)."""
+
+    max_shard_size = "256MiB"  # set from the cell
+
+    def saver(self) -> Any:
+        return self.gv.Saver(self.vars, options=self.gv.SaveOptions(max_shard_size=self.max_shard_size))
+
+
 class GpuvarsJaxCpu(Gpuvars):
     """gpuvars variables on /cpu:0 served by JAX's CPU backend."""
 
@@ -676,7 +687,7 @@ class GpuvarsJax(GpuvarsCupy):
 SYSTEM_CLASSES: dict[str, type[System]] = {
     "raw": Raw, "gpuvars": Gpuvars, "safetensors": Safetensors, "numpy": Numpy, "torch": Torch,
     "base-cupy": BaseCupy, "gpuvars-cupy": GpuvarsCupy, "base-jax": BaseJax, "gpuvars-jax": GpuvarsJax,
-    "jaxcpu-put": JaxCpuPut, "gpuvars-jaxcpu": GpuvarsJaxCpu,
+    "jaxcpu-put": JaxCpuPut, "gpuvars-jaxcpu": GpuvarsJaxCpu, "gpuvars-sharded": GpuvarsSharded,
 }
 
 
@@ -694,6 +705,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         data = make_data(specs)
         data_bytes = sum(a.nbytes for a in data)
         sysobj = SYSTEM_CLASSES[system](specs, data)
+        if isinstance(sysobj, GpuvarsSharded):
+            sysobj.max_shard_size = cell.get("max_shard_size") or GpuvarsSharded.max_shard_size
         del data  # the system holds what it needs (gpuvars and GPU systems hold their own copies)
         gc.collect()
         times: list[float] = []
@@ -961,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one in every cell (default 1)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each restore (root)")
     ap.add_argument("--gpu", action="store_true", help=f"also run {GPU_SYSTEMS} where CuPy/JAX see /gpu:0")
+    ap.add_argument("--max-shard-size", metavar="SIZE",
+                    help="also run gpuvars-sharded: saves with SaveOptions(max_shard_size=SIZE), e.g. 256MiB")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra (untimed) gpuvars repeat per cell")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--probe-gpu", action="store_true", help=argparse.SUPPRESS)
@@ -979,7 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     phases = [p for p in args.phases.split(",") if p]
-    for name, vals, known in (("system", systems, CPU_SYSTEMS + GPU_SYSTEMS), ("workload", workloads, WORKLOADS),
+    if args.max_shard_size and "gpuvars-sharded" not in systems:
+        systems.append("gpuvars-sharded")
+    for name, vals, known in (("system", systems, CPU_SYSTEMS + GPU_SYSTEMS + OPT_SYSTEMS), ("workload", workloads, WORKLOADS),
                               ("phase", phases, PHASES)):
         for v in vals:
             if v not in known:
@@ -1033,10 +1050,10 @@ def main(argv: list[str] | None = None) -> int:
         rotated = systems[shift:] + systems[:shift]
         for wl, phase in order:
             for system in rotated:
-                if phase in ("verify", "load") and system != "gpuvars":
+                if phase in ("verify", "load") and system not in ("gpuvars", "gpuvars-sharded"):
                     continue
                 cell = {"system": system, "workload": wl, "phase": phase, "repeats": 1, "quick": args.quick,
-                        "warmup": args.warmup,
+                        "warmup": args.warmup, "max_shard_size": args.max_shard_size,
                         "dir": args.dir, "cold": args.cold,
                         "profile": args.profile and rnd == 0 and system.startswith("gpuvars")}
                 t0 = time.perf_counter()

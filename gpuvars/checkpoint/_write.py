@@ -1,5 +1,5 @@
-"""Writing a checkpoint: the data file, the replica files and the device map, then the index,
-whose atomic rename is the commit; and deleting one, index first.
+"""Writing a checkpoint: the data file (or its shards, in parallel), the replica files and
+the device map, then the index, whose atomic rename is the commit; and deleting one, index first.
 
 Everything is validated before the first byte is written (STYLE 10). Saving over an
 existing prefix first retires its index (DESIGN decision 15). A failure of the file
@@ -11,12 +11,13 @@ temporary name); what the save had written is removed and nothing of it is visib
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import os
 import threading
 import time
-from typing import Any, Generator, Mapping
+from typing import Any, Callable, Generator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -28,7 +29,10 @@ from gpuvars.checkpoint.policy import VariablePolicy
 from gpuvars.errors import CheckpointError, CheckpointWriteError, UninitializedVariableError
 from gpuvars.variable import Variable, pin
 
-__all__ = ["SavePlan", "delete_checkpoint", "prepare_save", "write_checkpoint", "write_error"]
+__all__ = ["SavePlan", "delete_checkpoint", "prepare_save", "shard_entries", "write_checkpoint", "write_error",
+           "write_in_parallel"]
+
+T = TypeVar("T")
 
 
 def write_error(prefix: str, doing: str, exc: OSError, after_commit: str | None = None) -> CheckpointWriteError:
@@ -53,8 +57,10 @@ class SavePlan:
     :func:`write_checkpoint`, in the caller's thread or a background one.
     """
 
-    def __init__(self, prefix: str, policy: VariablePolicy, step: int | None, snapshot: Snapshot) -> None:
+    def __init__(self, prefix: str, policy: VariablePolicy, step: int | None, snapshot: Snapshot,
+                 max_shard_size: int | None = None) -> None:
         self.prefix, self.policy, self.step, self.snapshot = prefix, policy, step, snapshot
+        self.max_shard_size = max_shard_size  #: None: one data file; else shards of at most this many tensor bytes
         self.entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
         self.meta: dict[str, tuple[str, bool]] = {}  # key -> (kind, trainable)
         self.parts: dict[str, list[Any]] = {}  # key -> [(pin, variable) or an array], along axis 0
@@ -75,6 +81,7 @@ def prepare_save(
     policy: VariablePolicy,
     step: int | None,
     copy_on_write_bytes: int | None,
+    max_shard_size: int | None = None,
 ) -> SavePlan:
     """Validate a save of ``saveables`` and pin every variable's storage: from now on the
     checkpoint holds the values of this moment, whatever other threads do. Moves no data
@@ -85,7 +92,7 @@ def prepare_save(
         InvalidArgumentError: a dtype safetensors cannot hold.
     """
     with _parallel.gc_paused():
-        return _prepare(prefix, saveables, policy, step, copy_on_write_bytes)
+        return _prepare(prefix, saveables, policy, step, copy_on_write_bytes, max_shard_size)
 
 
 def _prepare(
@@ -94,8 +101,9 @@ def _prepare(
     policy: VariablePolicy,
     step: int | None,
     copy_on_write_bytes: int | None,
+    max_shard_size: int | None,
 ) -> SavePlan:
-    plan = SavePlan(prefix, policy, step, Snapshot(copy_on_write_bytes))
+    plan = SavePlan(prefix, policy, step, Snapshot(copy_on_write_bytes), max_shard_size)
     pins: dict[int, tuple[Pin, Variable]] = {}
 
     def pinned(var: Variable, key: str, name: str) -> tuple[Pin, Variable]:
@@ -193,26 +201,47 @@ def _write(plan: SavePlan, progress: bool | None) -> None:
         _atomic.remove_stale_temps(folder)
         index_name = _format.index_file(base)
         index_path = os.path.join(folder, index_name)
+        old_files: list[str] = []
         if os.path.lexists(index_path):  # retire the old checkpoint of this prefix first (decision 15)
+            try:  # its files this save does not overwrite (other shard or replica counts) go after the commit
+                old_files = list(_format.read_index(prefix).files)
+            except CheckpointError:
+                pass
             doing = f"retiring the old {index_name}"
             os.unlink(index_path)
             _atomic.fsync_dir(folder)
 
-        data_name = _format.data_file(base)
-        doing = f"writing {data_name}"
-        record = _write_file(
-            os.path.join(folder, data_name), plan.entries,
-            {"format": _format.FORMAT, "version": str(_format.VERSION)}, plan.parts, plan,
-            _progress.bar(plan.total, f"saving {base}", progress),
-        )
-        written.append(record.file)
-        files: dict[str, dict[str, Any]] = {
-            record.file: _format.file_record("data", record.size, record.header_checksum)
-        }
+        meter = _progress.bar(plan.total, f"saving {base}", progress)
+        weight_map: dict[str, str] | None = None
+        files: dict[str, dict[str, Any]] = {}
+        if plan.max_shard_size is None:
+            version = 1
+            data_name = _format.data_file(base)
+            doing = f"writing {data_name}"
+            record = _write_file(
+                os.path.join(folder, data_name), plan.entries,
+                {"format": _format.FORMAT, "version": str(version)}, plan.parts, plan, meter,
+            )
+            written.append(record.file)
+            files[record.file] = _format.file_record("data", record.size, record.header_checksum)
+            checksums = record.tensors
+        else:
+            version = _format.SHARDED_VERSION
+            doing = "writing the data shards"
+            try:
+                shard_records = _write_shards(plan, folder, base, written, meter)
+            finally:
+                meter.close()
+            weight_map, checksums = {}, {}
+            for rec in shard_records:
+                files[rec.file] = _format.file_record("data", rec.size, rec.header_checksum)
+                checksums.update(rec.tensors)
+                weight_map.update(dict.fromkeys(rec.tensors, rec.file))
+            weight_map = {key: weight_map[key] for key, _, _ in plan.entries}
         components: dict[str, list[dict[str, Any]]] = {}
         if plan.replicas:
             doing = "writing the replica files"
-            for rec, parts in _write_replica_files(plan, folder, base, written):
+            for rec, parts in _write_replica_files(plan, folder, base, written, version):
                 files[rec.file] = _format.file_record("replica", rec.size, rec.header_checksum)
                 for key, checksum in rec.tensors.items():
                     components.setdefault(key, []).append(
@@ -226,23 +255,30 @@ def _write(plan: SavePlan, progress: bool | None) -> None:
             written.append(name)
             files[name] = _format.file_record("devices", len(plan.devices), st.checksum(plan.devices))
             _atomic.fsync_dir(folder)  # every renamed file is durable before the index names it
-        meta, checksums, st_names = plan.meta, record.tensors, {}
+        meta, st_names = plan.meta, {}
+        where = (lambda key: record.file) if weight_map is None else weight_map.__getitem__
         for _, dtype, _ in plan.entries:
             if dtype not in st_names:
                 st_names[dtype] = st.st_dtype(dtype)
         variables = _format.plain_variable_records([
-            (key, shape, st_names[dtype], meta[key][0], meta[key][1], record.file, checksums[key])
+            (key, shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key])
             for key, dtype, shape in plan.entries if key not in components
         ])
         for key, dtype, shape in plan.entries:
             if key in components:
                 variables[key] = _format.variable_record(
-                    shape, st_names[dtype], meta[key][0], meta[key][1], record.file, checksums[key], components[key])
+                    shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key], components[key])
         if components:  # the order of plan.entries, as before
             variables = {key: variables[key] for key, _, _ in plan.entries}
-        index = _format.build_index(plan.policy, plan.step, time.time(), variables, files)
+        index = _format.build_index(plan.policy, plan.step, time.time(), variables, files, weight_map)
         doing = f"writing {index_name} (the commit)"
         _atomic.write_bytes(index_path, _format.dump_json(index))
+        for name in old_files:  # committed: the old checkpoint's leftovers (best effort)
+            if name not in files and name.startswith((f"{base}.", f"{base}-")):
+                try:
+                    _atomic.unlink_quiet(os.path.join(folder, name))
+                except OSError:
+                    pass
     except BaseException as exc:
         for name in written:  # invisible without the index; tidy up what we can
             try:
@@ -376,8 +412,85 @@ def _write_run(writer: st.SafetensorsWriter, keys: list[str], parts: Mapping[str
         snapshot.end_reads(pins, live)
 
 
+def shard_entries(entries: Sequence[T], sizes: Sequence[int], max_shard_size: int) -> list[list[T]]:
+    """``entries`` in order, cut greedily into shards of at most ``max_shard_size`` bytes
+    (``sizes``: each entry's), as transformers cuts a state dict: an entry that would overflow
+    the current shard starts the next one, so an entry larger than the limit is a shard of its
+    own. Always at least one shard (an empty one for no entries)."""
+    shards: list[list[T]] = [[]]
+    acc = 0
+    for entry, size in zip(entries, sizes):
+        if shards[-1] and acc + size > max_shard_size:
+            shards.append([])
+            acc = 0
+        shards[-1].append(entry)
+        acc += size
+    return shards
+
+
+def write_in_parallel(names: Sequence[str], write: Callable[[int], T], written: list[str],
+                      error: Callable[[str, OSError], BaseException]) -> list[T]:
+    """``[write(k) for k in range(len(names))]`` on up to ``_parallel.THREADS`` threads (pwrite
+    and xxh3 release the GIL), in order. Every file ``write(k)`` committed is named in
+    ``written`` (also on failure, for the caller's tidy-up); the first failure is raised after
+    every thread stopped, files not yet begun are never begun; an OSError becomes
+    ``error(name, exc)`` unless it is already a CheckpointError."""
+    n = len(names)
+    results: list[T | None] = [None] * n
+    failed = threading.Event()
+
+    def one(k: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            results[k] = write(k)
+        except BaseException:
+            failed.set()
+            raise
+        written.append(names[k])  # list.append is atomic
+
+    failures: list[tuple[int, BaseException]] = []
+    if n == 1:  # in this thread: nothing to overlap
+        try:
+            one(0)
+        except BaseException as caught:
+            failures.append((0, caught))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(n, max(2, _parallel.THREADS)),
+                                                   thread_name_prefix="gpuvars-shard") as pool:
+            futures = [pool.submit(one, k) for k in range(n)]
+        failures = [(k, e) for k, f in enumerate(futures) if (e := f.exception()) is not None]
+    if failures:
+        k, first = failures[0]
+        if isinstance(first, OSError) and not isinstance(first, CheckpointError):
+            raise error(names[k], first) from first
+        raise first
+    return [r for r in results if r is not None]
+
+
+def _write_shards(plan: SavePlan, folder: str, base: str, written: list[str], meter: Any) -> list[st.FileRecord]:
+    """``P-0000K-of-0000N.safetensors``: ``plan.entries`` cut by :func:`shard_entries`, the N
+    files written in parallel; each thread writes its file's tensors in file order, taking a
+    tensor a mutation waits for next when it is one of its own (:func:`_write_file`)."""
+    assert plan.max_shard_size is not None
+    sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries]
+    shards = shard_entries(plan.entries, sizes, plan.max_shard_size)
+    n = len(shards)
+    names = [_format.shard_file(base, k + 1, n) for k in range(n)]
+    shared = _progress.Shared(meter)
+
+    def write(k: int) -> st.FileRecord:
+        return _write_file(
+            os.path.join(folder, names[k]), shards[k],
+            {"format": _format.FORMAT, "version": str(_format.SHARDED_VERSION), "shard": f"{k + 1} of {n}"},
+            plan.parts, plan, shared,
+        )
+
+    return write_in_parallel(names, write, written, lambda name, exc: write_error(plan.prefix, f"writing {name}", exc))
+
+
 def _write_replica_files(
-    plan: SavePlan, folder: str, base: str, written: list[str]
+    plan: SavePlan, folder: str, base: str, written: list[str], version: int = 1
 ) -> list[tuple[st.FileRecord, dict[str, tuple[int, ...]]]]:
     """``P.replica-K-of-N.safetensors``: file K holds the K-th component of every distributed
     variable that has one; the N files are written in parallel (pwrite and xxh3 release the GIL).
@@ -394,7 +507,7 @@ def _write_replica_files(
             entries = [(key, np.dtype(c[0].dtype), shapes[key]) for key, c in comps.items()]
             record = _write_file(
                 os.path.join(folder, name), entries,
-                {"format": _format.FORMAT, "version": str(_format.VERSION), "replica": f"{k} of {n}"},
+                {"format": _format.FORMAT, "version": str(version), "replica": f"{k} of {n}"},
                 {key: [c] for key, c in comps.items()}, plan, _progress.bar(0, "", False),
             )
             results[k] = (record, shapes)
