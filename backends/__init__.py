@@ -75,6 +75,9 @@ def installed(library: str) -> bool:
 def probe(library: str, platform: str) -> Probe:
     """Import ``library`` (first time only), count its ``platform`` devices and cache it."""
     key = (library, platform)
+    cached = _cache.get(key)  # the hot path (every owner_of): a dict read is atomic, no lock
+    if cached is not None:
+        return cached
     if key not in _TABLE:
         raise ValueError(
             f"no backend for library {library!r} on platform {platform!r}; "

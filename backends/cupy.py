@@ -26,6 +26,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 
+_elementwise: dict[tuple[str, str, str, str], Any] = {}  # ElementwiseKernels of engine kernels
+
 class CupyBackend:
     """cupy.ndarray storage on ``/gpu:N``."""
 
@@ -141,6 +143,14 @@ class CupyBackend:
             else:
                 raise ValueError(f"unknown random kind {kind!r}")
             return flat.astype(dtype, copy=False).reshape(shape)
+
+    def elementwise(self, ins: str, outs: str, body: str, name: str) -> Any:
+        """A cached ``cupy.ElementwiseKernel(ins, outs, body, name)`` (compiled on first call)."""
+        key = (ins, outs, body, name)
+        kernel = _elementwise.get(key)
+        if kernel is None:
+            kernel = _elementwise[key] = cupy.ElementwiseKernel(ins, outs, body, name)
+        return kernel
 
     def synchronize(self, device: int) -> None:
         with cupy.cuda.Device(device):

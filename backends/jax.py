@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -14,6 +14,57 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the JAX backend needs jax: pip install 'gpuvars[jax]' (or jax[cuda12] for GPUs)"
     ) from err
+
+
+# Updates are compiled, not dispatched op by op: one jax.jit function per update kind,
+# made at import (jit compiles lazily, on the first call). jax.jit keeps one executable
+# per (shape, dtype, device) of its operands, so each (op, shape, dtype, device) compiles
+# once and is cached; a variable reshaped by a dynamic-shape assign, or another dtype or
+# device, compiles once more. Committed operands decide the device; host numpy operands
+# (scatter indices) go where they are used. Each result is cast to the storage dtype
+# inside the compiled function.
+#
+# No buffer donation (donate_argnums): the old storage array may still be held elsewhere,
+# e.g. by a checkpoint snapshot taken concurrently, by v.value() handed to the user, or by
+# a reduction in flight; donating it would delete that buffer under its holder.
+
+
+def _add(dst: Any, src: Any) -> Any:
+    return (dst + src).astype(dst.dtype)
+
+
+def _sub(dst: Any, src: Any) -> Any:
+    return (dst - src).astype(dst.dtype)
+
+
+def _cast(dst: Any, src: Any) -> Any:
+    return src.astype(dst.dtype)
+
+
+_APPLY: dict[str, Callable[[Any, Any], Any]] = {"assign": jax.jit(_cast), "add": jax.jit(_add), "sub": jax.jit(_sub)}
+
+# The engine checks every index against [0, rows) before it scatters, so the scatter may
+# promise in-bounds indices (no clamp or drop code); repeated indices still accumulate.
+_IN_BOUNDS = "promise_in_bounds"
+_SCATTER_BODIES: dict[str, Callable[[Any, Any], Any]] = {
+    "update": lambda ref, u: ref.set(u, mode=_IN_BOUNDS),
+    "add": lambda ref, u: ref.add(u, mode=_IN_BOUNDS),
+    "sub": lambda ref, u: ref.add(-u, mode=_IN_BOUNDS),
+    "mul": lambda ref, u: ref.multiply(u, mode=_IN_BOUNDS),
+    "div": lambda ref, u: ref.divide(u, mode=_IN_BOUNDS),
+    "min": lambda ref, u: ref.min(u, mode=_IN_BOUNDS),
+    "max": lambda ref, u: ref.max(u, mode=_IN_BOUNDS),
+}
+
+
+def _jit_scatter(body: Callable[[Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
+    def scatter(dst: Any, indices: Any, updates: Any) -> Any:
+        return body(dst.at[indices], updates).astype(dst.dtype)
+
+    return jax.jit(scatter)
+
+
+_SCATTER: dict[str, Callable[[Any, Any, Any], Any]] = {op: _jit_scatter(f) for op, f in _SCATTER_BODIES.items()}
 
 
 def request_cpu_devices(count: int) -> None:
@@ -39,18 +90,12 @@ class JaxBackend:
             self._devices = list(jax.devices(platform))
         except RuntimeError:
             self._devices = []
+        self._index = {dev: i for i, dev in enumerate(self._devices)}  # device -> its index
         runtime = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
         self.oom_errors: tuple[type[BaseException], ...] = ()
         self.errors: tuple[type[BaseException], ...] = (runtime,)
-        self._scatter = {
-            "update": lambda ref, u: ref.set(u),
-            "add": lambda ref, u: ref.add(u),
-            "sub": lambda ref, u: ref.add(-u),
-            "mul": lambda ref, u: ref.multiply(u),
-            "div": lambda ref, u: ref.divide(u),
-            "min": lambda ref, u: ref.min(u),
-            "max": lambda ref, u: ref.max(u),
-        }
+        self._apply = _APPLY
+        self._scatter = _SCATTER
 
     def device_count(self) -> int:
         return len(self._devices)
@@ -74,11 +119,10 @@ class JaxBackend:
         if not isinstance(array, jax.Array):
             return False
         devices = array.devices()
-        return len(devices) == 1 and next(iter(devices)) in self._devices
+        return len(devices) == 1 and next(iter(devices)) in self._index
 
     def device_of(self, array: Any) -> int | None:
-        dev = next(iter(array.devices()))
-        return self._devices.index(dev) if dev in self._devices else None
+        return self._index.get(next(iter(array.devices())))
 
     def asarray(self, value: Any, dtype: np.dtype[Any], device: int) -> Any:
         dev = self._devices[device]
@@ -99,14 +143,12 @@ class JaxBackend:
         return np.array(array, copy=True)
 
     def apply(self, op: str, dst: Any, src: Any, device: int) -> Any:
-        if op == "assign":
-            return src if src.dtype == dst.dtype else src.astype(dst.dtype)
-        out = dst + src if op == "add" else dst - src
-        return out.astype(dst.dtype) if out.dtype != dst.dtype else out
+        if op == "assign" and src.dtype == dst.dtype:
+            return src  # arrays are immutable: the new value is the storage, nothing to compute
+        return self._apply[op](dst, src)
 
     def scatter(self, op: str, dst: Any, indices: Any, updates: Any, device: int) -> Any:
-        out = self._scatter[op](dst.at[indices], updates)
-        return out.astype(dst.dtype) if out.dtype != dst.dtype else out
+        return self._scatter[op](dst, indices, updates)
 
     def random(
         self,
@@ -129,6 +171,11 @@ class JaxBackend:
             else:
                 raise ValueError(f"unknown random kind {kind!r}")
             return jax.device_put(out.astype(dtype), self._devices[device])
+
+    def jit(self, fn: Any, donate_argnums: tuple[int, ...] = ()) -> Any:
+        """``jax.jit(fn)`` for engine kernels written against ``self.xp`` (an optimizer's step
+        over every variable of a device); ``donate_argnums`` lets XLA reuse those inputs."""
+        return jax.jit(fn, donate_argnums=donate_argnums)
 
     def synchronize(self, device: int) -> None:
         # JAX has no per-device barrier; a tiny blocking computation drains the queue in order.

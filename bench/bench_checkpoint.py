@@ -24,7 +24,14 @@ restore (the design requires checksum verification to cost under a fifth of one)
 
 Workloads: ``big`` = 64 float32 tensors of 16 MiB (1 GiB, shapes vary: 2048x2048,
 4096x1024, 1024x4096, 4194304); ``small`` = 20,000 float32 tensors of 64 elements (shapes
-64, 8x8, 4x16, 16x4, 2x4x8). Data is random (seeded), so nothing compresses.
+64, 8x8, 4x16, 16x4, 2x4x8); ``tiny`` = 200,000 float32 tensors of 4-64 elements (16-256
+bytes). Data is random (seeded), so nothing compresses.
+
+Phases: ``save``, ``restore``, ``verify`` (gpuvars only) and ``load`` (gpuvars only:
+``gv.load_checkpoint`` into a fresh registry, new variables, compared with safetensors'
+``load_file``, which allocates too). ``jaxcpu-put`` (the JAX CPU floor: a new host array per
+tensor, then ``jax.device_put`` of each) and ``gpuvars-jaxcpu`` (variables on /cpu:0 served by
+JAX) measure the JAX CPU restore.
 
 Method (the project's rules for benchmarks on these VMs):
 
@@ -104,13 +111,15 @@ import numpy as np
 from _common import warm_free_pages
 import xxhash
 
-CPU_SYSTEMS = ("raw", "gpuvars", "safetensors", "numpy", "torch")
+CPU_SYSTEMS = ("raw", "gpuvars", "safetensors", "numpy", "torch", "jaxcpu-put", "gpuvars-jaxcpu")
+OPT_SYSTEMS = ("gpuvars-sharded",)  # only on request (--max-shard-size adds it)
 GPU_SYSTEMS = ("base-cupy", "gpuvars-cupy", "base-jax", "gpuvars-jax")
 BASELINE = {"raw": "raw", "gpuvars": "raw", "safetensors": "raw", "numpy": "raw", "torch": "raw",
             "base-cupy": "base-cupy", "gpuvars-cupy": "base-cupy",
-            "base-jax": "base-jax", "gpuvars-jax": "base-jax"}
-WORKLOADS = ("big", "small")
-PHASES = ("save", "restore", "verify")
+            "base-jax": "base-jax", "gpuvars-jax": "base-jax",
+            "jaxcpu-put": "raw", "gpuvars-jaxcpu": "jaxcpu-put", "gpuvars-sharded": "raw"}
+WORKLOADS = ("big", "small", "tiny")
+PHASES = ("save", "restore", "verify", "load")
 MiB = 1 << 20
 GiB = 1 << 30
 GOAL_SAVE = 1.15
@@ -123,6 +132,7 @@ WARM_MARGIN = 64 * MiB
 NOTES = {
     "raw": "f.write per tensor + fsync / readinto existing buffers",
     "gpuvars": "Saver.save (own fsyncs) / Saver.restore into existing variables, checksummed",
+    "gpuvars-sharded": "as gpuvars, SaveOptions(max_shard_size=--max-shard-size): shards written in parallel",
     "safetensors": "save_file + added fsync / load_file allocates",
     "numpy": "np.savez + added fsync / np.load allocates, every array read",
     "torch": "torch.save + added fsync / torch.load(weights_only) allocates",
@@ -130,6 +140,8 @@ NOTES = {
     "gpuvars-cupy": "Saver.save / Saver.restore into existing CuPy variables on /gpu:0",
     "base-jax": "np.asarray + write + fsync / readinto host + jax.device_put (new arrays)",
     "gpuvars-jax": "Saver.save / Saver.restore into JAX variables on /gpu:0 (rebound)",
+    "jaxcpu-put": "JAX CPU floor: readinto a new host array per tensor + jax.device_put of each (new arrays)",
+    "gpuvars-jaxcpu": "Saver.save / Saver.restore into JAX CPU variables (set_cpu_backend('jax'))",
 }
 
 
@@ -146,6 +158,9 @@ def workload_specs(workload: str, quick: bool) -> list[tuple[str, tuple[int, ...
         n = 5000 if quick else 20000
         shapes = [(64,), (8, 8), (4, 16), (16, 4), (2, 4, 8)]
         return [(f"layer{i:05d}.param", shapes[i % len(shapes)]) for i in range(n)]
+    if workload == "tiny":  # 16-256 bytes: 4-64 float32, sizes cycling
+        n = 20000 if quick else 200000
+        return [(f"p{i:06d}", (4 + (i * 7) % 61,)) for i in range(n)]
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -358,6 +373,11 @@ class Gpuvars(System):
     def restored(self) -> list[Any]:
         return [v.numpy() for v in self.vars]
 
+    def load(self, base: str) -> None:
+        """gv.load_checkpoint into a fresh registry (new variables, checksummed)."""
+        with self.gv.Registry():
+            self.loaded = self.gv.load_checkpoint(base)
+
     def verify(self, base: str) -> None:
         bad = self.gv.CheckpointReader(base).verify()
         if bad:
@@ -549,6 +569,72 @@ class BaseJax(System):
         return [np.asarray(a) for a in self.result]
 
 
+class JaxCpuPut(System):
+    """The JAX CPU floor: each tensor read into a new host array, then ``jax.device_put`` of
+    each onto the CPU device (what any JAX loader must at least do)."""
+
+    allocates = True
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        super().__init__(specs, data)
+        import jax
+
+        self.jax: Any = jax
+        self.dev = jax.devices("cpu")[0]
+        self.arrays = data
+        self.header = st_header(specs)
+        self.result: list[Any] | None = None
+
+    def save(self, base: str) -> None:
+        Raw.save(self, base)  # type: ignore[arg-type]
+
+    def prepare_restore(self) -> None:
+        self.result = None
+
+    def restore(self, base: str) -> None:
+        hosts = []
+        with open(base + ".safetensors", "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+            for _, shape in self.specs:
+                host = np.empty(shape, np.float32)
+                if f.readinto(host.data.cast("B")) != host.nbytes:
+                    raise OSError("short read")
+                hosts.append(host)
+        out = [self.jax.device_put(h, self.dev) for h in hosts]
+        self.jax.block_until_ready(out)
+        self.result = out
+
+    def restored(self) -> list[Any]:
+        assert self.result is not None
+        return [np.asarray(a) for a in self.result]
+
+
+class GpuvarsSharded(Gpuvars):
+    """gpuvars with the data file cut into shards (``SaveOptions(max_shard_size=...)``)."""
+
+    max_shard_size = "256MiB"  # set from the cell
+
+    def saver(self) -> Any:
+        return self.gv.Saver(self.vars, options=self.gv.SaveOptions(max_shard_size=self.max_shard_size))
+
+
+class GpuvarsJaxCpu(Gpuvars):
+    """gpuvars variables on /cpu:0 served by JAX's CPU backend."""
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
+        import gpuvars as gv
+
+        gv.config.set_cpu_backend("jax")
+        super().__init__(specs, data)
+
+    def restore(self, base: str) -> None:
+        self._saver.restore(base)
+        import jax
+
+        jax.block_until_ready([v.value() for v in self.vars])
+
+
 class GpuvarsCupy(Gpuvars):
     device = "/gpu:0"
     library = "cupy"
@@ -601,6 +687,7 @@ class GpuvarsJax(GpuvarsCupy):
 SYSTEM_CLASSES: dict[str, type[System]] = {
     "raw": Raw, "gpuvars": Gpuvars, "safetensors": Safetensors, "numpy": Numpy, "torch": Torch,
     "base-cupy": BaseCupy, "gpuvars-cupy": GpuvarsCupy, "base-jax": BaseJax, "gpuvars-jax": GpuvarsJax,
+    "jaxcpu-put": JaxCpuPut, "gpuvars-jaxcpu": GpuvarsJaxCpu, "gpuvars-sharded": GpuvarsSharded,
 }
 
 
@@ -618,6 +705,8 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         data = make_data(specs)
         data_bytes = sum(a.nbytes for a in data)
         sysobj = SYSTEM_CLASSES[system](specs, data)
+        if isinstance(sysobj, GpuvarsSharded):
+            sysobj.max_shard_size = cell.get("max_shard_size") or GpuvarsSharded.max_shard_size
         del data  # the system holds what it needs (gpuvars and GPU systems hold their own copies)
         gc.collect()
         times: list[float] = []
@@ -657,6 +746,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             elif phase == "verify":
                 assert isinstance(sysobj, Gpuvars)
                 step = lambda: sysobj.verify(base)  # noqa: E731
+            elif phase == "load":
+                assert isinstance(sysobj, Gpuvars)
+                step = lambda: sysobj.load(base)  # noqa: E731
             else:
                 sysobj.prepare_restore()
                 step = lambda: sysobj.restore(base)  # noqa: E731
@@ -810,6 +902,10 @@ def fmt_table(rows: list[dict[str, Any]]) -> list[str]:
             base = by.get(("gpuvars", r["workload"], "restore"))
             ratio = f"{r['median_s'] / base['median_s']:.2f} of restore" if base and "median_s" in base else "-"
             name = "gpuvars verify()"
+        elif r["phase"] == "load":  # new variables from the file, like safetensors' load_file
+            base = by.get(("safetensors", r["workload"], "restore"))
+            ratio = f"{r['median_s'] / base['median_s']:.2f} of st load" if base and "median_s" in base else "-"
+            name = "gv.load_checkpoint"
         else:
             base = by.get((BASELINE[r["system"]], r["workload"], r["phase"]))
             ratio = f"{r['median_s'] / base['median_s']:.2f}" if base and "median_s" in base else "-"
@@ -842,6 +938,16 @@ def goals(rows: list[dict[str, Any]], cache: str = "warm") -> list[dict[str, Any
         add(f"big {phase}: gpuvars peak extra RSS", r["extra_rss_mib"] if r else None, GOAL_RSS_MIB, "MiB")
     add("small save: gpuvars / np.savez", ratio(("gpuvars", "small", "save"), ("numpy", "small", "save")), 1.0, "x")
     add("small restore: gpuvars / np.load", ratio(("gpuvars", "small", "restore"), ("numpy", "small", "restore")), 1.0, "x")
+    for wl in ("small", "tiny"):  # issue 12: the per-tensor costs at safetensors' level
+        for phase in ("save", "restore"):
+            add(f"{wl} {phase}: gpuvars / safetensors.numpy",
+                ratio(("gpuvars", wl, phase), ("safetensors", wl, phase)), 1.0, "x")
+    add("tiny load: gv.load_checkpoint / safetensors load_file",
+        ratio(("gpuvars", "tiny", "load"), ("safetensors", "tiny", "restore")), 1.5, "x")
+    add("big restore: gpuvars-jaxcpu / gpuvars (numpy)",
+        ratio(("gpuvars-jaxcpu", "big", "restore"), ("gpuvars", "big", "restore")), 1.5, "x")
+    add("small restore: gpuvars-jaxcpu / jaxcpu-put floor",
+        ratio(("gpuvars-jaxcpu", "small", "restore"), ("jaxcpu-put", "small", "restore")), 1.2, "x")
     for wl in ("big", "small"):
         add(f"{wl} verify / gpuvars {cache} restore", ratio(("gpuvars", wl, "verify"), ("gpuvars", wl, "restore")),
             GOAL_VERIFY, "x")
@@ -863,11 +969,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/tmp/gpuvars-bench", help="folder for the files (same for all systems)")
     ap.add_argument("--json", metavar="PATH", help="write every cell, the machine and the goals here")
     ap.add_argument("--systems", default=",".join(CPU_SYSTEMS), help=f"comma list of {CPU_SYSTEMS}")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of big, small")
+    ap.add_argument("--workloads", default="big,small", help="comma list of big, small, tiny")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of save, restore, verify")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one in every cell (default 1)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each restore (root)")
     ap.add_argument("--gpu", action="store_true", help=f"also run {GPU_SYSTEMS} where CuPy/JAX see /gpu:0")
+    ap.add_argument("--max-shard-size", metavar="SIZE",
+                    help="also run gpuvars-sharded: saves with SaveOptions(max_shard_size=SIZE), e.g. 256MiB")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra (untimed) gpuvars repeat per cell")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--probe-gpu", action="store_true", help=argparse.SUPPRESS)
@@ -886,7 +994,9 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
     phases = [p for p in args.phases.split(",") if p]
-    for name, vals, known in (("system", systems, CPU_SYSTEMS + GPU_SYSTEMS), ("workload", workloads, WORKLOADS),
+    if args.max_shard_size and "gpuvars-sharded" not in systems:
+        systems.append("gpuvars-sharded")
+    for name, vals, known in (("system", systems, CPU_SYSTEMS + GPU_SYSTEMS + OPT_SYSTEMS), ("workload", workloads, WORKLOADS),
                               ("phase", phases, PHASES)):
         for v in vals:
             if v not in known:
@@ -940,10 +1050,10 @@ def main(argv: list[str] | None = None) -> int:
         rotated = systems[shift:] + systems[:shift]
         for wl, phase in order:
             for system in rotated:
-                if phase == "verify" and system != "gpuvars":
+                if phase in ("verify", "load") and system not in ("gpuvars", "gpuvars-sharded"):
                     continue
                 cell = {"system": system, "workload": wl, "phase": phase, "repeats": 1, "quick": args.quick,
-                        "warmup": args.warmup,
+                        "warmup": args.warmup, "max_shard_size": args.max_shard_size,
                         "dir": args.dir, "cold": args.cold,
                         "profile": args.profile and rnd == 0 and system.startswith("gpuvars")}
                 t0 = time.perf_counter()

@@ -13,8 +13,15 @@ assign             ``plain.assign(x)``, a plain gv.Variable on /cpu:0    (the ba
 mirrored assign    ``w.assign(x)`` on a MirroredVariable, cross-replica  plain assign, per replica
                    context: writes every component (x: host numpy)
 assign_add         ``plain.assign_add(d0)``, d0 on /cpu:0                (the baseline)
-run(noop)          ``strategy.run(lambda: None)``: starting and joining  -
-                   the replica threads, nothing else
+run(noop)          ``strategy.run(lambda: None)``: handing the step to the  raw threads, raw pool
+                   replicas and waiting for them, nothing else
+raw threads        the same empty step, raw Python: start and join n     -
+                   ``threading.Thread`` per call (what run did before
+                   persistent replica threads)
+raw pool           the same empty step, raw Python: n - 1 persistent     -
+                   threads fed by ``queue.SimpleQueue``, the caller runs
+                   one inline and waits on one lock (the floor of
+                   gpuvars' scheme, without contexts or bookkeeping)
 run NONE           ``strategy.run(step, args=(PerReplica(d_k),))`` with  plain assign_add
                    ``step = lambda d: w.assign_add(d)``, w aggregation
                    NONE: each replica updates its own copy, no rendezvous
@@ -23,10 +30,11 @@ run SUM            the same step on a SUM-aggregated w: every replica     run NO
                    deltas are all-reduced, each replica adds the sum
 =================  ====================================================  ===========================
 
-d_k lives on replica k's device (as a per-replica gradient would). Replicas are threads
-(one per replica, started by every ``strategy.run``) and a rendezvous is a
-``threading.Barrier``: at 16 elements the rows measure thread start-up and synchronization,
-not arithmetic. "per replica" = per-call time / n. ``SUM - NONE`` is the price of the
+d_k lives on replica k's device (as a per-replica gradient would). Replica 0 runs on the
+calling thread, the others on the strategy's persistent threads; a rendezvous is one
+``threading.Barrier`` wait per collective: at 16 elements the rows measure the hand-off and
+synchronization, not arithmetic. The goal printed at the end: ``run(noop)`` at 4 replicas
+under 100 us. "per replica" = per-call time / n. ``SUM - NONE`` is the price of the
 rendezvous plus the reduction; ``run(noop)`` the price of the threads alone.
 
 Part ``ckpt``. 16 mirrored float32 variables of 4 MiB (1024 x 1024; 64 MiB logical) on 2
@@ -77,10 +85,12 @@ import json
 import math
 import os
 import platform
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -95,7 +105,8 @@ CKPT_REPLICAS = (2, 4)
 CPU_BACKENDS = ("numpy", "jax")
 GPU_BACKENDS = ("cupy", "jax")
 CPU_DEVICES = 4  # logical CPU devices every CPU cell creates (JAX: its CPU device count)
-OPS = ("assign", "mirrored_assign", "assign_add", "run_noop", "run_none", "run_sum")
+OPS = ("assign", "mirrored_assign", "assign_add", "run_noop", "run_none", "run_sum", "raw_threads_noop", "raw_pool_noop")
+RUN_GOAL_NS = 100_000  # fixed-costs issue: strategy.run of an empty step under 100 us at 4 replicas
 POLICIES = ("NONE", "EXPAND")
 N_VARS = 16
 VAR_SHAPE = (1024, 1024)  # float32: 4 MiB
@@ -222,6 +233,44 @@ def _time_op(body: Callable[[int], None], batches: int, batch_ms: float, warmup_
             "batch": size, "batches": batches, "warmup_calls": calls}
 
 
+class _RawPool:
+    """The raw baseline of persistent replica threads: ``size`` workers, one SimpleQueue each,
+    the caller runs one task inline and then waits on one lock the last worker releases."""
+
+    def __init__(self, size: int) -> None:
+        self.inboxes: list[queue.SimpleQueue[Any]] = [queue.SimpleQueue() for _ in range(size)]
+        self.count_lock = threading.Lock()
+        self.left = 0
+        self.done = threading.Lock()
+        for q in self.inboxes:
+            threading.Thread(target=self._work, args=(q,), daemon=True).start()
+
+    def _work(self, q: queue.SimpleQueue[Any]) -> None:
+        while (fn := q.get()) is not None:
+            fn()
+            with self.count_lock:
+                self.left -= 1
+                last = self.left == 0
+            if last:
+                self.done.release()
+
+    def run(self, fn: Callable[[], None]) -> None:
+        if not self.inboxes:
+            fn()
+            return
+        self.left = len(self.inboxes)
+        self.done.acquire()
+        for q in self.inboxes:
+            q.put(fn)
+        fn()
+        self.done.acquire()  # released by the last worker
+        self.done.release()
+
+    def close(self) -> None:
+        for q in self.inboxes:
+            q.put(None)
+
+
 def run_ops_cell(cell: dict[str, Any]) -> dict[str, Any]:
     platform_, lib, size, n = cell["platform"], cell["lib"], cell["size"], cell["replicas"]
     gv = _setup(platform_, lib)
@@ -299,12 +348,28 @@ def run_ops_cell(cell: dict[str, Any]) -> dict[str, Any]:
                 run(step, args=(per_replica,))
                 sync_sum()
 
+        def b_raw_threads_noop(k: int) -> None:
+            for _ in range(k):
+                threads = [threading.Thread(target=noop) for _ in range(n)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+
+        raw_pool = _RawPool(n - 1)
+
+        def b_raw_pool_noop(k: int) -> None:
+            for _ in range(k):
+                raw_pool.run(noop)
+
         bodies = {"assign": b_assign, "mirrored_assign": b_mirrored_assign, "assign_add": b_assign_add,
-                  "run_noop": b_run_noop, "run_none": b_run_none, "run_sum": b_run_sum}
+                  "run_noop": b_run_noop, "run_none": b_run_none, "run_sum": b_run_sum,
+                  "raw_threads_noop": b_raw_threads_noop, "raw_pool_noop": b_raw_pool_noop}
         warm_free_pages(8 * n * size * 4 + WARM_MARGIN)
         gc.collect()
         results = {op: _time_op(bodies[op], cell["batches"], cell["batch_ms"], cell["warmup_s"]) for op in OPS}
         ok &= w_sum.components_agree() and w_assign.components_agree()
+        raw_pool.close()
     return {"kind": "ops", "platform": platform_, "lib": lib, "size": size, "replicas": n, "devices": devices,
             "ok": bool(ok), "ops": results}
 
@@ -557,6 +622,29 @@ def print_ops(rows: list[dict[str, Any]]) -> None:
               f"{_fmt_ns(r['rendezvous_reduce_ns'])} | {spread} |")
 
 
+def print_run_floor(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Table (d), the empty step against its raw baselines, and the goal; returns the goal."""
+    print("(d) strategy.run of an empty step against raw Python threads doing the same hand-off")
+    print()
+    print("| backend | elements | replicas | run(noop) | raw threads (start+join n) | raw pool (n - 1 persistent) | "
+          "run / raw threads | run / raw pool |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ns = r["ns"]
+        print(f"| {r['lib']} {r['platform']} | {_fmt_size(r['size'])} | {r['replicas']} | {_fmt_ns(ns['run_noop'])} | "
+              f"{_fmt_ns(ns['raw_threads_noop'])} | {_fmt_ns(ns['raw_pool_noop'])} | "
+              f"{ns['run_noop'] / ns['raw_threads_noop']:.2f}x | {ns['run_noop'] / ns['raw_pool_noop']:.2f}x |")
+    at4 = [r["ns"]["run_noop"] for r in rows if r["replicas"] == 4]
+    if not at4:
+        print("\ngoal: strategy.run of an empty step at 4 replicas: not measured (needs --replicas 4)")
+        return None
+    worst = max(at4)
+    met = worst < RUN_GOAL_NS
+    print(f"\ngoal: strategy.run of an empty step at 4 replicas costs {_fmt_ns(worst)} (the worst cell; "
+          f"target < {_fmt_ns(RUN_GOAL_NS)}): {'MET' if met else 'NOT MET'}")
+    return {"target_ns": RUN_GOAL_NS, "worst_ns": worst, "met": met}
+
+
 def print_ckpt(rows: list[dict[str, Any]]) -> None:
     print(f"(c) Saver.save / Saver.restore of {N_VARS} mirrored float32 variables x "
           f"{math.prod(VAR_SHAPE) * 4 // MiB} MiB ({N_VARS * math.prod(VAR_SHAPE) * 4 // MiB} MiB logical)")
@@ -674,9 +762,9 @@ def main(argv: list[str] | None = None) -> int:
           f"save+restore pair(s) per process, files in {args.dir}; figures are medians")
     for note in notes:
         print(note)
-    print("Note: replicas are Python threads started by every strategy.run and a rendezvous is a "
-          "threading.Barrier, so at small sizes the run rows measure thread start-up and synchronization, "
-          "not arithmetic.")
+    print("Note: replica 0 runs on the calling thread, the others on the strategy's persistent threads, and a "
+          "rendezvous is one threading.Barrier wait, so at small sizes the run rows measure the hand-off and "
+          "synchronization, not arithmetic.")
 
     started = time.perf_counter()
     load_before = os.getloadavg()
@@ -701,6 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
     elapsed = time.perf_counter() - started
 
+    run_goal: dict[str, Any] | None = None
     o_rows = ops_rows(results)
     c_rows = ckpt_rows(results)
     print()
@@ -709,8 +798,10 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print("ns per call include the Python loop and, for JAX/GPU, the wait for every touched device. "
               "'per replica' = per call / replicas; 'threads' = strategy.run of an empty function; "
-              "'SUM - NONE' = what the rendezvous (two barrier waits) and the all-reduce add to a step; "
+              "'SUM - NONE' = what the rendezvous (one barrier wait) and the all-reduce add to a step; "
               "spread = (max - min) / median over rounds, the worst op of the row.")
+        print()
+        run_goal = print_run_floor(o_rows)
         print()
     if c_rows:
         print_ckpt(c_rows)
@@ -729,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Total {elapsed:.0f} s; load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     if args.json:
         payload = {"benchmark": "bench_distribute", "machine": machine, "args": vars(args), "notes": notes,
-                   "ops_rows": o_rows, "ckpt_rows": c_rows, "cells": results, "failed": failed,
+                   "ops_rows": o_rows, "run_goal": run_goal, "ckpt_rows": c_rows, "cells": results, "failed": failed,
                    "elapsed_s": elapsed, "loadavg_before": load_before, "loadavg_after": load_after}
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=1)

@@ -57,5 +57,6 @@ GPUVARS_TEST_INSTALLED=1 "$py" -m pytest -q -p no:cacheprovider -c "$root/pyproj
 "$py" "$root/bench/bench_ops.py" --quick || rc=1
 "$py" "$root/bench/bench_checkpoint.py" --gpu --quick || rc=1
 "$py" "$root/bench/bench_distribute.py" --gpu --quick || rc=1
+"$py" "$root/bench/bench_optim.py" --gpu --quick || rc=1
 "$py" -m gpuvars demo --steps 100 || rc=1
 exit $rc

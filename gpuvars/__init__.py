@@ -72,6 +72,7 @@ from gpuvars.init_ops import (
 from gpuvars.placement import list_devices
 from gpuvars.registry import Registry, RegistryMember, global_variables, trainable_variables
 from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization
+from gpuvars import optim  # after everything it builds on
 
 __version__ = "0.1.0"
 
@@ -131,6 +132,7 @@ __all__ = [
     "list_devices",
     "load_checkpoint",
     "ones",
+    "optim",
     "random_normal",
     "random_uniform",
     "replica_device_setter",

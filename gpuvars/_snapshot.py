@@ -26,9 +26,18 @@ import math
 import threading
 from typing import Any, Iterator
 
-__all__ = ["Pin", "Snapshot"]
+__all__ = ["Pin", "Snapshot", "holds_arrays"]
 
 _PENDING, _CAPTURED, _DONE = 0, 1, 2
+
+_holding = 0  # snapshots alive that keep arrays of a rebinding backend (JAX)
+_holding_lock = threading.Lock()
+
+
+def holds_arrays() -> bool:
+    """Whether a save in flight keeps old arrays of a rebinding backend: then no update may
+    donate (delete) a variable's buffer (JAX ``donate_argnums``)."""
+    return _holding > 0
 
 
 class Snapshot:
@@ -39,7 +48,10 @@ class Snapshot:
     """
 
     def __init__(self, copy_on_write_bytes: int | None) -> None:
-        self.cond = threading.Condition()
+        # the condition's own lock, taken raw on the per-tensor paths (pin, begin/end of a
+        # run's reads): ``with cond`` is a Python-level __enter__/__exit__ pair, twice the cost
+        self._lock = threading.Lock()
+        self.cond = threading.Condition(self._lock)
         self.limit = copy_on_write_bytes
         self.held = 0  #: bytes held in copies now
         self.peak = 0  #: the most bytes ever held in copies
@@ -49,17 +61,28 @@ class Snapshot:
         self._uncaptured = 0
         self._urgent: list[Pin] = []
         self._released = False
+        self._holds = False
 
     def pin(self, storage: Any, backend: Any, device_index: int, name: str) -> Pin:
         """A pin of ``storage`` (the caller holds the variable's lock); captured at once
         for a rebinding backend."""
         p = Pin(self, storage, backend, device_index, name)
-        with self.cond:
+        inplace = backend.inplace
+        lock = self._lock
+        lock.acquire()
+        try:
             self.pins.append(p)
-            if backend.inplace:
+            if inplace:
                 self._uncaptured += 1
             else:
                 p.state = _CAPTURED
+                if not self._holds:
+                    global _holding
+                    with _holding_lock:
+                        _holding += 1
+                    self._holds = True
+        finally:
+            lock.release()
         return p
 
     @property
@@ -71,6 +94,47 @@ class Snapshot:
         """Wait until :attr:`captured`; False when ``timeout`` passed first."""
         with self.cond:
             return self.cond.wait_for(lambda: self._uncaptured == 0, timeout)
+
+    @property
+    def has_urgent(self) -> bool:
+        """Whether a mutation may be waiting for a pin (a hint, read without the lock: the
+        writer asks :meth:`next_urgent` only then)."""
+        return bool(self._urgent)
+
+    def begin_reads(self, pins: list[Pin]) -> tuple[list[Any], list[Pin]]:
+        """:meth:`Pin.reading` for a run of pins under one acquisition of the lock: the
+        bytes to write for each, and the pins whose live buffer is read (mutations of
+        those wait until :meth:`end_reads`). Nothing is begun when one is released."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            for p in pins:
+                if p.state == _DONE:
+                    raise RuntimeError(f"the snapshot of {p.name!r} was already released")
+            arrays: list[Any] = []
+            live: list[Pin] = []
+            for p in pins:
+                if p.state == _PENDING:
+                    p.readers += 1
+                    live.append(p)
+                    arrays.append(p.storage)
+                else:
+                    arrays.append(p.copy if p.copy is not None else p.storage)
+            return arrays, live
+        finally:
+            lock.release()
+
+    def end_reads(self, pins: list[Pin], live: list[Pin]) -> None:
+        """End the reads :meth:`begin_reads` began (also after a failed write), under one
+        acquisition of the lock; a mutation waiting on one of them goes on."""
+        with self.cond:
+            for p in live:
+                p.readers -= 1
+            for p in pins:
+                p.uses -= 1
+                if p.uses <= 0 and p.state != _DONE:
+                    p._finish()
+            self.cond.notify_all()
 
     def next_urgent(self) -> Pin | None:
         """A pin a mutation waits for (the writer takes it next), or None."""
@@ -85,6 +149,11 @@ class Snapshot:
         """End the snapshot (after the commit, or a failure): every pin is done, every copy
         freed, every waiting mutation goes on. Idempotent."""
         with self.cond:
+            if self._holds:
+                global _holding
+                with _holding_lock:
+                    _holding -= 1
+                self._holds = False
             self._released = True
             for p in self.pins:
                 if p.state != _DONE:

@@ -34,17 +34,17 @@ def _model(d: int, c: int, device: str) -> tuple[gv.Variable, gv.Variable]:
     return w, b
 
 
-def _step(w: gv.Variable, b: gv.Variable, x: Any, y: Any, lr: float) -> float:
-    """One gradient step of softmax cross-entropy, computed on the variables' device."""
+def _step(opt: gv.optim.Optimizer, w: gv.Variable, b: gv.Variable, x: Any, y: Any, global_batch: int) -> float:
+    """One Adam step of softmax cross-entropy: gradients computed on the variables' device
+    (summed over the global batch: inside strategy.run each replica's share is summed once)."""
     xp = w.physical_device.backend.xp
     logits = x @ w.value() + b.value()
     logits = logits - logits.max(axis=1, keepdims=True)
     p = xp.exp(logits)
     p = p / p.sum(axis=1, keepdims=True)
     loss = float(-(y * xp.log(p + 1e-9)).sum() / x.shape[0])
-    err = (p - y) / x.shape[0]
-    w.assign_sub(lr * (x.T @ err))
-    b.assign_sub(lr * err.sum(axis=0))
+    err = (p - y) / global_batch
+    opt.apply_gradients([(x.T @ err, w), (err.sum(axis=0), b)])
     return loss
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ckpt-dir", default=None, help="checkpoint folder, kept (default: a temporary folder, removed at the end)"
     )
-    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate (default 0.05)")
     parser.add_argument(
         "--replicas", type=int, default=1,
         help="data-parallel replicas: GPUs if enough are usable, else logical CPU devices (default 1)",
@@ -103,58 +103,72 @@ def _run_replicated(args: argparse.Namespace, ckpt_dir: str) -> int:
     strategy = gv.MirroredStrategy(devices)
     print(f"gpuvars demo: {n} replicas on {list(strategy.devices)}; checkpoints in {ckpt_dir}")
     rows = x_host.shape[0] // n
-    with gv.Registry():
-        with strategy.scope():
-            w = gv.Variable(
-                gv.initializers.GlorotUniform(seed=1), shape=(32, 10), name="softmax/weights",
-                aggregation=gv.VariableAggregation.MEAN,
-            )
-            b = gv.Variable(gv.zeros([10]), name="softmax/bias", aggregation=gv.VariableAggregation.MEAN)
-        gv.global_variables_initializer().run()
-        def shard(a: np.ndarray[Any, Any]) -> gv.PerReplica:
-            """Replica k's rows of ``a``, on replica k's device."""
-            return strategy.experimental_distribute_values_from_function(
-                lambda ctx: gv.copy_to(a[ctx.replica_id_in_sync_group * rows :][:rows], devices[ctx.replica_id_in_sync_group])
-            )
 
+    def model() -> tuple[gv.Variable, gv.Variable, gv.optim.Adam]:
+        with strategy.scope():
+            w = gv.Variable(gv.initializers.GlorotUniform(seed=1), shape=(32, 10), name="softmax/weights")
+            b = gv.Variable(gv.zeros([10]), name="softmax/bias")
+        opt = gv.optim.Adam(args.lr)
+        opt.build([w, b])  # mirrored slots, deferred: the first step or a restore fills them
+        return w, b, opt
+
+    def shard(a: np.ndarray[Any, Any]) -> gv.PerReplica:
+        """Replica k's rows of ``a``, on replica k's device."""
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: gv.copy_to(a[ctx.replica_id_in_sync_group * rows :][:rows], devices[ctx.replica_id_in_sync_group])
+        )
+
+    def train(w: gv.Variable, b: gv.Variable, opt: gv.optim.Adam, first: int, last: int, saver: gv.Saver | None) -> None:
         xs, ys = shard(x_host), shard(y_host)
+        for step in range(first, last + 1):
+            # each replica: the gradient of its shard over the global batch; the optimizer sums them once
+            losses = strategy.run(lambda x, y: _step(opt, w, b, x, y, x_host.shape[0]), args=(xs, ys))
+            if saver is not None and (step % args.every == 0 or step == last):
+                _save_async(saver, prefix, step, float(np.mean(losses.values)))
+
+    with gv.Registry():
+        w, b, opt = model()
+        gv.global_variables_initializer().run()
         saver = gv.Saver(max_to_keep=args.keep, options=policy)
         t0 = time.perf_counter()
-        for step in range(1, args.steps + 1):
-            # each replica: gradient of its shard; MEAN aggregation all-reduces the updates
-            losses = strategy.run(lambda x, y: _step(w, b, x, y, args.lr), args=(xs, ys))
-            if step % args.every == 0 or step == args.steps:
-                saved = _save_async(saver, prefix, step, float(np.mean(losses.values)))
+        train(w, b, opt, 1, args.steps, saver)
         saver.wait_until_finished()
         assert isinstance(w, gv.MirroredVariable) and isinstance(b, gv.MirroredVariable)
-        if not (w.components_agree() and b.components_agree()):
+        if not (w.components_agree() and b.components_agree() and opt.get_slot(w, "m").components_agree()):
             print("ERROR: mirrored components diverged", file=sys.stderr)
             return 1
         x, y = gv.copy_to(x_host, w.device), gv.copy_to(y_host, w.device)
         final = _loss(w, b, x, y)
         print(f"trained {args.steps} steps in {time.perf_counter() - t0:.2f}s; loss now {final:.4f}")
-        print(f"files of the latest: {sorted(f for f in os.listdir(ckpt_dir) if f.startswith(os.path.basename(saved)))}")
+        train(w, b, opt, args.steps + 1, args.steps + args.every, None)
+        continued = _loss(w, b, x, y)
 
     latest = gv.latest_checkpoint(ckpt_dir)
     if latest is None:
         print("no checkpoint found", file=sys.stderr)
         return 1
+    print(f"files of the latest: {sorted(f for f in os.listdir(ckpt_dir) if f.startswith(os.path.basename(latest)))}")
     with gv.Registry():  # a process without the strategy: the checkpoint alone rebuilds the model
         loaded = gv.load_checkpoint(latest)
         w2, b2 = loaded["softmax/weights"], loaded["softmax/bias"]
         assert isinstance(w2, gv.MirroredVariable)
-        print(f"loaded {os.path.basename(latest)} without a strategy: {type(w2).__name__} on {list(w2.devices)}")
+        print(f"loaded {os.path.basename(latest)} without a strategy: {type(w2).__name__} on {list(w2.devices)}, "
+              f"with {sorted(k for k in loaded if '/Adam/' in k or k.startswith('Adam/'))}")
         x, y = gv.copy_to(x_host, w2.device), gv.copy_to(y_host, w2.device)
-        resumed = _loss(w2, b2, x, y)
-        if not np.isclose(resumed, final, rtol=1e-5, atol=1e-6):
-            print(f"ERROR: loaded loss {resumed} differs from the saved model's {final}", file=sys.stderr)
+        if _loss(w2, b2, x, y) != final:
+            print(f"ERROR: the loaded loss {_loss(w2, b2, x, y)} differs from the saved model's {final}", file=sys.stderr)
             return 1
-        loss = resumed
-        for _ in range(args.every):  # cross-replica updates write every component
-            loss = _step(w2, b2, x, y, args.lr)
-        print(f"  resumed {args.every} more steps: loss {resumed:.4f} -> {loss:.4f}")
-        if not loss < resumed:
-            print("ERROR: the loss did not keep decreasing after the load", file=sys.stderr)
+    with gv.Registry():  # a restarted job: fresh variables and optimizer under the strategy, restored by name
+        w3, b3, opt3 = model()
+        gv.Saver().restore(latest)
+        x, y = gv.copy_to(x_host, w3.device), gv.copy_to(y_host, w3.device)
+        resumed = _loss(w3, b3, x, y)
+        train(w3, b3, opt3, args.steps + 1, args.steps + args.every, None)
+        loss = _loss(w3, b3, x, y)
+        print(f"restored into fresh mirrored variables: loss {resumed:.4f}; {args.every} more steps -> {loss:.4f} "
+              f"(the uninterrupted run: {continued:.4f})")
+        if resumed != final or loss != continued:
+            print("ERROR: the restarted run does not continue exactly where the saved one was", file=sys.stderr)
             return 1
     print("ok: training continued from the checkpoint")
     return 0
@@ -176,45 +190,57 @@ def _run(args: argparse.Namespace, ckpt_dir: str) -> int:
     policy = gv.SaveOptions(experimental_variable_policy=gv.VariablePolicy.SAVE_VARIABLE_DEVICES)
 
     print(f"gpuvars demo: devices {gv.list_devices()}; checkpoints in {ckpt_dir}")
+
+    def train(w: gv.Variable, b: gv.Variable, opt: gv.optim.Adam, x: Any, y: Any, first: int, last: int,
+              saver: gv.Saver | None) -> float:
+        loss = float("nan")
+        for step in range(first, last + 1):
+            loss = _step(opt, w, b, x, y, x.shape[0])
+            if saver is not None and (step % args.every == 0 or step == last):
+                _save_async(saver, prefix, step, loss)
+        return loss
+
     with gv.Registry():
         w, b = _model(32, 10, args.device)
         gv.global_variables_initializer().run()
-        print(f"training on {w.device} ({w.backend}); {w.size + b.size} parameters")
+        opt = gv.optim.Adam(args.lr)
+        print(f"training on {w.device} ({w.backend}); {w.size + b.size} parameters; {type(opt).__name__}")
         x, y = gv.copy_to(x_host, w.device), gv.copy_to(y_host, w.device)
+        opt.build([w, b])  # the slots exist (deferred) before the Saver is made: it saves them
         saver = gv.Saver(max_to_keep=args.keep, options=policy)
         t0 = time.perf_counter()
-        loss = _loss(w, b, x, y)
-        for step in range(1, args.steps + 1):
-            loss = _step(w, b, x, y, args.lr)
-            if step % args.every == 0 or step == args.steps:
-                _save_async(saver, prefix, step, loss)
+        train(w, b, opt, x, y, 1, args.steps, saver)
         saver.wait_until_finished()  # the last save is committed (a background error is raised here)
         final = _loss(w, b, x, y)
         print(f"trained {args.steps} steps in {time.perf_counter() - t0:.2f}s; loss now {final:.4f}")
         print(f"kept checkpoints: {[os.path.basename(p) for p in saver.last_checkpoints]}")
+        train(w, b, opt, x, y, args.steps + 1, args.steps + args.every, None)
+        continued = _loss(w, b, x, y)
 
-    # A restarted process: fresh variables (deferred, never initialized), then restore.
+    # A restarted process: fresh variables and optimizer (slots deferred, never initialized), then restore.
     latest = gv.latest_checkpoint(ckpt_dir)
     if latest is None:
         print("no checkpoint found", file=sys.stderr)
         return 1
     with gv.Registry():
         w2, b2 = _model(32, 10, args.device)
+        opt2 = gv.optim.Adam(args.lr)
+        opt2.build([w2, b2])
         result = gv.Saver().restore(latest)
         x, y = gv.copy_to(x_host, w2.device), gv.copy_to(y_host, w2.device)
         resumed = _loss(w2, b2, x, y)
-        print(f"restored {os.path.basename(latest)} into fresh variables on {w2.device}: loss {resumed:.4f}")
-        if not np.isclose(resumed, final, rtol=1e-5, atol=1e-6):
+        print(f"restored {os.path.basename(latest)} into fresh variables on {w2.device}: loss {resumed:.4f}, "
+              f"{len(result.restored)} tensors (Adam's slots and iterations={int(opt2.iterations.numpy())} too)")
+        if resumed != final:
             print(f"ERROR: restored loss {resumed} differs from the saved model's {final}", file=sys.stderr)
             return 1
         if result.device_differences:
             print(f"  (saved devices differ: {result.device_differences})")
-        loss = resumed
-        for step in range(args.steps + 1, args.steps + 1 + args.every):
-            loss = _step(w2, b2, x, y, args.lr)
-        print(f"  resumed {args.every} more steps: loss {resumed:.4f} -> {loss:.4f}")
-        if not loss < resumed:
-            print("ERROR: the loss did not keep decreasing after the restore", file=sys.stderr)
+        train(w2, b2, opt2, x, y, args.steps + 1, args.steps + args.every, None)
+        loss = _loss(w2, b2, x, y)
+        print(f"  resumed {args.every} more steps: loss {resumed:.4f} -> {loss:.4f} (the uninterrupted run: {continued:.4f})")
+        if loss != continued:
+            print("ERROR: the restarted run does not continue exactly where the saved one was", file=sys.stderr)
             return 1
     print("ok: training continued from the checkpoint")
     return 0

@@ -37,6 +37,9 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__}({value!r})"
 
 
+_SPEC_FIELDS = ("job", "replica", "task", "device_type", "device_index")  # DeviceSpec's fields, in order
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class DeviceSpec:
     """An immutable, possibly partial device specification (TF's ``DeviceSpecV2``).
@@ -69,6 +72,9 @@ class DeviceSpec:
     device_index: int | None = None
 
     def __post_init__(self) -> None:
+        if self.job is None and self.replica is None and self.task is None and self.device_type is None \
+                and self.device_index is None:
+            return  # the empty spec every scope walk starts from: nothing to check
         for field, value in self._fields().items():
             if value is None:
                 continue
@@ -256,7 +262,12 @@ class DeviceSpec:
         return dataclasses.replace(self, **fields)  # type: ignore[arg-type]
 
     def _fields(self) -> dict[str, str | int | None]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # the field names once, not dataclasses.fields() per call (a variable's creation asks
+        # several times: 25 us of 44 per variable before)
+        return dict(zip(_SPEC_FIELDS, (self.job, self.replica, self.task, self.device_type, self.device_index)))
+
+    def _values(self) -> tuple[str | int | None, ...]:
+        return (self.job, self.replica, self.task, self.device_type, self.device_index)
 
     def __str__(self) -> str:
         return self.to_string()
@@ -266,10 +277,10 @@ class DeviceSpec:
             return NotImplemented
         # The fields are normalised, so this is to_string() equality, except that an
         # index without a type (which to_string cannot show) is not silently dropped.
-        return self._fields() == other._fields()
+        return self._values() == other._values()
 
     def __hash__(self) -> int:
-        return hash(tuple(self._fields().values()))
+        return hash(self._values())
 
 
 @dataclasses.dataclass(frozen=True)

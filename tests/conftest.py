@@ -19,7 +19,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import pathlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -28,6 +28,9 @@ import pytest
 import gpuvars_backends as backends
 import gpuvars as gv
 from gpuvars import config, placement
+
+if TYPE_CHECKING:
+    from fault_child import ForkServer
 
 #: The checkout these tests belong to (tests/ lives in it).
 CHECKOUT = pathlib.Path(__file__).resolve().parent.parent
@@ -157,3 +160,37 @@ def huge_file(path: pathlib.Path) -> pathlib.Path:
     except OSError as exc:
         pytest.skip(f"no {HUGE}-byte sparse file here: {exc}")
     return path
+
+
+# --- fault tests: case counts and the asynchronous save --------------------------------------------
+
+
+def fault_cases(n: int) -> int:
+    """``n`` cases for a fault test, times the factor of ``GPUVARS_LONG_FAULTS`` (the longer local
+    mode): unset or 0 runs ``n``, 1 runs ``10 * n``, a larger integer k runs ``k * n``."""
+    raw = os.environ.get("GPUVARS_LONG_FAULTS", "0").strip() or "0"
+    try:
+        factor = int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"GPUVARS_LONG_FAULTS must be an integer, got {raw!r}") from None
+    return n * (1 if factor <= 0 else 10 if factor == 1 else factor)
+
+
+def has_async_save() -> bool:
+    """Whether this gpuvars has ``Saver.save(..., blocking=False)``."""
+    import inspect
+
+    return "blocking" in inspect.signature(gv.Saver.save).parameters
+
+
+needs_async_save = pytest.mark.skipif(not has_async_save(), reason="this gpuvars has no Saver.save(blocking=False) yet")
+
+
+@pytest.fixture(scope="session")
+def fork_server() -> Iterator["ForkServer"]:
+    """tests/fault_child.py as a fork server: children for the fault tests in milliseconds."""
+    from fault_child import ForkServer
+
+    server = ForkServer()
+    yield server
+    server.close()

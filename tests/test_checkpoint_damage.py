@@ -196,7 +196,7 @@ def _rename_file(new: str) -> Callable[[dict[str, Any]], None]:
 
 INDEX_DAMAGE = {
     "not-an-object": (lambda o: o.clear() or o.update({"x": 1}), "format is None"),
-    "version-newer": (_set(["version"], 2), r"format version 2 is newer than this gpuvars reads \(1\); upgrade gpuvars"),
+    "version-newer": (_set(["version"], 3), r"format version 3 is newer than this gpuvars reads \(2\); upgrade gpuvars"),
     "version-string": (_set(["version"], "1"), "version '1' is not a positive integer"),
     "version-bool": (_set(["version"], True), "version True is not a positive integer"),
     "version-zero": (_set(["version"], 0), "version 0 is not a positive integer"),

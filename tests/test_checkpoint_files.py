@@ -382,44 +382,8 @@ def test_replica_file_that_cannot_be_created_fails_the_save(tmp_path: Path, monk
     assert gv.latest_checkpoint(tmp_path) == first
 
 
-FSIZE_CHILD = textwrap.dedent(
-    """
-    import errno, os, resource, sys
-    import numpy as np
-    import gpuvars as gv
-    folder = sys.argv[1]
-    w = gv.Variable(np.arange(1 << 18, dtype=np.float32), name="w", device="/cpu:0")  # 1 MiB
-    saver = gv.Saver([w])
-    first = saver.save(folder + "/m", global_step=1)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))  # a file may not grow past 256 KiB
-    w.assign(np.zeros(1 << 18, np.float32))
-    try:
-        saver.save(folder + "/m", global_step=2)
-    except gv.CheckpointWriteError as exc:
-        assert isinstance(exc, OSError) and exc.errno == errno.EFBIG, (exc.errno, exc)
-        print("error:", exc)
-    else:
-        raise SystemExit("the save did not fail")
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert gv.latest_checkpoint(folder) == first and saver.last_checkpoints == [first]
-    saver.restore(first)
-    assert w.numpy()[-1] == (1 << 18) - 1
-    print("restored", first)
-    """
-)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE turns writes past the limit into EFBIG on Linux")
-def test_disk_full_like_failure_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", FSIZE_CHILD, str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"restored {tmp_path}/m-1" in result.stdout
-    line = result.stdout.split("error: ", 1)[1].splitlines()[0]
-    assert f"'{tmp_path}/m-2'" in line and "m-2.safetensors" in line and ".tmp-" not in line, line
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m-1.index.json", "m-1.safetensors"]
+# A disk that fills (RLIMIT_FSIZE) and a read-only folder: tests/test_checkpoint_faults.py, for blocking
+# and asynchronous saves.
 
 
 # --- host memory: a valid file too big to hold is ResourceExhaustedError naming file and key ----------

@@ -1,16 +1,24 @@
-"""Fuzzed JSON: the folder's state file, the index and the device map, one field at a time.
+"""Fuzzed files: the folder's state file, the index and the device map, one JSON field at a
+time, and the raw bytes of every file of a checkpoint.
 
 Whatever value a field holds (any JSON type, a name of another file, a device string that
-does not parse, a huge number), reading the checkpoint either works or raises a
-CheckpointError: never a KeyError, TypeError, ValueError or InvalidArgumentError from
-deeper down, and never a hang.
+does not parse, a huge number) and whatever bytes a file holds, reading the checkpoint
+either works or raises a CheckpointError: never a KeyError, TypeError, ValueError or
+InvalidArgumentError from deeper down, and never a hang (each example has a deadline). A
+restore that fails leaves every variable it touched uninitialized or holding its old value:
+never a half-restored variable marked initialized; one that works restores the saved
+values. The safetensors headers are fuzzed field by field in tests/test_stformat.py and,
+through every read path, tests/test_reader.py. ``GPUVARS_LONG_FAULTS=1`` runs ten times
+the examples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 import gpuvars as gv
+from conftest import fault_cases
 
 INTERESTING = [
     "", ".", "..", "../m-1", "m-1", "m-1.safetensors", "m-1.index.json", "m-1.devices.json",
@@ -74,15 +83,22 @@ def mutated(draw: hs.DrawFn, doc: Any) -> Any:
     return doc
 
 
+SAVED = {
+    "a": np.arange(16, dtype=np.float32).reshape(4, 4),
+    "b": np.arange(3, dtype=np.int64),
+    "s": np.arange(6.0, dtype=np.float32),
+}
+
+
 class Pristine:
-    """A committed EXPAND checkpoint (a plain and a sharded variable) and its JSON files' bytes."""
+    """A committed EXPAND checkpoint (a plain and a sharded variable) and its files' bytes."""
 
     def __init__(self, folder: Path) -> None:
         opts = gv.SaveOptions(experimental_variable_policy="expand_distributed_variables")
         with gv.Registry():
-            a = gv.Variable(np.arange(16, dtype=np.float32).reshape(4, 4), name="a")
-            b = gv.Variable(np.arange(3, dtype=np.int64), name="b")
-            s = gv.ShardedVariable(np.arange(6.0, dtype=np.float32), 2, name="s")
+            a = gv.Variable(SAVED["a"], name="a")
+            b = gv.Variable(SAVED["b"], name="b")
+            s = gv.ShardedVariable(SAVED["s"], 2, name="s")
             self.prefix = gv.Saver([a, b, s], max_to_keep=None, options=opts).save(folder / "m", global_step=1)
         self.folder = folder
         self.index_path = Path(self.prefix + ".index.json")
@@ -91,7 +107,8 @@ class Pristine:
         self.index = json.loads(self.index_path.read_text())
         self.devices = json.loads(self.devices_path.read_text())
         self.state = json.loads(self.state_path.read_text())
-        self.raw = {p: p.read_bytes() for p in (self.index_path, self.devices_path, self.state_path)}
+        self.raw = {folder / name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+        assert len(self.raw) == 6, sorted(self.raw)  # data, 2 replica files, index, device map, state
 
     def reset(self) -> None:
         for path, raw in self.raw.items():
@@ -123,18 +140,66 @@ def only_checkpoint_errors(fn: Any, *args: Any) -> Any:
         raise AssertionError(f"{getattr(fn, '__qualname__', fn)} raised {type(exc).__name__}, not a CheckpointError: {exc}") from exc
 
 
+class Hang(Exception):
+    """An example ran past its deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float = 20.0) -> Iterator[None]:
+    """Fail with :class:`Hang` (not a CheckpointError: the checks below report it) when the
+    block runs longer than ``seconds``; a read of a checkpoint this small takes milliseconds."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def no_half_restore(targets: dict[str, Any], before: dict[str, np.ndarray | None], worked: bool) -> None:
+    """After a restore: all saved values if it worked; else each variable uninitialized or as it was."""
+    for key, v in targets.items():
+        if worked:
+            assert v.initialized and np.array_equal(v.numpy(), SAVED[key]), f"restored {key!r}: {v.numpy()!r}"
+        elif v.initialized:
+            old = before[key]
+            assert old is not None, f"a failed restore marked {key!r} initialized"
+            assert np.array_equal(v.numpy(), old), f"a failed restore left {key!r} initialized with {v.numpy()!r}"
+
+
 def read_everything(p: Pristine) -> None:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), deadline():
         warnings.simplefilter("ignore", gv.PlacementWarning)  # a valid saved device that is missing here
-        with gv.Registry():
-            a = gv.Variable(np.zeros((4, 4), np.float32), name="a")
-            b = gv.Variable(np.zeros(3, np.int64), name="b")
-            s = gv.ShardedVariable(np.zeros(6, np.float32), 3, name="s")
-            only_checkpoint_errors(gv.Saver([a, b, s]).restore, p.prefix)
+        with gv.Registry():  # initialized targets: a failed restore keeps or uninitializes them
+            targets: dict[str, Any] = {
+                "a": gv.Variable(np.zeros((4, 4), np.float32), name="a"),
+                "b": gv.Variable(np.zeros(3, np.int64), name="b"),
+                "s": gv.ShardedVariable(np.zeros(6, np.float32), 3, name="s"),
+            }
+            before: dict[str, np.ndarray | None] = {k: v.numpy() for k, v in targets.items()}
+            worked = only_checkpoint_errors(gv.Saver(list(targets.values())).restore, p.prefix) is not None
+            no_half_restore(targets, before, worked)
+        with gv.Registry():  # deferred targets: a failed restore leaves them uninitialized
+            targets = {"a": gv.Variable(gv.zeros([4, 4]), name="a"), "b": gv.Variable(gv.zeros([3], np.int64), name="b")}
+            worked = only_checkpoint_errors(gv.Saver(list(targets.values())).restore, p.prefix) is not None
+            no_half_restore(targets, dict.fromkeys(targets), worked)
         with gv.Registry() as reg:
-            if only_checkpoint_errors(gv.load_checkpoint, p.prefix) is None:
+            loaded = only_checkpoint_errors(gv.load_checkpoint, p.prefix)
+            if loaded is None:
                 assert len(reg) == 0, "a failed load left variables registered"
-        only_checkpoint_errors(gv.CheckpointReader, p.prefix)
+            else:
+                assert set(loaded) <= set(SAVED)  # an index edited to drop a variable is a smaller checkpoint
+                for key, v in loaded.items():
+                    assert np.array_equal(v.numpy(), SAVED[key]), f"loaded {key!r}: {v.numpy()!r}"
+        reader = only_checkpoint_errors(gv.CheckpointReader, p.prefix)
+        if reader is not None:
+            only_checkpoint_errors(reader.verify)
+            reader.close()
         latest = only_checkpoint_errors(gv.latest_checkpoint, p.folder)
         assert latest is None or isinstance(latest, str)
         state = only_checkpoint_errors(gv.get_checkpoint_state, p.folder)
@@ -144,7 +209,7 @@ def read_everything(p: Pristine) -> None:
             assert isinstance(state.last_preserved_timestamp, float)
 
 
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=fault_cases(120), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
@@ -177,5 +242,43 @@ def test_fuzzed_state_file_gives_only_checkpoint_errors(pristine: Pristine, data
             v = gv.Variable(np.ones(2, np.float32), name="v")
             gv.Saver([v], max_to_keep=None).save(pristine.folder / "fz")
         assert gv.latest_checkpoint(pristine.folder) == str(pristine.folder / "fz")
+    finally:
+        pristine.reset()
+
+
+
+@hs.composite
+def damaged_bytes(draw: hs.DrawFn, raw: bytes) -> bytes:
+    """``raw`` with 1-3 edits: a flipped bit, bytes overwritten, cut, inserted, or the end cut or grown."""
+    out = bytearray(raw)
+    for _ in range(draw(hs.integers(1, 3))):
+        at = draw(hs.integers(0, max(len(out) - 1, 0)))
+        how = draw(hs.sampled_from(["flip", "overwrite", "cut", "insert", "truncate", "append"]))
+        if how == "flip" and out:
+            out[at] ^= 1 << draw(hs.integers(0, 7))
+        elif how == "overwrite":
+            chunk = draw(hs.binary(min_size=1, max_size=16) | hs.sampled_from([b"\0" * 8, b"\xff" * 8, b'"', b"}"]))
+            out[at:at + len(chunk)] = chunk
+        elif how == "cut":
+            del out[at:at + draw(hs.integers(1, 64))]
+        elif how == "insert":
+            out[at:at] = draw(hs.binary(min_size=1, max_size=16))
+        elif how == "truncate":
+            del out[at:]
+        else:
+            out += draw(hs.binary(min_size=1, max_size=16))
+    return bytes(out)
+
+
+@FUZZ
+@given(data=hs.data())
+def test_fuzzed_bytes_of_any_file_give_only_checkpoint_errors(pristine: Pristine, data: hs.DataObject) -> None:
+    """Raw damage to one file (data, replica, index, device map or state file), then every read
+    path: header damage refuses before a byte is written, tensor damage fails its checksum while
+    streaming, and either way no variable is left half-restored and marked initialized."""
+    path = data.draw(hs.sampled_from(sorted(pristine.raw)), label="file")
+    try:
+        path.write_bytes(data.draw(damaged_bytes(pristine.raw[path]), label="bytes"))
+        read_everything(pristine)
     finally:
         pristine.reset()

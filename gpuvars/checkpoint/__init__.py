@@ -3,8 +3,10 @@
 The package in layers (each module imports only from the rows below it)::
 
     saver.py, load.py        Saver (retention, the folder's state file); load_checkpoint, CheckpointReader
+    export.py                export_hf: a checkpoint as a Hugging Face sharded folder
     _async.py                the future of an asynchronous save, its thread, the wait at exit
-    _write.py, _restore.py   pin the values at the call, write and commit them; validate one and stream it back
+    _write.py, _restore.py   pin the values at the call, write and commit them (the data file whole or in
+                             shards, in parallel); validate one and stream it back
     _saveable.py             one adapter per kind of variable: the only way to the variables
     _transfer.py             bytes between one variable's storage and a file
     _state.py, _format.py    the state file's schema; the index's and device map's schema and file names
@@ -13,6 +15,7 @@ The package in layers (each module imports only from the rows below it)::
     policy.py, _parallel.py, _progress.py   options, I/O threads, progress bars
 """
 
+from gpuvars.checkpoint.export import export_hf
 from gpuvars.checkpoint.load import CheckpointReader, LoadedCheckpoint, load_checkpoint
 from gpuvars.checkpoint.policy import SaveOptions, VariablePolicy
 from gpuvars.checkpoint.saver import (
@@ -33,6 +36,7 @@ __all__ = [
     "SaveOptions",
     "Saver",
     "VariablePolicy",
+    "export_hf",
     "get_checkpoint_state",
     "latest_checkpoint",
     "load_checkpoint",

@@ -1,5 +1,8 @@
-"""Format v1, in one module: the names of a prefix's files and the schema of its JSON,
-written and read here (the index manifest, which commits a checkpoint, and the device map).
+"""Formats v1 and v2, in one module: the names of a prefix's files and the schema of its
+JSON, written and read here (the index manifest, which commits a checkpoint, and the
+device map). Version 2 is version 1 plus a sharded data file: ``P-00001-of-0000N.safetensors``
+... and a ``weight_map`` in the index naming each key's shard; a save that is not sharded
+still writes version 1.
 
 Writers build their JSON with :func:`variable_record`, :func:`device_record`,
 :func:`build_index` and :func:`build_devices`; readers get it back validated by
@@ -10,7 +13,9 @@ file is a CheckpointError naming the file and the key.
 
 A plain ``.safetensors`` file (written by ``safetensors.numpy.save_file``, torch, ...)
 opens as a checkpoint too, through :func:`open_checkpoint`: a synthetic index made from
-its validated header, with no checksums (the file carries none) and no devices.
+its validated header, with no checksums (the file carries none) and no devices; so does
+a Hugging Face sharded folder (``model.safetensors.index.json`` and its shards), through
+:func:`read_hf_index`.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import stat
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 from gpuvars.checkpoint import _atomic
 from gpuvars.checkpoint import _stformat as st
@@ -31,7 +37,11 @@ from gpuvars.variable import VariableAggregation, VariableSynchronization
 
 FORMAT = "gpuvars-checkpoint"
 DEVICES_FORMAT = "gpuvars-devices"
-VERSION = 1
+VERSION = 2  #: the newest index version written and read; an unsharded save writes version 1
+SHARDED_VERSION = 2  #: the first version with a sharded data file and a weight_map
+DEVICES_VERSION = 1
+HF_INDEX_SUFFIX = ".safetensors.index.json"
+HF_INDEX = "model.safetensors.index.json"
 KINDS = ("plain", "mirrored", "sync_on_read", "sharded")
 PLAIN_SUFFIX = ".safetensors"
 MAX_JSON_BYTES = 64 << 20  # an index or sidecar larger than this is damage, not data
@@ -54,6 +64,21 @@ def devices_file(base: str) -> str:
 
 def replica_file(base: str, k: int, n: int) -> str:
     return f"{base}.replica-{k}-of-{n}.safetensors"
+
+
+def shard_file(base: str, k: int, n: int) -> str:
+    """Shard ``k`` (1-based) of ``n`` of the data file: ``P-00001-of-00004.safetensors``,
+    the Hugging Face naming."""
+    return f"{base}-{k:05d}-of-{n:05d}.safetensors"
+
+
+_SHARD_NAME = re.compile(r"(.+)-([0-9]{5,})-of-([0-9]{5,})\.safetensors")
+
+
+def shard_base(name: str) -> str | None:
+    """The base of the checkpoint whose shard file ``name`` would be (None if it is no shard name)."""
+    m = _SHARD_NAME.fullmatch(name)
+    return m.group(1) if m else None
 
 
 def split_prefix(prefix: Any, what: str) -> tuple[str, str]:
@@ -130,9 +155,11 @@ class Component:
     checksum: str
 
 
-@dataclasses.dataclass(frozen=True)
-class VarEntry:
-    """One saved variable as the index describes it."""
+class VarEntry(NamedTuple):
+    """One saved variable as the index describes it.
+
+    A named tuple, not a dataclass: an index of 200,000 variables makes 200,000 of them,
+    and :func:`read_index` builds each in C (``tuple.__new__``), not by a Python ``__init__``."""
 
     key: str
     shape: tuple[int, ...]
@@ -197,17 +224,32 @@ def variable_record(
     return rec
 
 
+def plain_variable_records(
+    rows: Sequence[tuple[str, Sequence[int], str, str, bool, str, str]],
+) -> dict[str, dict[str, Any]]:
+    """``{key: variable_record(shape, dtype, kind, trainable, file, checksum)}`` for rows
+    ``(key, shape, dtype, kind, trainable, file, checksum)`` of variables without
+    components: the same JSON, built in one comprehension (no call per variable)."""
+    return {
+        key: {"shape": list(shape), "dtype": dtype, "kind": kind, "trainable": trainable, "file": file,
+              "checksum": checksum}
+        for key, shape, dtype, kind, trainable, file, checksum in rows
+    }
+
+
 def build_index(
     policy: VariablePolicy,
     global_step: int | None,
     timestamp: float,
     variables: dict[str, dict[str, Any]],
     files: dict[str, dict[str, Any]],
+    weight_map: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The JSON object of an index (written last; its rename is the commit)."""
-    return {
+    """The JSON object of an index (written last; its rename is the commit): version 1, or
+    version 2 with ``weight_map`` (``{key: shard file}``) for a sharded data file."""
+    index = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": 1 if weight_map is None else SHARDED_VERSION,
         "policy": policy.name,
         "global_step": global_step,
         "timestamp": timestamp,
@@ -215,6 +257,9 @@ def build_index(
         "variables": variables,
         "files": files,
     }
+    if weight_map is not None:
+        index["weight_map"] = weight_map
+    return index
 
 
 def device_record(
@@ -243,7 +288,7 @@ def device_record(
 
 def build_devices(devices: Mapping[str, dict[str, Any]]) -> bytes:
     """The bytes of ``P.devices.json`` for ``{key: device_record(...)}``."""
-    return dump_json({"format": DEVICES_FORMAT, "version": VERSION, "devices": dict(devices)})
+    return dump_json({"format": DEVICES_FORMAT, "version": DEVICES_VERSION, "devices": dict(devices)})
 
 
 # reading: everything validated before a byte of tensor data is read
@@ -294,6 +339,7 @@ def read_index(prefix: str) -> Index:
     _need(_is_uint(version) and version >= 1, where, f"version {version!r} is not a positive integer")
     if version > VERSION:
         raise CheckpointCorruptError(f"{where}: format version {version} is newer than this gpuvars reads ({VERSION}); upgrade gpuvars")
+    assert isinstance(version, int)
     policy_name = raw.get("policy")
     _need(isinstance(policy_name, str) and policy_name in VariablePolicy.__members__, where,
           f"unknown policy {policy_name!r}")
@@ -332,22 +378,48 @@ def read_index(prefix: str) -> Index:
     variables: dict[str, VarEntry] = {}
     data_files = {n for n in files if n.endswith(PLAIN_SUFFIX)}
     dtypes: set[str] = set()  # the safetensors dtype strings seen valid
+    new, kinds, get = tuple.__new__, frozenset(KINDS), dict.get
     for key, rec in variables_raw.items():
-        # the common case, checked in one expression (20,000 entries: messages are built only
+        # the common case, checked in one expression (200,000 entries: messages are built only
         # on the careful path below, which names what is wrong)
         if type(rec) is dict and "components" not in rec:
-            shape, dtype, kind, file, checksum = (rec.get("shape"), rec.get("dtype"), rec.get("kind"),
-                                                  rec.get("file"), rec.get("checksum"))
+            shape, dtype, kind, file, checksum, trainable = (
+                get(rec, "shape"), get(rec, "dtype"), get(rec, "kind"), get(rec, "file"), get(rec, "checksum"),
+                get(rec, "trainable"))
             if (
-                type(shape) is list and all(type(d) is int and d >= 0 for d in shape)
+                type(shape) is list and _INT_ONLY.issuperset(map(type, shape)) and (not shape or min(shape) >= 0)
                 and type(dtype) is str and (dtype in dtypes or _known_dtype(dtype, dtypes))
-                and type(kind) is str and kind in KINDS and type(rec.get("trainable")) is bool
+                and type(kind) is str and kind in kinds and type(trainable) is bool
                 and type(file) is str and file in data_files and type(checksum) is str
             ):
-                variables[key] = VarEntry(key, tuple(shape), dtype, kind, rec["trainable"], file, checksum)
+                variables[key] = new(VarEntry, (key, tuple(shape), dtype, kind, trainable, file, checksum, ()))
                 continue
         variables[key] = _parse_variable(f"{where}, variable {key!r}", key, rec, files)
+    if version >= SHARDED_VERSION or "weight_map" in raw:
+        _check_weight_map(where, version, raw.get("weight_map"), variables, files)
     return Index(folder, base, policy, step, float(ts), algo, variables, files)
+
+
+def _check_weight_map(where: str, version: int, weight_map: Any, variables: Mapping[str, VarEntry],
+                      files: Mapping[str, Any]) -> None:
+    """A version-2 index's ``weight_map``, when present: ``{key: file}`` for every variable,
+    each file the one its variable record names, a data file of the index."""
+    if weight_map is None and version >= SHARDED_VERSION:
+        return  # an unsharded version-2 index: the variables' records name the file
+    _need(version >= SHARDED_VERSION, where, f"a weight_map needs format version {SHARDED_VERSION}, not {version}")
+    _need(isinstance(weight_map, dict), where, "'weight_map' is not an object")
+    for key, file in weight_map.items():
+        entry = variables.get(key)
+        _need(entry is not None, where, f"weight_map names {key!r}, which is not among the variables")
+        _need(isinstance(file, str) and file in files and files[file].get("role") == "data", where,
+              f"weight_map: {key!r} is in {file!r}, which is not a data file of the index")
+        assert entry is not None
+        _need(entry.file == file, where, f"weight_map puts {key!r} in {file!r}, its variable record in {entry.file!r}")
+    missing = [k for k in variables if k not in weight_map]
+    _need(not missing, where, f"weight_map lacks {', '.join(map(repr, missing[:5]))}")
+
+
+_INT_ONLY = frozenset({int})  # exact types: JSON true/false are not dimensions
 
 
 def _known_dtype(dtype: str, seen: set[str]) -> bool:
@@ -471,7 +543,7 @@ def read_plain(path: str) -> Index:
     folder, base = os.path.split(path)
     with st.SafetensorsReader(path) as reader:
         if reader.metadata.get("format") == FORMAT:
-            stem = base[: -len(PLAIN_SUFFIX)]
+            stem = shard_base(base) or base[: -len(PLAIN_SUFFIX)]
             raise CheckpointNotFoundError(
                 f"{path!r} is the data file of a gpuvars checkpoint without its index "
                 f"({index_file(stem)} is missing: an uncommitted or retired save); it is not restored"
@@ -487,20 +559,136 @@ def read_plain(path: str) -> Index:
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Index:
-    """The index of a committed checkpoint prefix, or a synthetic one for a plain ``.safetensors`` file.
+    """The index of a committed checkpoint prefix, or a synthetic one for a plain ``.safetensors``
+    file or a Hugging Face sharded folder (its ``*.safetensors.index.json``, or the folder).
 
-    A committed prefix wins over a file of the same name. ``X.safetensors`` that is the
-    data file of the committed checkpoint ``X`` opens as ``X`` (with its checksums).
+    A committed prefix wins over a file or folder of the same name. ``X.safetensors`` that
+    is the data file of the committed checkpoint ``X`` opens as ``X`` (with its checksums),
+    and so does a shard ``X-00001-of-00004.safetensors``.
     """
     path = os.fspath(path)
     folder, base = os.path.split(path)
-    if base.endswith(PLAIN_SUFFIX) and not os.path.exists(os.path.join(folder, index_file(base))):
+    if base and os.path.lexists(os.path.join(folder, index_file(base))):
+        return read_index(path)
+    if path and os.path.isdir(path):
+        return _open_folder(path)
+    if base.endswith(HF_INDEX_SUFFIX) and os.path.lexists(path):
+        return read_hf_index(path)
+    if base.endswith(PLAIN_SUFFIX):
         stem = base[: -len(PLAIN_SUFFIX)]
         if stem and os.path.exists(os.path.join(folder, index_file(stem))):
             return read_index(os.path.join(folder, stem))
+        owner = shard_base(base)
+        if owner and os.path.exists(os.path.join(folder, index_file(owner))):
+            return read_index(os.path.join(folder, owner))
         if os.path.isfile(path):
             return read_plain(path)
     return read_index(path)
+
+
+def _open_folder(folder: str) -> Index:
+    """A folder: its ``model.safetensors.index.json``, else its one ``*.safetensors.index.json``,
+    else its one ``model.safetensors`` (Hugging Face's unsharded layout)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot list the folder {folder!r}: {exc}") from None
+    indexes = [n for n in names if n.endswith(HF_INDEX_SUFFIX) and not n.startswith(".")]
+    if HF_INDEX in indexes:
+        return read_hf_index(os.path.join(folder, HF_INDEX))
+    if len(indexes) == 1:
+        return read_hf_index(os.path.join(folder, indexes[0]))
+    if len(indexes) > 1:
+        raise CheckpointNotFoundError(
+            f"the folder {folder!r} holds several safetensors indexes ({', '.join(indexes)}): pass one of them")
+    if "model.safetensors" in names:
+        return read_plain(os.path.join(folder, "model.safetensors"))
+    raise CheckpointNotFoundError(
+        f"The passed save_path is not a valid checkpoint: {folder!r} is a folder without a {HF_INDEX} "
+        "(or any *.safetensors.index.json, or a model.safetensors); pass a checkpoint prefix or a file")
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
+    return out
+
+
+def read_hf_index(path: str) -> Index:
+    """A synthetic index for a Hugging Face sharded folder: ``path`` is its
+    ``*.safetensors.index.json`` (``{"metadata": {"total_size": N}, "weight_map": {tensor:
+    shard}}``), validated strictly, and every shard's header is read. No checksums (the
+    format has none), no devices; every tensor trainable. A file of that name that is a
+    gpuvars index (a prefix ending in ``.safetensors``) opens as that checkpoint.
+
+    Raises:
+        CheckpointNotFoundError: no file at ``path``.
+        CheckpointCorruptError: the JSON is malformed or of the wrong types, a key appears
+            twice, a shard name is not a plain ``.safetensors`` file name in the folder
+            (``../x``, ``/abs``), a shard is missing or damaged, a tensor is absent from
+            its shard, or in two shards, or a shard holds a tensor the map does not name:
+            each names the file and the key.
+    """
+    folder, base = os.path.split(path)
+    where = f"safetensors index {path!r}"
+    raw = _atomic.read_regular(path, "safetensors index", MAX_JSON_BYTES)
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+    except _Duplicate as exc:
+        raise CheckpointCorruptError(f"{where}: the key {exc.args[0]!r} appears twice") from None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointCorruptError(f"{where} is not valid JSON: {exc}") from None
+    _need(isinstance(obj, dict), where, f"not a JSON object (found {type(obj).__name__})")
+    if obj.get("format") == FORMAT:  # a gpuvars checkpoint whose prefix ends in .safetensors
+        return read_index(path[: -len(".index.json")])
+    meta = obj.get("metadata")
+    _need(meta is None or isinstance(meta, dict), where, f"'metadata' is not an object: {meta!r:.100}")
+    if isinstance(meta, dict) and "total_size" in meta:
+        total = meta["total_size"]
+        _need(is_number(total) and total >= 0, where, f"metadata.total_size {total!r:.100} is not a byte count")
+    weight_map = obj.get("weight_map")
+    _need(isinstance(weight_map, dict), where, f"'weight_map' is not an object: {weight_map!r:.100}")
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        w = f"{where}, tensor {key!r}"
+        _need(isinstance(shard, str), w, f"its shard {shard!r:.100} is not a file name")
+        check_plain_name(shard, w)
+        _need(shard.endswith(PLAIN_SUFFIX), w, f"its shard {shard!r} is not a .safetensors file "
+              "(pickled .bin shards are never read)")
+        by_shard.setdefault(shard, []).append(key)
+    infos: dict[str, st.TensorInfo] = {}
+    files: dict[str, dict[str, Any]] = {}
+    for shard, keys in by_shard.items():
+        if not os.path.lexists(os.path.join(folder, shard)):
+            raise CheckpointCorruptError(f"{where}, tensor {keys[0]!r}: its shard {shard!r} is missing")
+    for shard, keys in by_shard.items():
+        shard_path = os.path.join(folder, shard)
+        with st.SafetensorsReader(shard_path) as reader:  # a regular file, its header validated
+            tensors, size = reader.tensors, reader.size
+        for key in keys:
+            info = tensors.get(key)
+            _need(info is not None, f"{where}, tensor {key!r}", f"it is not in its shard {shard!r}")
+            assert info is not None
+            infos[key] = info
+        for key in tensors:
+            other = weight_map.get(key)
+            _need(other is not None, where, f"shard {shard!r} holds tensor {key!r}, which the weight_map does not name")
+            _need(other == shard, f"{where}, tensor {key!r}", f"it is in two shards: {other!r} (the weight_map) and {shard!r}")
+        files[shard] = {"role": "data", "size": size, "checksum": None}
+    variables = {
+        key: VarEntry(key, infos[key].shape, st.st_dtype(infos[key].dtype), "plain", True, shard, None)
+        for key, shard in weight_map.items()
+    }
+    return Index(folder, base, VariablePolicy.NONE, None, os.path.getmtime(path), None, variables, files, plain=True)
 
 
 def open_data(index: Index, name: str, keys: Any = ()) -> st.SafetensorsReader:

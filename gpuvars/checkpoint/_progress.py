@@ -8,6 +8,7 @@ tqdm); ``False`` never does.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 from gpuvars.errors import InvalidArgumentError
@@ -38,3 +39,20 @@ def bar(total: int, desc: str, enabled: bool | None) -> Any:
             raise InvalidArgumentError("progress=True needs tqdm: pip install 'gpuvars[progress]'") from None
         return _Silent()
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+
+
+class Shared:
+    """``meter`` updated from several threads (each update under a lock); ``close`` is left
+    to the owner, so per-file code that closes its meter closes nothing here."""
+
+    def __init__(self, meter: Any) -> None:
+        self._meter, self._lock = meter, threading.Lock()
+        self.silent = getattr(meter, "silent", False)
+
+    def update(self, n: int) -> None:
+        if not self.silent:
+            with self._lock:
+                self._meter.update(n)
+
+    def close(self) -> None:
+        pass

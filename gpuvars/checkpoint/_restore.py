@@ -11,12 +11,13 @@ of old and new values.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 from typing import Any, Mapping
 
-from gpuvars.checkpoint import _format, _parallel, _progress
+from gpuvars.checkpoint import _format, _parallel, _progress, _transfer
 from gpuvars.checkpoint import _stformat as st
-from gpuvars.checkpoint._saveable import Read, Saveable
+from gpuvars.checkpoint._saveable import PlainSaveable, Read, Saveable
 from gpuvars.errors import CheckpointCorruptError, CheckpointMismatchError
 
 __all__ = ["RestoreResult", "check_compatible", "restore_variables"]
@@ -28,11 +29,29 @@ class RestoreResult:
 
     ``device_differences`` maps a key to ``(saved device, the variable's device)`` when the
     checkpoint recorded devices and the variable lives elsewhere (a variable never moves).
+    ``unused`` lists the checkpoint's keys nothing was restored into (TF1's Saver ignores
+    them too); :meth:`assert_consumed` makes them an error, as TF2's checkpoint status does,
+    e.g. to catch optimizer slots a differently configured optimizer does not have.
     """
 
     prefix: str
     restored: tuple[str, ...]
     device_differences: dict[str, tuple[str, str]]
+    unused: tuple[str, ...] = ()
+
+    def assert_consumed(self) -> RestoreResult:
+        """Raise unless every key of the checkpoint was restored; returns self.
+
+        Raises:
+            CheckpointMismatchError: naming the unused keys.
+        """
+        if self.unused:
+            shown = ", ".join(repr(k) for k in self.unused[:20])
+            more = f" (and {len(self.unused) - 20} more)" if len(self.unused) > 20 else ""
+            raise CheckpointMismatchError(
+                f"checkpoint {self.prefix!r} holds keys nothing was restored into: {shown}{more}"
+            )
+        return self
 
 
 def check_compatible(index: _format.Index, targets: Mapping[str, Saveable]) -> None:
@@ -69,13 +88,38 @@ def restore_variables(
 ) -> RestoreResult:
     """Validate ``prefix`` (a committed checkpoint or a plain ``.safetensors`` file) against
     ``targets`` completely, then stream each tensor in (see the module docstring)."""
+    with _parallel.gc_paused():  # everything made inside is freed inside (a collection after it finds little)
+        return _validate_and_restore(prefix, targets, verify_first, progress)
+
+
+def _validate_and_restore(
+    prefix: str, targets: Mapping[str, Saveable], verify_first: bool, progress: bool | None
+) -> RestoreResult:
     index = _format.open_checkpoint(prefix)
     check_compatible(index, targets)
     devices = _format.read_devices(index) if index.policy.saves_devices() else {}
+    _restore(index, targets, verify_first, progress)
+    differences = {
+        key: (devices[key]["device"], sv.device)
+        for key, sv in targets.items()
+        if key in devices and devices[key]["device"] != sv.device
+    }
+    unused = tuple(k for k in index.variables if k not in targets)
+    return RestoreResult(index.prefix, tuple(targets), differences, unused)
+
+
+def _restore(index: _format.Index, targets: Mapping[str, Saveable], verify_first: bool, progress: bool | None) -> None:
     plans: dict[str, list[Read]] = {}
+    direct: dict[str, list[str]] = {}  # file -> keys of plain variables, read straight into the variable
     by_file: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    entries = index.variables
     for key, sv in targets.items():
-        reads = plans[key] = sv.reads(key, index.variables[key])
+        entry = entries[key]
+        if type(sv) is PlainSaveable:  # its one read: the tensor into its variable
+            direct.setdefault(entry.file, []).append(key)
+            by_file.setdefault(entry.file, {})[key] = (entry.shape, entry.dtype)
+            continue
+        reads = plans[key] = sv.reads(key, entry)
         for r in reads:
             by_file.setdefault(r.file, {})[r.key] = (r.shape, r.dtype)
     readers: dict[str, st.SafetensorsReader] = {}
@@ -84,22 +128,38 @@ def restore_variables(
         for name, expected in by_file.items():  # open and validate every header before any byte is written
             readers[name] = _format.open_file(index, name, expected)
         if verify_first:
-            _verify(index, plans, readers)
-        sizes = [sum(r.nbytes for r in reads) for reads in plans.values()]
+            _verify(index, plans, readers, direct)
+        work, sizes = _work(index, targets, plans, direct, readers)
         meter = _progress.bar(sum(sizes) if progress is not False else 0,
                               f"restoring {os.path.basename(index.prefix)}", progress)
         counting = not getattr(meter, "silent", False)
-        started: list[Saveable] = []  # list.append is atomic: safe from the I/O threads
+        started: list[Saveable] = []  # list.extend/append are atomic: safe from the I/O threads
 
-        def restore_one(key: str) -> None:
+        def restore_one(item: tuple[str, Any]) -> None:
+            kind, what = item
+            if kind == "run":  # (file, keys, variables): a run of small host tensors
+                name, keys, variables = what
+                started.extend(targets[k] for k in keys)
+                _transfer.restore_run(readers[name], keys, variables, [entries[k].checksum for k in keys])
+                if counting:
+                    meter.update(sum(readers[name].tensors[k].nbytes for k in keys))
+                return
+            key = what
             started.append(targets[key])
+            if key not in plans:  # a plain variable: straight into it
+                entry = entries[key]
+                reader = readers[entry.file]
+                _transfer.restore_into(reader, key, targets[key].var, entry.checksum)
+                if counting:
+                    meter.update(reader.tensors[key].nbytes)
+                return
             for r in plans[key]:
                 r.apply(readers[r.file])
                 if counting:
                     meter.update(r.nbytes)
 
         try:  # runs of tensors on a few threads when the checkpoint is large (_parallel)
-            _parallel.run(list(plans), sizes, restore_one)
+            _parallel.run(work, sizes, restore_one)
         except BaseException as exc:
             for sv in started:
                 sv.invalidate()
@@ -117,21 +177,79 @@ def restore_variables(
         meter.close()
         for reader in readers.values():
             reader.close()
-    differences = {
-        key: (devices[key]["device"], sv.device)
-        for key, sv in targets.items()
-        if key in devices and devices[key]["device"] != sv.device
-    }
-    return RestoreResult(index.prefix, tuple(targets), differences)
 
 
-def _verify(index: _format.Index, plans: Mapping[str, list[Read]], readers: Mapping[str, st.SafetensorsReader]) -> None:
+RUN_MIN = 8  #: a run of fewer tensors goes through the general path
+RUN_TENSOR_BYTES = 256 << 10  #: the largest tensor a run takes
+RUN_BYTES = st.CHUNK_BYTES  #: a run's bytes
+
+
+def _work(
+    index: _format.Index,
+    targets: Mapping[str, Saveable],
+    plans: Mapping[str, list[Read]],
+    direct: Mapping[str, list[str]],
+    readers: Mapping[str, st.SafetensorsReader],
+) -> tuple[list[tuple[str, Any]], list[int]]:
+    """The restore's work items and their bytes: the adapters' reads key by key, and the
+    plain variables' tensors: runs (``RUN_MIN`` or more small tensors back to back in the
+    file, each into a variable whose storage :func:`_transfer.run_target` takes), then the
+    rest key by key in the targets' order."""
+    work: list[tuple[str, Any]] = [("key", k) for k, reads in plans.items() if reads]
+    sizes = [sum(r.nbytes for r in plans[k]) for _, k in work]
+    host: dict[int, bool] = {}
+    for name, keys in direct.items():
+        tensors = readers[name].tensors
+        infos = sorted((tensors[k] for k in keys), key=operator.attrgetter("begin"))
+        alone: set[str] = set()
+        i, count = 0, len(infos)
+        while i < count:
+            j, nbytes, end = i, 0, infos[i].begin
+            while j < count and j - i < 1024:
+                info = infos[j]
+                if info.nbytes > RUN_TENSOR_BYTES or nbytes + info.nbytes > RUN_BYTES or info.begin != end:
+                    break
+                device = targets[info.name].var.physical_device
+                ok = host.get(id(device))
+                if ok is None:
+                    ok = host[id(device)] = _transfer.run_target(device)
+                if not ok:
+                    break
+                nbytes += info.nbytes
+                end = info.end
+                j += 1
+            if j - i >= RUN_MIN:
+                keys_run = [info.name for info in infos[i:j]]
+                work.append(("run", (name, keys_run, [targets[k].var for k in keys_run])))
+                sizes.append(nbytes)
+                i = j
+            else:
+                alone.add(infos[i].name)
+                i += 1
+        for key in keys:  # the rest in the targets' order
+            if key in alone:
+                work.append(("key", key))
+                sizes.append(tensors[key].nbytes)
+    return work, sizes
+
+
+def _verify(
+    index: _format.Index,
+    plans: Mapping[str, list[Read]],
+    readers: Mapping[str, st.SafetensorsReader],
+    direct: Mapping[str, list[str]],
+) -> None:
     """Every checksum of every read, before anything is written."""
     want: dict[str, dict[str, str]] = {}
     for reads in plans.values():
         for r in reads:
             if r.checksum is not None:
                 want.setdefault(r.file, {})[r.key] = r.checksum
+    for name, keys in direct.items():
+        for key in keys:
+            checksum = index.variables[key].checksum
+            if checksum is not None:
+                want.setdefault(name, {})[key] = checksum
     for name, expected in want.items():
         bad = readers[name].verify(expected)
         if bad:

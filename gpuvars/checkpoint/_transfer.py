@@ -16,7 +16,7 @@ and builds its message up front; this builds it only on failure.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 
@@ -44,6 +44,24 @@ def source(array: Any, device: PhysicalDevice, what: str) -> Any:
         except Exception as exc:
             _raise_mapped(exc, device, what)
     return _device_chunks(device, array, what)
+
+
+def is_host(device: PhysicalDevice) -> bool:
+    """Whether ``device``'s storage is host memory that :func:`host_sources` views without a copy."""
+    return bool(device.backend.platform == "cpu")
+
+
+def host_sources(arrays: Sequence[Any], devices: Sequence[PhysicalDevice], what: Callable[[int], str]) -> list[Any]:
+    """:func:`source` for a run of host arrays (``is_host`` devices): numpy storage as it is,
+    a JAX CPU array as a host view; ``what(i)`` names the i-th for an error."""
+    out = list(arrays)
+    for i, a in enumerate(out):
+        if type(a) is not np.ndarray:
+            try:
+                out[i] = np.asarray(a)
+            except Exception as exc:
+                _raise_mapped(exc, devices[i], what(i))
+    return out
 
 
 def _device_chunks(device: PhysicalDevice, value: Any, what: str) -> Iterator[np.ndarray[Any, Any]]:
@@ -115,6 +133,50 @@ def restore_into(reader: st.SafetensorsReader, key: str, var: Variable, checksum
             adopt(var, buf)
     except Exception as exc:
         _raise_mapped(exc, device, f"restoring {key!r} from {reader.path!r} into variable {var.name!r}")
+
+
+def run_target(device: PhysicalDevice) -> bool:
+    """Whether :func:`restore_run` takes variables on ``device``: host storage updated in place."""
+    backend = device.backend
+    return bool(backend.inplace and backend.platform == "cpu")
+
+
+def restore_run(reader: st.SafetensorsReader, keys: list[str], variables: list[Variable],
+                checksums: list[str | None]) -> None:
+    """:func:`restore_into` for a run of tensors back to back in the file, each into a
+    :func:`run_target` variable: every variable held (:func:`exclusive`) for the run, one
+    ``preadv`` into their storages, each checksum verified, then each buffer adopted.
+
+    The variables' locks are only tried: when another thread holds one, the run lets go of
+    what it holds and restores key by key (no lock-order deadlock with anyone)."""
+    tensors = reader.tensors
+    held: list[Any] = []
+    n = 0
+    try:
+        for var in variables:
+            lock: Any = exclusive(var)
+            if not lock.acquire(blocking=False):
+                break
+            held.append(lock)
+        if len(held) == len(variables):
+            bufs = []
+            for n, (key, var) in enumerate(zip(keys, variables)):
+                info = tensors[key]
+                bufs.append(restore_target(var, info.shape, info.dtype))
+            n = -1  # a failure from here on is the run's read
+            reader.read_run(keys, bufs, checksums)
+            for var, buf in zip(variables, bufs):
+                adopt(var, buf)
+            return
+    except Exception as exc:
+        k = max(n, 0)
+        _raise_mapped(exc, variables[k].physical_device,
+                      f"restoring {keys[k]!r} from {reader.path!r} into variable {variables[k].name!r}")
+    finally:
+        for lock in reversed(held):
+            lock.release()
+    for key, var, checksum in zip(keys, variables, checksums):  # a lock was busy: one by one
+        restore_into(reader, key, var, checksum)
 
 
 def _stream_to_device(

@@ -1,5 +1,5 @@
-"""Writing a checkpoint: the data file, the replica files and the device map, then the index,
-whose atomic rename is the commit; and deleting one, index first.
+"""Writing a checkpoint: the data file (or its shards, in parallel), the replica files and
+the device map, then the index, whose atomic rename is the commit; and deleting one, index first.
 
 Everything is validated before the first byte is written (STYLE 10). Saving over an
 existing prefix first retires its index (DESIGN decision 15). A failure of the file
@@ -11,24 +11,28 @@ temporary name); what the save had written is removed and nothing of it is visib
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import os
 import threading
 import time
-from typing import Any, Generator, Iterator, Mapping
+from typing import Any, Callable, Generator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from gpuvars._snapshot import Pin, Snapshot
-from gpuvars.checkpoint import _atomic, _format, _progress, _transfer
+from gpuvars.checkpoint import _atomic, _format, _parallel, _progress, _transfer
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint._saveable import Saveable
 from gpuvars.checkpoint.policy import VariablePolicy
 from gpuvars.errors import CheckpointError, CheckpointWriteError, UninitializedVariableError
 from gpuvars.variable import Variable, pin
 
-__all__ = ["SavePlan", "delete_checkpoint", "prepare_save", "write_checkpoint", "write_error"]
+__all__ = ["SavePlan", "delete_checkpoint", "prepare_save", "shard_entries", "write_checkpoint", "write_error",
+           "write_in_parallel"]
+
+T = TypeVar("T")
 
 
 def write_error(prefix: str, doing: str, exc: OSError, after_commit: str | None = None) -> CheckpointWriteError:
@@ -53,8 +57,10 @@ class SavePlan:
     :func:`write_checkpoint`, in the caller's thread or a background one.
     """
 
-    def __init__(self, prefix: str, policy: VariablePolicy, step: int | None, snapshot: Snapshot) -> None:
+    def __init__(self, prefix: str, policy: VariablePolicy, step: int | None, snapshot: Snapshot,
+                 max_shard_size: int | None = None) -> None:
         self.prefix, self.policy, self.step, self.snapshot = prefix, policy, step, snapshot
+        self.max_shard_size = max_shard_size  #: None: one data file; else shards of at most this many tensor bytes
         self.entries: list[tuple[str, np.dtype[Any], tuple[int, ...]]] = []
         self.meta: dict[str, tuple[str, bool]] = {}  # key -> (kind, trainable)
         self.parts: dict[str, list[Any]] = {}  # key -> [(pin, variable) or an array], along axis 0
@@ -75,6 +81,7 @@ def prepare_save(
     policy: VariablePolicy,
     step: int | None,
     copy_on_write_bytes: int | None,
+    max_shard_size: int | None = None,
 ) -> SavePlan:
     """Validate a save of ``saveables`` and pin every variable's storage: from now on the
     checkpoint holds the values of this moment, whatever other threads do. Moves no data
@@ -84,7 +91,19 @@ def prepare_save(
         UninitializedVariableError: a variable has no value.
         InvalidArgumentError: a dtype safetensors cannot hold.
     """
-    plan = SavePlan(prefix, policy, step, Snapshot(copy_on_write_bytes))
+    with _parallel.gc_paused():
+        return _prepare(prefix, saveables, policy, step, copy_on_write_bytes, max_shard_size)
+
+
+def _prepare(
+    prefix: str,
+    saveables: Mapping[str, Saveable],
+    policy: VariablePolicy,
+    step: int | None,
+    copy_on_write_bytes: int | None,
+    max_shard_size: int | None,
+) -> SavePlan:
+    plan = SavePlan(prefix, policy, step, Snapshot(copy_on_write_bytes), max_shard_size)
     pins: dict[int, tuple[Pin, Variable]] = {}
 
     def pinned(var: Variable, key: str, name: str) -> tuple[Pin, Variable]:
@@ -98,22 +117,41 @@ def prepare_save(
         pins[id(var)] = got = (p, var)
         return got
 
+    entries, meta, plan_parts = plan.entries, plan.meta, plan.parts
+    st_names: dict[Any, str] = {}  # dtype -> its safetensors name, checked once per dtype
+    total = 0
     try:
         for key, sv in saveables.items():
             if not sv.initialized:
                 raise _uninitialized(sv.name, key)
-            parts = [pinned(x, key, sv.name) if isinstance(x, Variable) else x for x in sv.parts(key)]
-            arrays = [x[0] if isinstance(x, tuple) else x for x in parts]
-            first = arrays[0]
-            dtype = np.dtype(first.dtype)
-            shape = tuple(int(d) for d in first.shape)
-            if len(arrays) > 1:  # shards along axis 0
-                shape = (sum(int(a.shape[0]) for a in arrays),) + shape[1:]
-            st.st_dtype(dtype, key=key)  # a dtype safetensors cannot hold fails before any write
-            plan.entries.append((key, dtype, shape))
-            plan.meta[key] = (sv.kind, sv.trainable)
-            plan.parts[key] = parts
-            plan.total += math.prod(shape) * dtype.itemsize
+            parts = sv.parts(key)
+            if len(parts) == 1 and isinstance(parts[0], Variable):  # the common case: one variable
+                got = pinned(parts[0], key, sv.name)
+                parts = [got]
+                storage = got[0].storage
+                dtype = storage.dtype
+                shape = storage.shape
+                if type(shape) is not tuple:
+                    shape = tuple(int(d) for d in shape)
+                nbytes = got[0].nbytes
+            else:
+                parts = [pinned(x, key, sv.name) if isinstance(x, Variable) else x for x in parts]
+                arrays = [x[0] if isinstance(x, tuple) else x for x in parts]
+                first = arrays[0]
+                dtype = first.dtype
+                shape = tuple(int(d) for d in first.shape)
+                if len(arrays) > 1:  # shards along axis 0
+                    shape = (sum(int(a.shape[0]) for a in arrays),) + shape[1:]
+                nbytes = -1
+            if type(dtype) is not np.dtype:
+                dtype = np.dtype(dtype)
+            if dtype not in st_names:
+                st_names[dtype] = st.st_dtype(dtype, key=key)  # a dtype safetensors cannot hold fails before any write
+            entries.append((key, dtype, shape))
+            meta[key] = (sv.kind, sv.trainable)
+            plan_parts[key] = parts
+            total += nbytes if nbytes >= 0 else math.prod(shape) * dtype.itemsize
+        plan.total += total
         if policy is VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES:
             for key, sv in saveables.items():
                 for k, comp in enumerate(sv.components()):
@@ -143,7 +181,8 @@ def write_checkpoint(plan: SavePlan, progress: bool | None = None) -> None:
         CheckpointWriteError: the file system failed; nothing of this save is visible.
     """
     try:
-        _write(plan, progress)
+        with _parallel.gc_paused():
+            _write(plan, progress)
     finally:
         plan.snapshot.release()
 
@@ -162,26 +201,47 @@ def _write(plan: SavePlan, progress: bool | None) -> None:
         _atomic.remove_stale_temps(folder)
         index_name = _format.index_file(base)
         index_path = os.path.join(folder, index_name)
+        old_files: list[str] = []
         if os.path.lexists(index_path):  # retire the old checkpoint of this prefix first (decision 15)
+            try:  # its files this save does not overwrite (other shard or replica counts) go after the commit
+                old_files = list(_format.read_index(prefix).files)
+            except CheckpointError:
+                pass
             doing = f"retiring the old {index_name}"
             os.unlink(index_path)
             _atomic.fsync_dir(folder)
 
-        data_name = _format.data_file(base)
-        doing = f"writing {data_name}"
-        record = _write_file(
-            os.path.join(folder, data_name), plan.entries,
-            {"format": _format.FORMAT, "version": str(_format.VERSION)}, plan.parts, plan,
-            _progress.bar(plan.total, f"saving {base}", progress),
-        )
-        written.append(record.file)
-        files: dict[str, dict[str, Any]] = {
-            record.file: _format.file_record("data", record.size, record.header_checksum)
-        }
+        meter = _progress.bar(plan.total, f"saving {base}", progress)
+        weight_map: dict[str, str] | None = None
+        files: dict[str, dict[str, Any]] = {}
+        if plan.max_shard_size is None:
+            version = 1
+            data_name = _format.data_file(base)
+            doing = f"writing {data_name}"
+            record = _write_file(
+                os.path.join(folder, data_name), plan.entries,
+                {"format": _format.FORMAT, "version": str(version)}, plan.parts, plan, meter,
+            )
+            written.append(record.file)
+            files[record.file] = _format.file_record("data", record.size, record.header_checksum)
+            checksums = record.tensors
+        else:
+            version = _format.SHARDED_VERSION
+            doing = "writing the data shards"
+            try:
+                shard_records = _write_shards(plan, folder, base, written, meter)
+            finally:
+                meter.close()
+            weight_map, checksums = {}, {}
+            for rec in shard_records:
+                files[rec.file] = _format.file_record("data", rec.size, rec.header_checksum)
+                checksums.update(rec.tensors)
+                weight_map.update(dict.fromkeys(rec.tensors, rec.file))
+            weight_map = {key: weight_map[key] for key, _, _ in plan.entries}
         components: dict[str, list[dict[str, Any]]] = {}
         if plan.replicas:
             doing = "writing the replica files"
-            for rec, parts in _write_replica_files(plan, folder, base, written):
+            for rec, parts in _write_replica_files(plan, folder, base, written, version):
                 files[rec.file] = _format.file_record("replica", rec.size, rec.header_checksum)
                 for key, checksum in rec.tensors.items():
                     components.setdefault(key, []).append(
@@ -195,21 +255,30 @@ def _write(plan: SavePlan, progress: bool | None) -> None:
             written.append(name)
             files[name] = _format.file_record("devices", len(plan.devices), st.checksum(plan.devices))
             _atomic.fsync_dir(folder)  # every renamed file is durable before the index names it
-        index = _format.build_index(
-            plan.policy,
-            plan.step,
-            time.time(),
-            {
-                key: _format.variable_record(
-                    shape, st.st_dtype(dtype), plan.meta[key][0], plan.meta[key][1],
-                    record.file, record.tensors[key], components.get(key, ()),
-                )
-                for key, dtype, shape in plan.entries
-            },
-            files,
-        )
+        meta, st_names = plan.meta, {}
+        where = (lambda key: record.file) if weight_map is None else weight_map.__getitem__
+        for _, dtype, _ in plan.entries:
+            if dtype not in st_names:
+                st_names[dtype] = st.st_dtype(dtype)
+        variables = _format.plain_variable_records([
+            (key, shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key])
+            for key, dtype, shape in plan.entries if key not in components
+        ])
+        for key, dtype, shape in plan.entries:
+            if key in components:
+                variables[key] = _format.variable_record(
+                    shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key], components[key])
+        if components:  # the order of plan.entries, as before
+            variables = {key: variables[key] for key, _, _ in plan.entries}
+        index = _format.build_index(plan.policy, plan.step, time.time(), variables, files, weight_map)
         doing = f"writing {index_name} (the commit)"
         _atomic.write_bytes(index_path, _format.dump_json(index))
+        for name in old_files:  # committed: the old checkpoint's leftovers (best effort)
+            if name not in files and name.startswith((f"{base}.", f"{base}-")):
+                try:
+                    _atomic.unlink_quiet(os.path.join(folder, name))
+                except OSError:
+                    pass
     except BaseException as exc:
         for name in written:  # invisible without the index; tidy up what we can
             try:
@@ -238,22 +307,9 @@ def _chunks(parts: list[Any], what: str) -> Generator[Any, None, None]:
                 yield from src
 
 
-def _order(order: list[str], parts: Mapping[str, list[Any]], snapshot: Snapshot) -> Iterator[str]:
-    """``order`` (the file's, sequential), except that a tensor whose variable a mutation is
-    waiting for (the copy-on-write budget is spent) is written next."""
-    owner = {id(p[0]): key for key in order for p in parts[key] if isinstance(p, tuple)}
-    done: set[str] = set()
-    i = 0
-    while i < len(order):
-        urgent = snapshot.next_urgent() if owner else None
-        key = owner.get(id(urgent)) if urgent is not None else None
-        if key is None or key in done:
-            key = order[i]
-            i += 1
-            if key in done:
-                continue
-        done.add(key)
-        yield key
+RUN_MIN = 8  #: a run of fewer tensors goes through the general path
+RUN_TENSOR_BYTES = 256 << 10  #: the largest tensor a run takes (bigger ones: aligned chunks)
+RUN_BYTES = st.CHUNK_BYTES  #: a run's bytes; its live buffers hold mutations back while it is written
 
 
 def _write_file(
@@ -264,19 +320,63 @@ def _write_file(
     plan: SavePlan,
     meter: Any,
 ) -> st.FileRecord:
-    """One safetensors file, each tensor streamed from its parts, then committed."""
+    """One safetensors file, each tensor streamed from its parts, then committed.
+
+    File order (sequential), except that a tensor whose variable a mutation is waiting
+    for (the copy-on-write budget is spent) is written next. Runs of small single-part
+    host tensors (``RUN_MIN`` or more, back to back in the file) are written by one
+    ``pwritev``, their reads begun and ended under one acquisition of the snapshot's lock;
+    the rest, tensor by tensor, through :meth:`Pin.reading`.
+    """
     try:
         writer = st.SafetensorsWriter(path, entries, metadata=metadata)
         try:
-            for key in _order(writer.order, parts, plan.snapshot):
-                gen = _chunks(parts[key], f"saving {key!r} to {path!r}")
-                try:
-                    writer.write(key, gen)
-                finally:
-                    gen.close()  # a failed write ends the pin's reading now, not at garbage collection
-                nbytes = writer.infos[key].nbytes
-                plan.advance(nbytes)
-                meter.update(nbytes)
+            order, infos, snapshot = writer.order, writer.infos, plan.snapshot
+            done: set[str] = set()
+            owner: dict[int, str] | None = None  # pin -> key, built when a mutation first waits
+            host: dict[int, bool] = {}  # id(device) -> whether it is host memory a run may take
+            i, count = 0, len(order)
+            while i < count:
+                if snapshot.has_urgent:
+                    if owner is None:
+                        owner = {id(p[0]): key for key in order for p in parts[key] if isinstance(p, tuple)}
+                    urgent = snapshot.next_urgent()
+                    key = owner.get(id(urgent)) if urgent is not None else None
+                    if key is not None and key not in done:
+                        _write_one(writer, key, parts[key], path, plan, meter)
+                        done.add(key)
+                        continue
+                key = order[i]
+                if key in done:
+                    i += 1
+                    continue
+                j, nbytes = i, 0
+                while j < count and j - i < 1024:
+                    k = order[j]
+                    ps = parts[k]
+                    size = infos[k].nbytes
+                    if (len(ps) != 1 or type(ps[0]) is not tuple or size > RUN_TENSOR_BYTES
+                            or nbytes + size > RUN_BYTES or k in done):
+                        break
+                    device = ps[0][1].physical_device
+                    ok = host.get(id(device))
+                    if ok is None:
+                        ok = host[id(device)] = _transfer.is_host(device)
+                    if not ok:
+                        break
+                    nbytes += size
+                    j += 1
+                if j - i >= RUN_MIN:
+                    run = order[i:j]
+                    _write_run(writer, run, parts, path, plan)
+                    done.update(run)  # a pin read for two files may come back as urgent: not twice here
+                    plan.advance(nbytes)
+                    meter.update(nbytes)
+                    i = j
+                else:
+                    _write_one(writer, key, parts[key], path, plan, meter)
+                    done.add(key)
+                    i += 1
             return writer.commit()
         except BaseException:
             writer.abort()
@@ -285,8 +385,112 @@ def _write_file(
         meter.close()
 
 
+def _write_one(writer: st.SafetensorsWriter, key: str, parts: list[Any], path: str, plan: SavePlan,
+               meter: Any) -> None:
+    gen = _chunks(parts, f"saving {key!r} to {path!r}")
+    try:
+        writer.write(key, gen)
+    finally:
+        gen.close()  # a failed write ends the pin's reading now, not at garbage collection
+    nbytes = writer.infos[key].nbytes
+    plan.advance(nbytes)
+    meter.update(nbytes)
+
+
+def _write_run(writer: st.SafetensorsWriter, keys: list[str], parts: Mapping[str, list[Any]], path: str,
+               plan: SavePlan) -> None:
+    """Keys back to back in the file, each one pinned host variable: their reads begun
+    under one lock, one pwritev, their reads ended under one lock (also on failure)."""
+    pins = [parts[k][0][0] for k in keys]
+    snapshot = plan.snapshot
+    arrays, live = snapshot.begin_reads(pins)
+    try:
+        sources = _transfer.host_sources(arrays, [parts[k][0][1].physical_device for k in keys],
+                                         lambda n: f"saving {keys[n]!r} to {path!r}")
+        writer.write_run(keys, sources)
+    finally:
+        snapshot.end_reads(pins, live)
+
+
+def shard_entries(entries: Sequence[T], sizes: Sequence[int], max_shard_size: int) -> list[list[T]]:
+    """``entries`` in order, cut greedily into shards of at most ``max_shard_size`` bytes
+    (``sizes``: each entry's), as transformers cuts a state dict: an entry that would overflow
+    the current shard starts the next one, so an entry larger than the limit is a shard of its
+    own. Always at least one shard (an empty one for no entries)."""
+    shards: list[list[T]] = [[]]
+    acc = 0
+    for entry, size in zip(entries, sizes):
+        if shards[-1] and acc + size > max_shard_size:
+            shards.append([])
+            acc = 0
+        shards[-1].append(entry)
+        acc += size
+    return shards
+
+
+def write_in_parallel(names: Sequence[str], write: Callable[[int], T], written: list[str],
+                      error: Callable[[str, OSError], BaseException]) -> list[T]:
+    """``[write(k) for k in range(len(names))]`` on up to ``_parallel.THREADS`` threads (pwrite
+    and xxh3 release the GIL), in order. Every file ``write(k)`` committed is named in
+    ``written`` (also on failure, for the caller's tidy-up); the first failure is raised after
+    every thread stopped, files not yet begun are never begun; an OSError becomes
+    ``error(name, exc)`` unless it is already a CheckpointError."""
+    n = len(names)
+    results: list[T | None] = [None] * n
+    failed = threading.Event()
+
+    def one(k: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            results[k] = write(k)
+        except BaseException:
+            failed.set()
+            raise
+        written.append(names[k])  # list.append is atomic
+
+    failures: list[tuple[int, BaseException]] = []
+    if n == 1:  # in this thread: nothing to overlap
+        try:
+            one(0)
+        except BaseException as caught:
+            failures.append((0, caught))
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(n, max(2, _parallel.THREADS)),
+                                                   thread_name_prefix="gpuvars-shard") as pool:
+            futures = [pool.submit(one, k) for k in range(n)]
+        failures = [(k, e) for k, f in enumerate(futures) if (e := f.exception()) is not None]
+    if failures:
+        k, first = failures[0]
+        if isinstance(first, OSError) and not isinstance(first, CheckpointError):
+            raise error(names[k], first) from first
+        raise first
+    return [r for r in results if r is not None]
+
+
+def _write_shards(plan: SavePlan, folder: str, base: str, written: list[str], meter: Any) -> list[st.FileRecord]:
+    """``P-0000K-of-0000N.safetensors``: ``plan.entries`` cut by :func:`shard_entries`, the N
+    files written in parallel; each thread writes its file's tensors in file order, taking a
+    tensor a mutation waits for next when it is one of its own (:func:`_write_file`)."""
+    assert plan.max_shard_size is not None
+    sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in plan.entries]
+    shards = shard_entries(plan.entries, sizes, plan.max_shard_size)
+    n = len(shards)
+    names = [_format.shard_file(base, k + 1, n) for k in range(n)]
+    shared = _progress.Shared(meter)
+
+    def write(k: int) -> st.FileRecord:
+        return _write_file(
+            os.path.join(folder, names[k]), shards[k],
+            {"format": _format.FORMAT, "version": str(_format.SHARDED_VERSION), "shard": f"{k + 1} of {n}"},
+            plan.parts, plan, shared,
+        )
+
+    return write_in_parallel(names, write, written, lambda name, exc: write_error(plan.prefix, f"writing {name}", exc))
+
+
 def _write_replica_files(
-    plan: SavePlan, folder: str, base: str, written: list[str]
+    plan: SavePlan, folder: str, base: str, written: list[str], version: int = 1
 ) -> list[tuple[st.FileRecord, dict[str, tuple[int, ...]]]]:
     """``P.replica-K-of-N.safetensors``: file K holds the K-th component of every distributed
     variable that has one; the N files are written in parallel (pwrite and xxh3 release the GIL).
@@ -303,7 +507,7 @@ def _write_replica_files(
             entries = [(key, np.dtype(c[0].dtype), shapes[key]) for key, c in comps.items()]
             record = _write_file(
                 os.path.join(folder, name), entries,
-                {"format": _format.FORMAT, "version": str(_format.VERSION), "replica": f"{k} of {n}"},
+                {"format": _format.FORMAT, "version": str(version), "replica": f"{k} of {n}"},
                 {key: [c] for key, c in comps.items()}, plan, _progress.bar(0, "", False),
             )
             results[k] = (record, shapes)

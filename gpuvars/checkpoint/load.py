@@ -17,7 +17,7 @@ import numpy as np
 
 from gpuvars import devices as _devices
 from gpuvars._backend_errors import backend_errors
-from gpuvars.checkpoint import _format, _saveable
+from gpuvars.checkpoint import _format, _parallel, _saveable
 from gpuvars.checkpoint import _stformat as st
 from gpuvars.checkpoint.reader import CheckpointReader  # re-exported: the class lives in reader.py
 from gpuvars.checkpoint._restore import restore_variables
@@ -108,22 +108,38 @@ def load_checkpoint(
     """
     if device_map is not None and not (callable(device_map) or isinstance(device_map, Mapping)):
         raise InvalidArgumentError(f"device_map must be a dict or a callable, got {type(device_map).__name__}")
+    with _parallel.gc_paused():  # 200,000 variables and their index entries: no collection meanwhile
+        return _load(prefix, device, device_map, verify_first, progress)
+
+
+def _load(
+    prefix: str | os.PathLike[str],
+    device: str | _devices.DeviceSpec | None,
+    device_map: DeviceMap | None,
+    verify_first: bool,
+    progress: bool | None,
+) -> LoadedCheckpoint:
     index = _format.open_checkpoint(prefix)
     saved = _format.read_devices(index) if index.policy.saves_devices() else {}
     registry = current_registry()
+    places: dict[str, tuple[PhysicalDevice, str | None]] = {}  # saved device -> (where it goes, a fallback)
+    np_dtypes: dict[str, np.dtype[Any]] = {}
     created: dict[str, Variable] = {}
     moved: dict[str, tuple[str, str]] = {}
     fallbacks: list[str] = []
     try:
         for key, entry in index.variables.items():
-            init = _FromCheckpoint(index.prefix, key, entry.shape, st.np_dtype(entry.dtype))
+            dtype = np_dtypes.get(entry.dtype)
+            if dtype is None:
+                dtype = np_dtypes[entry.dtype] = st.np_dtype(entry.dtype)
+            init = _FromCheckpoint(index.prefix, key, entry.shape, dtype)
             name = _variable_name(key)
             rec = saved.get(key, {})
             if device is None and entry.kind != "plain" and rec.get("components"):
-                placed = [_place(c["device"], key, device_map, fallbacks) for c in rec["components"]]
+                placed = [_place(c["device"], key, device_map, fallbacks, places) for c in rec["components"]]
                 var = _saveable.adapter_for_kind(entry.kind).build(name, entry, rec, placed)
             elif device is None and key in saved:
-                physical = _place(saved[key]["device"], key, device_map, fallbacks)
+                physical = _place(saved[key]["device"], key, device_map, fallbacks, places)
                 with _devices.device(None):  # a resolved device: enclosing scopes do not apply
                     var = Variable(init, name=name, trainable=entry.trainable, device=physical.name)
             else:
@@ -140,7 +156,7 @@ def load_checkpoint(
                 + (f" (and {len(fallbacks) - 10} more)" if len(fallbacks) > 10 else "")
                 + f"; available devices: {list_devices()}",
                 PlacementWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of load_checkpoint
             )
     except BaseException:
         for var in created.values():  # leave nothing half-loaded in the registry
@@ -152,16 +168,29 @@ def load_checkpoint(
     return out
 
 
-def _place(saved: str, key: str, device_map: DeviceMap | None, fallbacks: list[str]) -> PhysicalDevice:
+def _place(
+    saved: str,
+    key: str,
+    device_map: DeviceMap | None,
+    fallbacks: list[str],
+    places: dict[str, tuple[PhysicalDevice, str | None]],
+) -> PhysicalDevice:
     """The device for a saved device string (validated by the device-map reader), after
     ``device_map``; a soft-placement fallback is recorded in ``fallbacks`` (one warning
-    for the whole load), not warned about here."""
-    wanted = _remap(saved, device_map)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PlacementWarning)
-        physical = resolve(wanted, f"checkpoint key {key!r}")
-    if caught:
-        fallbacks.append(f"{key!r} {wanted} -> {physical.name}")
+    for the whole load), not warned about here. ``places`` caches each saved string's
+    answer: a checkpoint shares a few devices among all its variables, and mapping and
+    resolving one (a device-spec parse, a warnings catch) costs more than the rest of a
+    small variable's load."""
+    got = places.get(saved)
+    if got is None:
+        wanted = _remap(saved, device_map)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PlacementWarning)
+            physical = resolve(wanted, f"checkpoint key {key!r}")
+        got = places[saved] = (physical, f"{wanted} -> {physical.name}" if caught else None)
+    physical, fallback = got
+    if fallback is not None:
+        fallbacks.append(f"{key!r} {fallback}")
     return physical
 
 

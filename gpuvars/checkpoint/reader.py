@@ -72,6 +72,12 @@ class CheckpointReader:
         return self._index.prefix
 
     @property
+    def data_files(self) -> list[str]:
+        """The names of the files holding the tensors: one, or each shard (sorted)."""
+        return sorted({e.file for e in self._index.variables.values()} | {
+            n for n, rec in self._index.files.items() if rec.get("role") == "data"})
+
+    @property
     def policy(self) -> str:
         return self._index.policy.name
 

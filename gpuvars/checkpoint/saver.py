@@ -286,7 +286,8 @@ class Saver:
             if self._closed:
                 raise InvalidArgumentError(f"Saver.save({prefix!r}): this saver was closed")
             self._wait_in_flight(None)
-            plan = prepare_save(prefix, self._saveables, opts.policy, step, opts.copy_on_write_bytes)
+            plan = prepare_save(prefix, self._saveables, opts.policy, step, opts.copy_on_write_bytes,
+                                opts.shard_bytes)
 
             def run() -> None:
                 write_checkpoint(plan, progress=opts.progress if blocking else bool(opts.progress))

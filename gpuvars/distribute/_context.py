@@ -1,9 +1,10 @@
 """Where code runs: cross-replica (the default) or inside ``strategy.run`` as one replica.
 
-The current strategy and replica context live in ContextVars; ``strategy.run`` starts
-one thread per replica, each with a copy of the caller's context plus its replica
-context, and a rendezvous gives every collective (aggregated updates, all_reduce) the
-values of all replicas, as TF's merge_call does.
+The current strategy and replica context live in ContextVars; ``strategy.run`` runs
+each replica in a copy of the caller's context plus its replica context (replica 0 on
+the caller's thread, the others on the strategy's persistent threads, :mod:`._pool`),
+and a rendezvous gives every collective (aggregated updates, all_reduce) the values of
+all replicas, as TF's merge_call does.
 """
 
 from __future__ import annotations
@@ -59,40 +60,63 @@ class PerReplica:
 
 
 class _Rendezvous:
-    """All replicas deposit a value; one of them combines the list once and every replica
-    gets that result (a reusable two-phase barrier)."""
+    """All replicas deposit a value; the last to arrive combines the list once, inside the
+    barrier, and every replica leaves with that result: one barrier wait per collective.
+
+    One set of slots is enough: the combine runs before the barrier releases anyone, and
+    the next collective's combine cannot run before every replica has reached it, so no
+    replica can overwrite a slot or the result while another still needs it.
+    """
 
     def __init__(self, n: int) -> None:
         self.n = n
         self._slots: list[Any] = [None] * n
+        self._combine: list[Callable[[list[Any]], Any]] = [list] * n
         self._result: Any = None
-        self._barrier = threading.Barrier(n)
+        self._barrier = threading.Barrier(max(n, 1), action=self._reduce)
+
+    @property
+    def broken(self) -> bool:
+        """Whether a replica aborted it (or a wait timed out): a later call needs a new one."""
+        return self._barrier.broken
+
+    def _reduce(self) -> None:
+        # run by exactly one replica, after all n arrived; it must not raise (a raising
+        # action breaks the barrier): a failure becomes the result every replica re-raises
+        try:
+            self._result = self._combine[0](list(self._slots))
+        except BaseException as exc:
+            self._result = _Failed(exc)
 
     def exchange(self, replica: int, value: Any, combine: Callable[[list[Any]], Any] = list) -> Any:
-        """``combine([value of replica 0, ..., value of replica n-1])``, computed by one replica."""
+        """``combine([value of replica 0, ..., value of replica n-1])``, computed by one replica
+        (with replica 0's ``combine``)."""
         if self.n == 1:
             return combine([value])
         self._slots[replica] = value
+        self._combine[replica] = combine
         try:
-            if self._barrier.wait(RENDEZVOUS_TIMEOUT_S) == 0:  # exactly one thread gets 0
-                try:
-                    self._result = combine(list(self._slots))
-                except BaseException as exc:
-                    self._result = _Failed(exc)
             self._barrier.wait(RENDEZVOUS_TIMEOUT_S)
-            out = self._result
         except threading.BrokenBarrierError:
             raise _ReplicaAborted(
                 f"replica {replica}: another replica failed or did not reach the same collective "
                 f"within {RENDEZVOUS_TIMEOUT_S:.0f}s (every replica must make the same aggregated "
                 "updates in the same order)"
             ) from None
+        out = self._result
         if isinstance(out, _Failed):
             raise out.exc
         return out
 
     def abort(self) -> None:
         self._barrier.abort()
+
+    def clear(self) -> None:
+        """Drop the last collective's values and functions (between calls that share it)."""
+        n = self.n
+        self._slots = [None] * n
+        self._combine = [list] * n
+        self._result = None
 
 
 class _Failed:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import threading
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 from gpuvars import placement
@@ -18,6 +20,7 @@ from gpuvars.distribute._context import (
     _strategy,
     get_replica_context,
 )
+from gpuvars.distribute._pool import ReplicaPool, run_on_fresh_threads
 from gpuvars._creator import plain_variables, variable_creator_scope
 from gpuvars._transfer import on_device
 from gpuvars.distribute.values import MirroredVariable, SyncOnReadVariable, reduce_values
@@ -74,6 +77,8 @@ class MirroredStrategy:
             seen[id(dev)] = spec
         self._devices: tuple[PhysicalDevice, ...] = tuple(resolved)
         self._lock = threading.Lock()
+        self._pool: ReplicaPool | None = None  # replicas 1..n-1 of run(), started on first use
+        self._rendezvous: _Rendezvous | None = None  # shared by the calls that run on the pool
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -133,6 +138,12 @@ class MirroredStrategy:
     def run(self, fn: Callable[..., Any], args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> Any:
         """Call ``fn`` once per replica, each in a thread with its replica context.
 
+        Replica 0 runs on the calling thread, the others on the strategy's persistent replica
+        threads (started by the first call, ended with the strategy); a call made while
+        another is running (from another thread, or nested in a replica) gets fresh threads.
+        Each replica sees a copy of the caller's context. An exception of a replica is
+        re-raised here once every replica has ended.
+
         ``PerReplica`` arguments give each replica its own value. Aggregated updates of
         mirrored variables meet at a rendezvous (TF's merge_call), so every replica must make
         the same aggregated updates in the same order. Returns a ``PerReplica`` of the
@@ -140,40 +151,73 @@ class MirroredStrategy:
         """
         kwargs = dict(kwargs or {})
         n = self.num_replicas_in_sync
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, PerReplica) and len(a) != n:
-                raise InvalidArgumentError(f"a PerReplica argument has {len(a)} values for {n} replicas")
-        rendezvous = _Rendezvous(n)
-        results: list[Any] = [None] * n
-        errors: list[BaseException | None] = [None] * n
+        split = False  # any PerReplica argument: each replica picks its own value
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, PerReplica):
+                if len(a) != n:
+                    raise InvalidArgumentError(f"a PerReplica argument has {len(a)} values for {n} replicas")
+                split = True
+        pool = self._replica_pool() if n > 1 else None
+        held = pool is not None and pool.acquire()  # False: busy (another call, or nested in a replica)
+        # the pool's calls run one at a time, so they share one rendezvous until one breaks
+        # it (a failed replica aborts it); one replica never waits on it
+        shared = held or n == 1
+        try:
+            rendezvous = self._rendezvous if shared else None
+            if rendezvous is None or rendezvous.broken:
+                rendezvous = _Rendezvous(n)
+                if shared:
+                    self._rendezvous = rendezvous
+            results: list[Any] = [None] * n
+            errors: list[BaseException | None] = [None] * n
 
-        def pick(a: Any, i: int) -> Any:
-            return a.values[i] if isinstance(a, PerReplica) else a
+            def pick(a: Any, i: int) -> Any:
+                return a.values[i] if isinstance(a, PerReplica) else a
 
-        def one(i: int) -> None:
-            _replica.set(ReplicaContext(self, i, rendezvous))
-            _strategy.set(self)
-            try:
-                results[i] = fn(*(pick(a, i) for a in args), **{k: pick(v, i) for k, v in kwargs.items()})
-            except BaseException as exc:
-                errors[i] = exc
-                rendezvous.abort()
+            def one(i: int) -> None:
+                _replica.set(ReplicaContext(self, i, rendezvous))
+                _strategy.set(self)
+                try:
+                    if split:
+                        results[i] = fn(*[pick(a, i) for a in args], **{k: pick(v, i) for k, v in kwargs.items()})
+                    else:
+                        results[i] = fn(*args, **kwargs)
+                except BaseException as exc:
+                    errors[i] = exc
+                    rendezvous.abort()
 
-        if n == 1:
-            contextvars.copy_context().run(one, 0)
-        else:
-            threads = [
-                threading.Thread(target=contextvars.copy_context().run, args=(one, i), name=f"gpuvars-replica-{i}")
-                for i in range(n)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            # each replica runs in its own copy of the caller's context, taken now (gv.device
+            # scopes, registries and other ContextVars as the caller sees them)
+            tasks = [functools.partial(_run_in, contextvars.copy_context(), one, i) for i in range(n)]
+            if n == 1:
+                tasks[0]()
+            elif held:
+                assert pool is not None
+                pool.run(tasks[0], tasks[1:])
+            else:
+                run_on_fresh_threads(tasks[0], tasks[1:], "gpuvars-replica")
+        finally:
+            kept = self._rendezvous
+            if shared and kept is not None:
+                kept.clear()  # hold no values (nor, through them, this strategy) until the next call
+            if held:
+                assert pool is not None
+                pool.release()
         real = [e for e in errors if e is not None and not isinstance(e, _ReplicaAborted)]
         if real or any(errors):
             raise (real or [e for e in errors if e is not None])[0]
         return results[0] if n == 1 else PerReplica(results)
+
+    def _replica_pool(self) -> ReplicaPool:
+        """The persistent threads of replicas 1..n-1 (made on first use; started by the pool)."""
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ReplicaPool(self.num_replicas_in_sync - 1, "gpuvars-replica")
+                    weakref.finalize(self, self._pool.close)  # also at exit; holds the pool, not self
+                pool = self._pool
+        return pool
 
     def experimental_local_results(self, value: Any) -> tuple[Any, ...]:
         """The per-replica parts of ``value`` on this process: a distributed variable's
@@ -210,6 +254,10 @@ class MirroredStrategy:
 
     def __repr__(self) -> str:
         return f"MirroredStrategy(devices={list(self.devices)})"
+
+
+def _run_in(context: contextvars.Context, fn: Callable[[int], None], replica: int) -> None:
+    context.run(fn, replica)
 
 
 def build_components(
