@@ -34,6 +34,58 @@ _holding = 0  # snapshots alive that keep arrays of a rebinding backend (JAX)
 _holding_lock = threading.Lock()
 
 
+class _HostPool:
+    """Copy-on-write buffers of host variables, kept for the next save: a copy into memory
+    already touched runs at memcpy speed, one into fresh memory pays a page fault per 4 KiB
+    (~0.5 GB/s on the VMs this was measured on: a 256 MiB copy took ~0.5 s fresh, ~40 ms
+    reused). At most ``keep`` bytes are kept; exact sizes only (a training loop's variables
+    come back with the same sizes every save)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self._free: dict[int, list[Any]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> Any:
+        with self._lock:
+            bucket = self._free.get(nbytes)
+            if not bucket:
+                return None
+            self._bytes -= nbytes
+            return bucket.pop()
+
+    def give(self, buf: Any) -> None:
+        with self._lock:
+            if self._bytes + buf.nbytes <= self.keep:
+                self._free.setdefault(buf.nbytes, []).append(buf)
+                self._bytes += buf.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
+    @property
+    def held(self) -> int:
+        return self._bytes
+
+
+host_pool = _HostPool(512 << 20)
+
+
+def _host_copy(storage: Any) -> Any:
+    """A copy of a host array, in a pooled buffer when one of its size is free."""
+    import numpy as np
+
+    buf = host_pool.take(storage.nbytes) if storage.nbytes else None
+    if buf is None:
+        return np.array(storage, copy=True, order="C")
+    out = buf.view(storage.dtype).reshape(storage.shape)
+    np.copyto(out, storage)
+    return out
+
+
 def holds_arrays() -> bool:
     """Whether a save in flight keeps old arrays of a rebinding backend: then no update may
     donate (delete) a variable's buffer (JAX ``donate_argnums``)."""
@@ -221,7 +273,10 @@ class Pin:
                     snap._urgent.append(self)
                 snap.cond.wait()
         try:  # copy outside the condition: the writer may read the live buffer meanwhile (it is unchanged)
-            copy = self.backend.asarray(storage, storage.dtype, self.device_index)
+            if self.backend.host:
+                copy = _host_copy(storage)
+            else:
+                copy = self.backend.asarray(storage, storage.dtype, self.device_index)
         except BaseException:
             with snap.cond:
                 snap.held -= self.nbytes
@@ -266,6 +321,8 @@ class Pin:
             snap._captured_one()
         if self.copy is not None:
             snap.held -= self.nbytes
+            if self.backend.host and self.copy.nbytes:
+                host_pool.give(self.copy.reshape(-1).view("uint8"))
             self.copy = None
         self.state = _DONE
         self.storage = None
