@@ -8,9 +8,11 @@ first call that needs it, never by ``import gpuvars``. Every wait has a timeout.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -43,6 +45,30 @@ ENV_PROCESS_ID = "GPUVARS_PROCESS_ID"
 _lock = threading.Lock()
 _barrier_counts: dict[str, int] = {}  # name -> how many barriers of that name this process entered
 _started = False
+_uncaught: list[BaseException] = []
+_hooked: list[bool] = []  # the exit hooks are installed (once per process)  # an exception that ended the main program of this process
+
+
+def _note_uncaught(previous: Any) -> Any:
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        _uncaught.append(exc)
+        previous(kind, exc, tb)
+
+    return hook
+
+
+def _leave_at_once_on_failure() -> None:
+    """At exit after an uncaught exception: end now, with status 1. JAX's own exit handler
+    (registered before this one, so run after it) would wait at the shutdown barrier for
+    every other process, up to the whole timeout; the others learn of the failure from the
+    launcher or the service's heartbeat instead."""
+    if _uncaught and _started:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
 
 
 def _backend() -> ModuleType:
@@ -141,6 +167,10 @@ def initialize(
             ) from exc
         _started = True
         _barrier_counts.clear()
+        if not _hooked:
+            _hooked.append(True)
+            sys.excepthook = _note_uncaught(sys.excepthook)
+            atexit.register(_leave_at_once_on_failure)
 
 
 def is_initialized() -> bool:
@@ -241,6 +271,30 @@ def shutdown() -> None:
         with _mapped("shutdown"):
             _backend().shutdown()
         _started = False
+_uncaught: list[BaseException] = []
+_hooked: list[bool] = []  # the exit hooks are installed (once per process)  # an exception that ended the main program of this process
+
+
+def _note_uncaught(previous: Any) -> Any:
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        _uncaught.append(exc)
+        previous(kind, exc, tb)
+
+    return hook
+
+
+def _leave_at_once_on_failure() -> None:
+    """At exit after an uncaught exception: end now, with status 1. JAX's own exit handler
+    (registered before this one, so run after it) would wait at the shutdown barrier for
+    every other process, up to the whole timeout; the others learn of the failure from the
+    launcher or the service's heartbeat instead."""
+    if _uncaught and _started:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
         _barrier_counts.clear()
 
 
