@@ -71,7 +71,7 @@ def is_initialized() -> bool:
 
 
 def shutdown() -> None:
-    jax.distributed.shutdown()
+    jax.distributed.shutdown()  # type: ignore[no-untyped-call]
 
 
 def process_index() -> int:

@@ -147,8 +147,8 @@ class MultiWorkerMirroredStrategy(MirroredStrategy):
 
     # --- variables start equal everywhere -----------------------------------------------------------
 
-    def _create_variable(self, initial_value: Any = None, name: str | None = None, **kwargs: Any) -> Variable:
-        var = super()._create_variable(initial_value, name, **kwargs)
+    def _create_variable(self, *args: Any, **kwargs: Any) -> Variable:
+        var = super()._create_variable(*args, **kwargs)
         if self._processes > 1 and isinstance(var, DistributedVariable) and var.initialized:
             self._broadcast_initial(var)
         return var

@@ -45,8 +45,8 @@ ENV_PROCESS_ID = "GPUVARS_PROCESS_ID"
 _lock = threading.Lock()
 _barrier_counts: dict[str, int] = {}  # name -> how many barriers of that name this process entered
 _started = False
-_uncaught: list[BaseException] = []
-_hooked: list[bool] = []  # the exit hooks are installed (once per process)  # an exception that ended the main program of this process
+_uncaught: list[BaseException] = []  # an exception that ended the main program of this process
+_hooked: list[bool] = []  # the exit hooks are installed (once per process)
 
 
 def _note_uncaught(previous: Any) -> Any:
@@ -58,10 +58,10 @@ def _note_uncaught(previous: Any) -> Any:
 
 
 def _leave_at_once_on_failure() -> None:
-    """At exit after an uncaught exception: end now, with status 1. JAX's own exit handler
-    (registered before this one, so run after it) would wait at the shutdown barrier for
-    every other process, up to the whole timeout; the others learn of the failure from the
-    launcher or the service's heartbeat instead."""
+    """At exit after an uncaught exception: end now, with status 1. JAX's client shuts down
+    at interpreter teardown (after this atexit handler) and would wait at its shutdown
+    barrier for every other process, up to the whole timeout; the others learn of the
+    failure from the launcher, or from the service when its heartbeats stop."""
     if _uncaught and _started:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -271,30 +271,6 @@ def shutdown() -> None:
         with _mapped("shutdown"):
             _backend().shutdown()
         _started = False
-_uncaught: list[BaseException] = []
-_hooked: list[bool] = []  # the exit hooks are installed (once per process)  # an exception that ended the main program of this process
-
-
-def _note_uncaught(previous: Any) -> Any:
-    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
-        _uncaught.append(exc)
-        previous(kind, exc, tb)
-
-    return hook
-
-
-def _leave_at_once_on_failure() -> None:
-    """At exit after an uncaught exception: end now, with status 1. JAX's own exit handler
-    (registered before this one, so run after it) would wait at the shutdown barrier for
-    every other process, up to the whole timeout; the others learn of the failure from the
-    launcher or the service's heartbeat instead."""
-    if _uncaught and _started:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(1)
         _barrier_counts.clear()
 
 
