@@ -87,7 +87,9 @@ class JaxBackend:
     def __init__(self, platform: str) -> None:
         self.platform = platform
         try:
-            self._devices = list(jax.devices(platform))
+            # this process's devices: after jax.distributed.initialize, jax.devices() also lists
+            # the other processes' (which no array of this process may live on)
+            self._devices = list(jax.local_devices(backend=platform))
         except RuntimeError:
             self._devices = []
         self._index = {dev: i for i, dev in enumerate(self._devices)}  # device -> its index

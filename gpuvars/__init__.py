@@ -43,6 +43,7 @@ from gpuvars.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
     DevicePlacementError,
+    DistributedError,
     GpuvarsError,
     InvalidArgumentError,
     PlacementWarning,
@@ -73,6 +74,8 @@ from gpuvars.placement import list_devices
 from gpuvars.registry import Registry, RegistryMember, global_variables, trainable_variables
 from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization
 from gpuvars import optim  # after everything it builds on
+from gpuvars import distributed
+from gpuvars.distributed import MultiWorkerMirroredStrategy
 
 __version__ = "0.1.0"
 
@@ -87,6 +90,7 @@ __all__ = [
     "CheckpointWriteError",
     "DevicePlacementError",
     "DeviceSpec",
+    "DistributedError",
     "FixedShardsPartitioner",
     "GpuvarsError",
     "InvalidArgumentError",
@@ -95,6 +99,7 @@ __all__ = [
     "MinSizePartitioner",
     "MirroredStrategy",
     "MirroredVariable",
+    "MultiWorkerMirroredStrategy",
     "Op",
     "Partitioner",
     "PerReplica",
@@ -121,6 +126,7 @@ __all__ = [
     "constant",
     "copy_to",
     "device",
+    "distributed",
     "get_checkpoint_state",
     "get_replica_context",
     "get_strategy",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m gpuvars {inspect,verify,export,devices,demo}``.
+"""Command line: ``python -m gpuvars {inspect,verify,export,devices,demo,launch}``.
 
 ``inspect`` is TF's inspect_checkpoint (print_tensors_in_checkpoint_file) for gpuvars
 checkpoints, plain .safetensors files and Hugging Face sharded folders (their
@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         from gpuvars.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "launch":  # its script's own arguments follow: parsed by the launcher
+        from gpuvars.distributed.launch import main as launch_main
+
+        return launch_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m gpuvars", description="gpuvars command line")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list a checkpoint's tensors (TF's inspect_checkpoint)")
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("devices", help="list this process's devices and GPU probes")
     p.set_defaults(fn=_devices)
     sub.add_parser("demo", help="train, checkpoint, restart and resume (the main job)")
+    sub.add_parser("launch", help="run a script in N local processes: launch -n N [--port P] [--timeout S] script.py ...")
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))

@@ -12,6 +12,7 @@ that does not know gpuvars::
     ├── ResourceExhaustedError(MemoryError)      a device ran out of memory
     ├── BackendError(RuntimeError)               any other failure inside numpy/CuPy/JAX
     ├── SerializationError(TypeError)            pickling a variable (gpuvars never pickles)
+    ├── DistributedError(RuntimeError)           a multi-process step failed or timed out (names the processes)
     └── CheckpointError                          a missing, damaged or mismatched checkpoint
         ├── CheckpointNotFoundError(FileNotFoundError)
         ├── CheckpointCorruptError(ValueError)   header, size or checksum damage
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "DevicePlacementError",
+    "DistributedError",
     "GpuvarsError",
     "InvalidArgumentError",
     "PlacementWarning",
@@ -73,6 +75,15 @@ class BackendError(GpuvarsError, RuntimeError):
 
 class SerializationError(GpuvarsError, TypeError):
     """An object was pickled: gpuvars never uses pickle; save with gv.Saver instead."""
+
+
+class DistributedError(GpuvarsError, RuntimeError):
+    """A multi-process operation (start, barrier, key-value read, collective) failed or timed
+    out; ``processes`` holds the ids of the processes at fault where they are known."""
+
+    def __init__(self, message: str, processes: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.processes = tuple(processes)
 
 
 class CheckpointError(GpuvarsError):

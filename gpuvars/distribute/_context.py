@@ -135,7 +135,10 @@ class ReplicaContext:
 
     def __init__(self, strategy: MirroredStrategy, replica_id: int, rendezvous: _Rendezvous) -> None:
         self.strategy = strategy
-        self.replica_id_in_sync_group = replica_id
+        # replica_id: among this process's replicas (its components, its rendezvous slot);
+        # the id in the sync group counts the replicas of lower processes first
+        self._local_id = replica_id
+        self.replica_id_in_sync_group = strategy._replica_offset + replica_id
         self._rendezvous = rendezvous
 
     @property
@@ -145,10 +148,10 @@ class ReplicaContext:
     @property
     def device(self) -> str:
         """This replica's device."""
-        return self.strategy.devices[self.replica_id_in_sync_group]
+        return self.strategy.devices[self._local_id]
 
     def _exchange(self, value: Any, combine: Callable[[list[Any]], Any] = list) -> Any:
-        return self._rendezvous.exchange(self.replica_id_in_sync_group, value, combine)
+        return self._rendezvous.exchange(self._local_id, value, combine)
 
     def all_reduce(self, reduce_op: Any, value: Any) -> Any:
         """Combine ``value`` across replicas; every replica gets the result on its own device.
@@ -157,7 +160,7 @@ class ReplicaContext:
         """
         op = ReduceOp.from_obj(reduce_op)
         total = self._exchange(value, lambda values: self.strategy._reduce_to(op, values, 0))
-        return self.strategy._to_replica(total, self.replica_id_in_sync_group)
+        return self.strategy._to_replica(total, self._local_id)
 
     def __repr__(self) -> str:
         return f"<ReplicaContext replica {self.replica_id_in_sync_group} of {self.num_replicas_in_sync}>"

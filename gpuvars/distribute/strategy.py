@@ -80,6 +80,9 @@ class MirroredStrategy:
         self._pool: ReplicaPool | None = None  # replicas 1..n-1 of run(), started on first use
         self._rendezvous: _Rendezvous | None = None  # shared by the calls that run on the pool
 
+    #: replicas of lower-numbered processes (a multi-process strategy's replica ids start here)
+    _replica_offset = 0
+
     @property
     def devices(self) -> tuple[str, ...]:
         """The replicas' devices, replica 0 first."""
@@ -87,6 +90,11 @@ class MirroredStrategy:
 
     @property
     def num_replicas_in_sync(self) -> int:
+        return len(self._devices)
+
+    @property
+    def _local_replicas(self) -> int:
+        """The replicas of this process (``run`` runs one thread each)."""
         return len(self._devices)
 
     @contextlib.contextmanager
@@ -150,7 +158,7 @@ class MirroredStrategy:
         results (the result itself with one replica).
         """
         kwargs = dict(kwargs or {})
-        n = self.num_replicas_in_sync
+        n = self._local_replicas
         split = False  # any PerReplica argument: each replica picks its own value
         for a in (*args, *kwargs.values()):
             if isinstance(a, PerReplica):
@@ -214,7 +222,7 @@ class MirroredStrategy:
         if pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ReplicaPool(self.num_replicas_in_sync - 1, "gpuvars-replica")
+                    self._pool = ReplicaPool(self._local_replicas - 1, "gpuvars-replica")
                     weakref.finalize(self, self._pool.close)  # also at exit; holds the pool, not self
                 pool = self._pool
         return pool
@@ -246,7 +254,12 @@ class MirroredStrategy:
         return reduce_values(op, values, self._devices[0])
 
     def _reduce_to(self, op: ReduceOp, values: Sequence[Any], replica: int) -> Any:
+        """``values`` (one per local replica) combined onto replica ``replica``'s device."""
         return reduce_values(op, values, self._devices[replica])
+
+    def _first_replica(self, values: Sequence[Any]) -> Any:
+        """Replica 0's value out of ``values`` (one per local replica): ONLY_FIRST_REPLICA."""
+        return values[0]
 
     def _to_replica(self, value: Any, replica: int) -> Any:
         """``value`` on replica ``replica``'s device (an explicit copy when it lives elsewhere)."""

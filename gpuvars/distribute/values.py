@@ -167,7 +167,7 @@ class DistributedVariable(Variable):
         ctx = get_replica_context()
         if ctx is None:
             return None
-        rid = ctx.replica_id_in_sync_group
+        rid = ctx._local_id  # this process's replica (a multi-process strategy's are numbered per process)
         if rid >= len(self._components):
             raise InvalidArgumentError(
                 f"variable '{self.name}' has {len(self._components)} components but runs in replica {rid}"
@@ -267,13 +267,22 @@ class MirroredVariable(DistributedVariable):
             )
         admit(args[-1], [local.physical_device], what)  # this replica's value, judged where it goes
         dev = local.physical_device
+        # the combine steps are the variable's strategy's (a multi-process one reduces across
+        # processes); a variable with none (loaded from a checkpoint) combines its own replicas
+        strategy = self._strategy
         if agg is VariableAggregation.ONLY_FIRST_REPLICA:
-            first = ctx._exchange(args, lambda everyone: everyone[0])
+            first = ctx._exchange(args, (lambda everyone: everyone[0]) if strategy is None else strategy._first_replica)
             chosen = tuple(on_device(a, dev) for a in first)
         else:  # reduced once, by one replica, on the primary's device; each replica copies the result
             op = ReduceOp.SUM if agg is VariableAggregation.SUM else ReduceOp.MEAN
             primary = self._components[0].physical_device
-            total = ctx._exchange(args[0], lambda values: reduce_values(op, values, primary))
+
+            def combine(values: list[Any]) -> Any:
+                if strategy is None:
+                    return reduce_values(op, values, primary)
+                return strategy._reduce_to(op, values, 0)  # replica 0's device: the primary's
+
+            total = ctx._exchange(args[0], combine)
             chosen = (on_device(total, dev),)
         getattr(local, method)(*chosen)
         return self

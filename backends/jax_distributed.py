@@ -1,0 +1,162 @@
+"""JAX's distributed runtime: the one module that touches ``jax.distributed``, its
+coordination service and its cross-process collectives; raises builtins only.
+
+Every wait here is bounded: barriers and key-value reads take a timeout and a deadline
+becomes :class:`BarrierTimeout` / :class:`TimeoutError`. ``multihost_utils.sync_global_devices``
+(no timeout) is never used. Collectives run over JAX CPU arrays made from host numpy
+arrays (gloo on CPU), so numpy, CuPy and JAX variables all reduce the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+try:
+    import jax
+    from jax._src import distributed as _distributed
+    from jax.experimental import multihost_utils
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("multi-process runs need jax: pip install 'gpuvars[jax]'") from err
+
+__all__ = [
+    "BarrierTimeout",
+    "allgather",
+    "barrier",
+    "broadcast_from_first",
+    "initialize",
+    "is_initialized",
+    "kv_get",
+    "kv_set",
+    "process_count",
+    "process_index",
+    "shutdown",
+]
+
+
+class BarrierTimeout(TimeoutError):
+    """A barrier's deadline passed; ``missing`` holds the process ids the service named
+    (empty when it named none)."""
+
+    def __init__(self, message: str, missing: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def _client() -> Any:
+    client = _distributed.global_state.client
+    if client is None:
+        raise RuntimeError("the distributed runtime is not initialized")
+    return client
+
+
+def initialize(address: str, num_processes: int, process_id: int, timeout_s: float) -> None:
+    """``jax.distributed.initialize`` with gloo CPU collectives and bounded start and shutdown."""
+    config: Any = jax.config  # jax.config.update is untyped
+    config.update("jax_cpu_collectives_implementation", "gloo")
+    seconds = max(1, int(round(timeout_s)))
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=seconds,
+        shutdown_timeout_seconds=seconds,
+    )
+
+
+def is_initialized() -> bool:
+    return _distributed.global_state.client is not None
+
+
+def shutdown() -> None:
+    jax.distributed.shutdown()  # type: ignore[no-untyped-call]
+
+
+def process_index() -> int:
+    return int(jax.process_index())
+
+
+def process_count() -> int:
+    return int(jax.process_count())
+
+
+def _deadline(exc: BaseException) -> bool:
+    return "DEADLINE_EXCEEDED" in str(exc)
+
+
+def _missing(message: str) -> tuple[int, ...]:
+    """The task ids after "timed out task names:" in the service's barrier message."""
+    _, found, rest = message.partition("timed out task names:")
+    if not found:
+        return ()
+    ids: list[int] = []
+    for line in rest.strip().splitlines():
+        line = line.strip()
+        if not line:
+            break
+        m = re.fullmatch(r"(?:.*task:)?(\d+)", line)
+        if m is None:
+            break
+        ids.append(int(m.group(1)))
+    return tuple(sorted(set(ids)))
+
+
+def barrier(barrier_id: str, timeout_s: float, process_ids: Sequence[int] | None = None) -> None:
+    """Wait until every process (or ``process_ids``) reached ``barrier_id``; ids are single use."""
+    ms = max(1, int(timeout_s * 1000))
+    try:
+        if process_ids is None:
+            _client().wait_at_barrier(barrier_id, ms)
+        else:
+            _client().wait_at_barrier(barrier_id, ms, list(process_ids))
+    except jax.errors.JaxRuntimeError as exc:
+        if _deadline(exc):
+            raise BarrierTimeout(str(exc), _missing(str(exc))) from exc
+        raise RuntimeError(str(exc)) from exc
+
+
+def kv_set(key: str, value: str, overwrite: bool = False) -> None:
+    try:
+        _client().key_value_set(key, value, allow_overwrite=overwrite)
+    except jax.errors.JaxRuntimeError as exc:
+        raise RuntimeError(str(exc)) from exc
+
+
+def kv_get(key: str, timeout_s: float) -> str:
+    """The value of ``key``, waiting up to ``timeout_s`` for some process to set it."""
+    try:
+        return str(_client().blocking_key_value_get(key, max(1, int(timeout_s * 1000))))
+    except jax.errors.JaxRuntimeError as exc:
+        if _deadline(exc):
+            raise TimeoutError(str(exc)) from exc
+        raise RuntimeError(str(exc)) from exc
+
+
+# Collectives move raw bytes (uint8), so every dtype crosses exactly: JAX with x64 off
+# would narrow float64/int64, and has no object or string dtypes to refuse silently.
+
+
+def _as_bytes(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+
+
+def allgather(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Every process's ``value`` (same shape and dtype everywhere), stacked in process order."""
+    value = np.asarray(value)
+    try:
+        out = np.asarray(multihost_utils.process_allgather(_as_bytes(value)))
+    except jax.errors.JaxRuntimeError as exc:
+        raise RuntimeError(str(exc)) from exc
+    return np.ascontiguousarray(out).view(value.dtype).reshape((out.shape[0],) + value.shape)
+
+
+def broadcast_from_first(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Process 0's ``value`` on every process (same shape and dtype everywhere)."""
+    value = np.asarray(value)
+    try:
+        out = np.asarray(multihost_utils.broadcast_one_to_all(_as_bytes(value)))
+    except jax.errors.JaxRuntimeError as exc:
+        raise RuntimeError(str(exc)) from exc
+    return np.ascontiguousarray(out).view(value.dtype).reshape(value.shape)
