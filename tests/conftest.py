@@ -19,7 +19,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import pathlib
-from typing import TYPE_CHECKING, Iterator
+import threading
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -194,3 +195,38 @@ def fork_server() -> Iterator["ForkServer"]:
     server = ForkServer()
     yield server
     server.close()
+
+
+# --- GPU libraries and held saves (test_gpu*.py, test_async_save.py) ---------------------------
+
+
+@pytest.fixture(params=["cupy", "jax"])
+def gpu_lib(request: pytest.FixtureRequest) -> str:
+    """Serve ``/gpu:N`` with CuPy, then with JAX; skip a library that sees no GPU."""
+    library = str(request.param)
+    probe = backends.probe(library, "gpu")
+    if not probe.usable:
+        pytest.skip(f"{library} cannot use a GPU here: {probe.reason}")
+    config.set_gpu_backend(library)
+    return library
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Hold every tensor write of a save until the event is set (the save is then 'in flight';
+    the writer's batched runs of small tensors are held too)."""
+    from gpuvars.checkpoint import _stformat
+
+    release = threading.Event()
+    for method in ("write", "write_run"):
+        real = getattr(_stformat.SafetensorsWriter, method, None)
+        if real is None:
+            continue
+
+        def held(self: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            assert release.wait(60), "the test never released the gate"
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(_stformat.SafetensorsWriter, method, held)
+    yield release
+    release.set()

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,21 +25,6 @@ def _uniform(reader: gv.CheckpointReader, key: str) -> float:
     values = np.unique(reader.get_tensor(key))
     assert len(values) == 1, f"{key} is torn: it holds {values[:5]} ..."
     return float(values[0])
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Hold every tensor write of a save until the event is set (the save is then 'in flight')."""
-    release = threading.Event()
-    real = _stformat.SafetensorsWriter.write
-
-    def write(self: Any, name: str, data: object) -> None:
-        assert release.wait(60), "the test never released the gate"
-        real(self, name, data)
-
-    monkeypatch.setattr(_stformat.SafetensorsWriter, "write", write)
-    yield release
-    release.set()
 
 
 # --- G1: the issue's corruption, reproduced and gone ----------------------------------------------

@@ -30,17 +30,6 @@ SCATTERS = {
 }
 
 
-@pytest.fixture(params=["cupy", "jax"])
-def gpu_lib(request: pytest.FixtureRequest) -> str:
-    """Serve ``/gpu:N`` with CuPy, then with JAX; skip a library that sees no GPU."""
-    library = str(request.param)
-    probe = backends.probe(library, "gpu")
-    if not probe.usable:
-        pytest.skip(f"{library} cannot use a GPU here: {probe.reason}")
-    config.set_gpu_backend(library)
-    return library
-
-
 def gpu_count(library: str) -> int:
     return backends.probe(library, "gpu").count
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -14,36 +13,10 @@ import pytest
 import gpuvars as gv
 import gpuvars_backends as backends
 from gpuvars import config
-from gpuvars.checkpoint import _stformat
 
 pytestmark = pytest.mark.gpu
 
 N = 1 << 22  # 16 MiB of float32: several 64 MiB-chunk-free tensors, quick on any GPU
-
-
-@pytest.fixture(params=["cupy", "jax"])
-def gpu_lib(request: pytest.FixtureRequest) -> str:
-    library = str(request.param)
-    probe = backends.probe(library, "gpu")
-    if not probe.usable:
-        pytest.skip(f"{library} cannot use a GPU here: {probe.reason}")
-    config.set_gpu_backend(library)
-    return library
-
-
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
-    """Hold every tensor write until the event is set."""
-    release = threading.Event()
-    real = _stformat.SafetensorsWriter.write
-
-    def write(self: Any, name: str, data: object) -> None:
-        assert release.wait(60)
-        real(self, name, data)
-
-    monkeypatch.setattr(_stformat.SafetensorsWriter, "write", write)
-    yield release
-    release.set()
 
 
 def test_a_gpu_variable_mutated_right_after_an_async_save_is_saved_as_it_was(

@@ -12,22 +12,11 @@ import numpy as np
 import pytest
 
 import gpuvars as gv
-import gpuvars_backends as backends
 from gpuvars import config
 from gpuvars.checkpoint import _stformat
 from test_optim import CASES, _problem
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(params=["cupy", "jax"])
-def gpu_lib(request: pytest.FixtureRequest) -> str:
-    library = str(request.param)
-    probe = backends.probe(library, "gpu")
-    if not probe.usable:
-        pytest.skip(f"{library} cannot use a GPU here: {probe.reason}")
-    config.set_gpu_backend(library)
-    return library
 
 
 @pytest.mark.parametrize("name, make, ref", CASES, ids=[c[0] for c in CASES])
