@@ -37,6 +37,7 @@ from gpuvars.distribute import (
 )
 from gpuvars.errors import (
     BackendError,
+    CheckpointCommitError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
@@ -81,6 +82,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "CheckpointCommitError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMismatchError",

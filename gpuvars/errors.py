@@ -28,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendError",
+    "CheckpointCommitError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -102,10 +103,18 @@ class CheckpointMismatchError(CheckpointError, ValueError):
     """The checkpoint's keys, shapes or dtypes do not match what the restore asked for."""
 
 
+class CheckpointCommitError(CheckpointError, DistributedError):
+    """A save across processes committed nothing: a process failed, was late, or saved
+    something else than process 0; ``processes`` holds their ids. Every process of the
+    group raises it with the same message (DESIGN "Beyond one machine")."""
+
+
 class CheckpointWriteError(CheckpointError, OSError):
     """Saving failed in the file system (no space, a file too large, no permission, a folder
     that is a file); ``errno`` is the failing call's. Names the prefix and the file; nothing
-    of the failed save is visible."""
+    of the failed save is visible; ``step`` says which step failed and why, without the prefix."""
+
+    step: str | None = None
 
 
 class PlacementWarning(UserWarning):

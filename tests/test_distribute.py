@@ -237,6 +237,21 @@ def test_sharded_assign_and_scatter_routed(four_cpus: str) -> None:
 # --- checkpoints across topologies ----------------------------------------------------------------
 
 
+def test_a_scalar_sync_on_read_variable_keeps_its_shape_through_a_checkpoint(four_cpus: str, tmp_path) -> None:
+    # regression: the reduced value went through np.ascontiguousarray, which makes 0-d arrays 1-d,
+    # so the checkpoint said shape (1,) and its own variable refused to restore from it
+    strategy = gv.MirroredStrategy(DEVICES[:2])
+    with strategy.scope():
+        seen = gv.Variable(0.0, name="seen", synchronization=gv.VariableSynchronization.ON_READ,
+                           aggregation=gv.VariableAggregation.SUM)
+    strategy.run(lambda: seen.assign_add(1.5))
+    prefix = gv.Saver([seen]).save(str(tmp_path / "m"))
+    assert gv.CheckpointReader(prefix).get_variable_to_shape_map() == {"seen": ()}
+    seen.assign(0.0)
+    gv.Saver([seen]).restore(prefix)
+    assert float(seen.numpy()) == 3.0 and [float(c.numpy()) for c in seen.values] == [1.5, 1.5]
+
+
 def test_checkpoint_logical_values_move_between_topologies(four_cpus: str, tmp_path) -> None:
     two = gv.MirroredStrategy(DEVICES[:2])
     with two.scope():

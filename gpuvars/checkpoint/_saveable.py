@@ -162,6 +162,9 @@ class Saveable:
         """One read per component from the replica files, when the saved components match
         this variable's (count and shapes); else None."""
         comps, saved = self.components(), entry.components
+        offset, total = _replica_slot(self.var, len(comps))
+        if saved and len(saved) == total != len(comps):  # this process's replicas of every process's
+            saved = saved[offset:offset + len(comps)]
         if not saved or len(saved) != len(comps) or any(c.shape != s.shape for c, s in zip(comps, saved)):
             return None
         return [Read(s.file, key, s.shape, entry.dtype, s.checksum, c, _into_variable) for c, s in zip(comps, saved)]
@@ -183,6 +186,15 @@ class Saveable:
         """A new, unfilled distributed variable of this kind with its components on ``placed``
         (``gv.load_checkpoint`` builds plain variables itself)."""
         raise InvalidArgumentError(f"checkpoint key {entry.key!r}: a {cls.kind} variable has no components to build")
+
+
+def _replica_slot(var: Any, count: int) -> tuple[int, int]:
+    """(the first replica id of this process's ``count`` components, every process's
+    replicas): (0, count) unless ``var`` is mirrored over several processes."""
+    strategy = getattr(var, "_strategy", None)
+    if strategy is None:
+        return 0, count
+    return int(getattr(strategy, "_replica_offset", 0)), int(strategy.num_replicas_in_sync)
 
 
 class PlainSaveable(Saveable):
@@ -279,10 +291,10 @@ class SyncOnReadSaveable(_ReplicatedSaveable):
             for c in self.var.values:  # no component changes while the reduction reads it
                 hold.enter_context(exclusive(c))
             with backend_errors(primary.physical_device, f"saving {key!r}: reducing variable {self.name!r}"):
-                return [np.ascontiguousarray(self.var.numpy())]  # the reduced value, at the call, in host memory
+                return [np.array(self.var.numpy(), order="C")]  # the reduced value, at the call, in host memory
 
     def _divide_by(self) -> int:
-        return len(self.var.values) if self.var.aggregation is VariableAggregation.SUM else 1
+        return self.var.replicas_in_sync if self.var.aggregation is VariableAggregation.SUM else 1
 
 
 class ShardedSaveable(Saveable):

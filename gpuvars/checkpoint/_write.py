@@ -29,8 +29,9 @@ from gpuvars.checkpoint.policy import VariablePolicy
 from gpuvars.errors import CheckpointError, CheckpointWriteError, UninitializedVariableError
 from gpuvars.variable import Variable, pin
 
-__all__ = ["SavePlan", "delete_checkpoint", "prepare_save", "shard_entries", "write_checkpoint", "write_error",
-           "write_in_parallel"]
+__all__ = ["LocalFiles", "SavePlan", "Step", "check_saveable", "commit", "delete_checkpoint", "open_folder",
+           "prepare_save", "remove_written", "shard_entries", "write_checkpoint", "write_error", "write_in_parallel",
+           "write_local"]
 
 T = TypeVar("T")
 
@@ -46,7 +47,9 @@ def write_error(prefix: str, doing: str, exc: OSError, after_commit: str | None 
                "committed (checkpoints at other prefixes are untouched)")
     else:
         msg = f"checkpoint {prefix!r} was committed, but {doing} failed: {reason}; {after_commit}"
-    return CheckpointWriteError(exc.errno, msg) if exc.errno is not None else CheckpointWriteError(msg)
+    err = CheckpointWriteError(exc.errno, msg) if exc.errno is not None else CheckpointWriteError(msg)
+    err.step = f"{doing} failed: {reason}"  # what failed, without the prefix (a save across processes cites it)
+    return err
 
 
 class SavePlan:
@@ -65,7 +68,8 @@ class SavePlan:
         self.meta: dict[str, tuple[str, bool]] = {}  # key -> (kind, trainable)
         self.parts: dict[str, list[Any]] = {}  # key -> [(pin, variable) or an array], along axis 0
         self.replicas: list[dict[str, tuple[Pin, Variable]]] = []  # replica k -> {key: its component}
-        self.devices: bytes | None = None
+        self.device_records: dict[str, dict[str, Any]] | None = None  # key -> its device-map entry
+        self.logical = True  #: this process writes the data file (False: only its replica files)
         self.total = 0
         self.written = 0
         self._count = threading.Lock()
@@ -82,17 +86,38 @@ def prepare_save(
     step: int | None,
     copy_on_write_bytes: int | None,
     max_shard_size: int | None = None,
+    *,
+    logical: bool = True,
+    expand_sharded: bool = True,
 ) -> SavePlan:
     """Validate a save of ``saveables`` and pin every variable's storage: from now on the
     checkpoint holds the values of this moment, whatever other threads do. Moves no data
     (a sync-on-read variable's reduced value is computed here).
+
+    ``logical=False`` (a process other than 0 of a multi-process save): the plan records
+    every tensor but pins only the components its replica files hold.
+    ``expand_sharded=False`` (a multi-process save): a sharded variable's shards get no
+    replica files (each process holds all of them; the logical tensor is the checkpoint's).
 
     Raises:
         UninitializedVariableError: a variable has no value.
         InvalidArgumentError: a dtype safetensors cannot hold.
     """
     with _parallel.gc_paused():
-        return _prepare(prefix, saveables, policy, step, copy_on_write_bytes, max_shard_size)
+        return _prepare(prefix, saveables, policy, step, copy_on_write_bytes, max_shard_size, logical,
+                        expand_sharded)
+
+
+def check_saveable(saveables: Mapping[str, Saveable]) -> None:
+    """What :func:`prepare_save` raises before it pins anything: an uninitialized variable,
+    a dtype safetensors cannot hold (a multi-process save checks this on every process
+    before any process starts a collective)."""
+    for key, sv in saveables.items():
+        if not sv.initialized:
+            raise _uninitialized(sv.name, key)
+        dtype = sv.dtype
+        if dtype is not None:
+            st.st_dtype(np.dtype(dtype), key=key)
 
 
 def _prepare(
@@ -102,8 +127,11 @@ def _prepare(
     step: int | None,
     copy_on_write_bytes: int | None,
     max_shard_size: int | None,
+    logical: bool,
+    expand_sharded: bool,
 ) -> SavePlan:
     plan = SavePlan(prefix, policy, step, Snapshot(copy_on_write_bytes), max_shard_size)
+    plan.logical = logical
     pins: dict[int, tuple[Pin, Variable]] = {}
 
     def pinned(var: Variable, key: str, name: str) -> tuple[Pin, Variable]:
@@ -124,7 +152,16 @@ def _prepare(
         for key, sv in saveables.items():
             if not sv.initialized:
                 raise _uninitialized(sv.name, key)
-            parts = sv.parts(key)
+            parts = sv.parts(key)  # also where it is not written: a sync-on-read variable's reduction is collective
+            if not logical:
+                dtype, shape = np.dtype(sv.dtype), sv.shape
+                assert shape is not None
+                if dtype not in st_names:
+                    st_names[dtype] = st.st_dtype(dtype, key=key)
+                entries.append((key, dtype, shape))
+                meta[key] = (sv.kind, sv.trainable)
+                plan_parts[key] = []
+                continue
             if len(parts) == 1 and isinstance(parts[0], Variable):  # the common case: one variable
                 got = pinned(parts[0], key, sv.name)
                 parts = [got]
@@ -154,13 +191,15 @@ def _prepare(
         plan.total += total
         if policy is VariablePolicy.EXPAND_DISTRIBUTED_VARIABLES:
             for key, sv in saveables.items():
+                if not expand_sharded and sv.kind == "sharded":
+                    continue
                 for k, comp in enumerate(sv.components()):
                     while len(plan.replicas) <= k:
                         plan.replicas.append({})
                     got = plan.replicas[k][key] = pinned(comp, key, sv.name)
                     plan.total += got[0].nbytes
         if policy.saves_devices():
-            plan.devices = _format.build_devices({key: sv.device_record() for key, sv in saveables.items()})
+            plan.device_records = {key: sv.device_record() for key, sv in saveables.items()}
     except BaseException:
         plan.snapshot.release()
         raise
@@ -187,107 +226,167 @@ def write_checkpoint(plan: SavePlan, progress: bool | None = None) -> None:
         plan.snapshot.release()
 
 
+class Step:
+    """What a save is doing, for the error that names it (a CheckpointWriteError says which
+    step of which file failed)."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+class LocalFiles:
+    """What one process wrote of a checkpoint, for its index: ``files`` (name -> record),
+    each logical tensor's ``checksums`` and shard (``weight_map``, None unsharded) if it
+    wrote the data file, and each distributed variable's ``components`` (key -> records, in
+    replica order)."""
+
+    __slots__ = ("version", "files", "checksums", "weight_map", "components")
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.files: dict[str, dict[str, Any]] = {}
+        self.checksums: dict[str, str] = {}
+        self.weight_map: dict[str, str] | None = None
+        self.components: dict[str, list[dict[str, Any]]] = {}
+
+
 def _write(plan: SavePlan, progress: bool | None) -> None:
     prefix = plan.prefix
     folder, base = os.path.split(prefix)
-    doing = f"creating the folder {folder!r}"
+    doing = Step(f"creating the folder {folder!r}")
     written: list[str] = []
     try:
-        if folder:
-            if os.path.lexists(folder) and not os.path.isdir(folder):
-                doing += " (a file of that name is in the way)"
-            os.makedirs(folder, exist_ok=True)
-        doing = f"removing stale temporary files in {folder or '.'!r}"
-        _atomic.remove_stale_temps(folder)
-        index_name = _format.index_file(base)
-        index_path = os.path.join(folder, index_name)
-        old_files: list[str] = []
-        if os.path.lexists(index_path):  # retire the old checkpoint of this prefix first (decision 15)
-            try:  # its files this save does not overwrite (other shard or replica counts) go after the commit
-                old_files = list(_format.read_index(prefix).files)
-            except CheckpointError:
-                pass
-            doing = f"retiring the old {index_name}"
-            os.unlink(index_path)
-            _atomic.fsync_dir(folder)
+        old_files = open_folder(prefix, doing)
+        local = write_local(plan, written, progress, doing)
+        commit(plan, local, plan.device_records, old_files, written, doing)
+    except BaseException as exc:
+        remove_written(folder, written)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise write_error(prefix, doing.what, exc) from exc
+        raise
 
+
+def remove_written(folder: str, written: Sequence[str]) -> None:
+    """Best effort: the files of a save that did not commit (invisible without the index)."""
+    for name in written:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
+def open_folder(prefix: str, doing: Step) -> list[str]:
+    """Create the folder, remove stale temporary files, and retire an old index of this
+    prefix (decision 15); returns the old checkpoint's files (deleted after the commit,
+    those this save does not overwrite)."""
+    folder, base = os.path.split(prefix)
+    if folder:
+        doing.what = f"creating the folder {folder!r}"
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            doing.what += " (a file of that name is in the way)"
+        os.makedirs(folder, exist_ok=True)
+    doing.what = f"removing stale temporary files in {folder or '.'!r}"
+    _atomic.remove_stale_temps(folder)
+    index_name = _format.index_file(base)
+    index_path = os.path.join(folder, index_name)
+    old_files: list[str] = []
+    if os.path.lexists(index_path):  # its files this save does not overwrite (other shard or replica counts) go after the commit
+        try:
+            old_files = list(_format.read_index(prefix).files)
+        except CheckpointError:
+            pass
+        doing.what = f"retiring the old {index_name}"
+        os.unlink(index_path)
+        _atomic.fsync_dir(folder)
+    return old_files
+
+
+def write_local(plan: SavePlan, written: list[str], progress: bool | None, doing: Step,
+                replica_offset: int = 0, replica_total: int | None = None) -> LocalFiles:
+    """This process's files: the data file or its shards (if ``plan.logical``), then the
+    replica files ``replica_offset ..`` of ``replica_total`` (default: this plan's replicas);
+    then the snapshot is released. Names every committed file in ``written``."""
+    folder, base = os.path.split(plan.prefix)
+    local = LocalFiles(1 if plan.max_shard_size is None else _format.SHARDED_VERSION)
+    files, components = local.files, local.components
+    if plan.logical:
         meter = _progress.bar(plan.total, f"saving {base}", progress)
-        weight_map: dict[str, str] | None = None
-        files: dict[str, dict[str, Any]] = {}
         if plan.max_shard_size is None:
-            version = 1
             data_name = _format.data_file(base)
-            doing = f"writing {data_name}"
+            doing.what = f"writing {data_name}"
             record = _write_file(
                 os.path.join(folder, data_name), plan.entries,
-                {"format": _format.FORMAT, "version": str(version)}, plan.parts, plan, meter,
+                {"format": _format.FORMAT, "version": str(local.version)}, plan.parts, plan, meter,
             )
             written.append(record.file)
             files[record.file] = _format.file_record("data", record.size, record.header_checksum)
-            checksums = record.tensors
+            local.checksums = record.tensors
         else:
-            version = _format.SHARDED_VERSION
-            doing = "writing the data shards"
+            doing.what = "writing the data shards"
             try:
                 shard_records = _write_shards(plan, folder, base, written, meter)
             finally:
                 meter.close()
-            weight_map, checksums = {}, {}
+            weight_map: dict[str, str] = {}
             for rec in shard_records:
                 files[rec.file] = _format.file_record("data", rec.size, rec.header_checksum)
-                checksums.update(rec.tensors)
+                local.checksums.update(rec.tensors)
                 weight_map.update(dict.fromkeys(rec.tensors, rec.file))
-            weight_map = {key: weight_map[key] for key, _, _ in plan.entries}
-        components: dict[str, list[dict[str, Any]]] = {}
-        if plan.replicas:
-            doing = "writing the replica files"
-            for rec, parts in _write_replica_files(plan, folder, base, written, version):
-                files[rec.file] = _format.file_record("replica", rec.size, rec.header_checksum)
-                for key, checksum in rec.tensors.items():
-                    components.setdefault(key, []).append(
-                        _format.component_record(rec.file, parts[key], checksum)
-                    )
-        plan.snapshot.release()  # every byte is in a file: no mutation waits on this save any more
-        if plan.devices is not None:
-            name = _format.devices_file(base)
-            doing = f"writing {name}"
-            _atomic.write_bytes(os.path.join(folder, name), plan.devices, sync_dir=False)
-            written.append(name)
-            files[name] = _format.file_record("devices", len(plan.devices), st.checksum(plan.devices))
-            _atomic.fsync_dir(folder)  # every renamed file is durable before the index names it
-        meta, st_names = plan.meta, {}
-        where = (lambda key: record.file) if weight_map is None else weight_map.__getitem__
-        for _, dtype, _ in plan.entries:
-            if dtype not in st_names:
-                st_names[dtype] = st.st_dtype(dtype)
-        variables = _format.plain_variable_records([
-            (key, shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key])
-            for key, dtype, shape in plan.entries if key not in components
-        ])
-        for key, dtype, shape in plan.entries:
-            if key in components:
-                variables[key] = _format.variable_record(
-                    shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key], components[key])
-        if components:  # the order of plan.entries, as before
-            variables = {key: variables[key] for key, _, _ in plan.entries}
-        index = _format.build_index(plan.policy, plan.step, time.time(), variables, files, weight_map)
-        doing = f"writing {index_name} (the commit)"
-        _atomic.write_bytes(index_path, _format.dump_json(index))
-        for name in old_files:  # committed: the old checkpoint's leftovers (best effort)
-            if name not in files and name.startswith((f"{base}.", f"{base}-")):
-                try:
-                    _atomic.unlink_quiet(os.path.join(folder, name))
-                except OSError:
-                    pass
-    except BaseException as exc:
-        for name in written:  # invisible without the index; tidy up what we can
+            local.weight_map = {key: weight_map[key] for key, _, _ in plan.entries}
+    if plan.replicas:
+        doing.what = "writing the replica files"
+        total = len(plan.replicas) if replica_total is None else replica_total
+        for rec, parts in _write_replica_files(plan, folder, base, written, local.version, replica_offset, total):
+            files[rec.file] = _format.file_record("replica", rec.size, rec.header_checksum)
+            for key, checksum in rec.tensors.items():
+                components.setdefault(key, []).append(_format.component_record(rec.file, parts[key], checksum))
+    plan.snapshot.release()  # every byte is in a file: no mutation waits on this save any more
+    return local
+
+
+def commit(plan: SavePlan, local: LocalFiles, device_records: Mapping[str, dict[str, Any]] | None,
+           old_files: Sequence[str], written: list[str], doing: Step) -> None:
+    """The device map, then the index (its atomic rename is the commit), then the old
+    checkpoint's leftovers. ``local``: every file of the checkpoint (a multi-process save
+    merges every process's)."""
+    folder, base = os.path.split(plan.prefix)
+    files, components, checksums, weight_map = local.files, local.components, local.checksums, local.weight_map
+    if device_records is not None:
+        name = _format.devices_file(base)
+        doing.what = f"writing {name}"
+        data = _format.build_devices(device_records)
+        _atomic.write_bytes(os.path.join(folder, name), data, sync_dir=False)
+        written.append(name)
+        files[name] = _format.file_record("devices", len(data), st.checksum(data))
+        _atomic.fsync_dir(folder)  # every renamed file is durable before the index names it
+    meta, st_names = plan.meta, {}
+    data_name = _format.data_file(base)
+    where = (lambda key: data_name) if weight_map is None else weight_map.__getitem__
+    for _, dtype, _ in plan.entries:
+        if dtype not in st_names:
+            st_names[dtype] = st.st_dtype(dtype)
+    variables = _format.plain_variable_records([
+        (key, shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key])
+        for key, dtype, shape in plan.entries if key not in components
+    ])
+    for key, dtype, shape in plan.entries:
+        if key in components:
+            variables[key] = _format.variable_record(
+                shape, st_names[dtype], meta[key][0], meta[key][1], where(key), checksums[key], components[key])
+    if components:  # the order of plan.entries, as before
+        variables = {key: variables[key] for key, _, _ in plan.entries}
+    index = _format.build_index(plan.policy, plan.step, time.time(), variables, files, weight_map)
+    index_name = _format.index_file(base)
+    doing.what = f"writing {index_name} (the commit)"
+    _atomic.write_bytes(os.path.join(folder, index_name), _format.dump_json(index))
+    for name in old_files:  # committed: the old checkpoint's leftovers (best effort)
+        if name not in files and name.startswith((f"{base}.", f"{base}-")):
             try:
-                os.unlink(os.path.join(folder, name))
+                _atomic.unlink_quiet(os.path.join(folder, name))
             except OSError:
                 pass
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
-            raise write_error(prefix, doing, exc) from exc
-        raise
 
 
 def _reading(part: Any) -> Any:
@@ -490,24 +589,25 @@ def _write_shards(plan: SavePlan, folder: str, base: str, written: list[str], me
 
 
 def _write_replica_files(
-    plan: SavePlan, folder: str, base: str, written: list[str], version: int = 1
+    plan: SavePlan, folder: str, base: str, written: list[str], version: int, offset: int, total: int
 ) -> list[tuple[st.FileRecord, dict[str, tuple[int, ...]]]]:
-    """``P.replica-K-of-N.safetensors``: file K holds the K-th component of every distributed
-    variable that has one; the N files are written in parallel (pwrite and xxh3 release the GIL).
+    """``P.replica-K-of-N.safetensors`` (N: ``total``) for this plan's replicas, K from
+    ``offset`` on: file K holds the K-th component of every distributed variable that has
+    one; the files are written in parallel (pwrite and xxh3 release the GIL).
     Returns each file's record and its tensors' shapes, in replica order."""
     n = len(plan.replicas)
     results: list[tuple[st.FileRecord, dict[str, tuple[int, ...]]] | None] = [None] * n
     errors: list[BaseException] = []
 
     def write(k: int) -> None:
-        name = _format.replica_file(base, k, n)
+        name = _format.replica_file(base, offset + k, total)
         try:
             comps = plan.replicas[k]
             shapes = {key: c[0].shape for key, c in comps.items()}
             entries = [(key, np.dtype(c[0].dtype), shapes[key]) for key, c in comps.items()]
             record = _write_file(
                 os.path.join(folder, name), entries,
-                {"format": _format.FORMAT, "version": str(version), "replica": f"{k} of {n}"},
+                {"format": _format.FORMAT, "version": str(version), "replica": f"{offset + k} of {total}"},
                 {key: [c] for key, c in comps.items()}, plan, _progress.bar(0, "", False),
             )
             results[k] = (record, shapes)

@@ -102,6 +102,11 @@ class SaveOptions:
             ``weight_map`` in the index (format version 2). A tensor larger than the size
             gets a shard of its own; tensors are never split. None (default): one
             ``P.safetensors`` (format version 1). Stored normalized to an int.
+        commit_timeout: a save across processes (after ``gv.distributed.initialize``): the
+            most seconds one process waits for the others at each of its two rounds (start,
+            commit), which includes how much longer their writing takes. Past it, nothing is
+            committed and every process raises :class:`gpuvars.CheckpointCommitError`
+            naming the late processes. Default 300.
 
     Example:
         >>> import gpuvars as gv
@@ -113,6 +118,7 @@ class SaveOptions:
     progress: bool | None = None
     copy_on_write_bytes: int | None = 1 << 30
     max_shard_size: int | str | None = None
+    commit_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -125,6 +131,9 @@ class SaveOptions:
             raise InvalidArgumentError(f"SaveOptions.copy_on_write_bytes must be None or an int >= 0, got {cow!r}")
         if self.max_shard_size is not None:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size, "SaveOptions.max_shard_size"))
+        t = self.commit_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or t == float("inf"):
+            raise InvalidArgumentError(f"SaveOptions.commit_timeout must be a finite number of seconds > 0, got {t!r}")
 
     @property
     def shard_bytes(self) -> int | None:

@@ -14,20 +14,21 @@ loadable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import operator
 import os
 import threading
 import time
-from typing import Any, Iterable, Literal, Mapping, overload
+from typing import Any, Callable, Iterable, Literal, Mapping, overload
 
 import numpy as np
 
-from gpuvars.checkpoint import _async, _format, _saveable, _state
+from gpuvars.checkpoint import _async, _collective, _format, _saveable, _state
 from gpuvars.checkpoint._async import SaveFuture
 from gpuvars.checkpoint._restore import RestoreResult, restore_variables
 from gpuvars.checkpoint._saveable import Saveable
-from gpuvars.checkpoint._write import delete_checkpoint, prepare_save, write_checkpoint, write_error
+from gpuvars.checkpoint._write import SavePlan, delete_checkpoint, prepare_save, write_checkpoint, write_error
 from gpuvars.checkpoint.policy import SaveOptions
 from gpuvars.errors import CheckpointError, InvalidArgumentError
 from gpuvars.registry import current_registry
@@ -286,18 +287,44 @@ class Saver:
             if self._closed:
                 raise InvalidArgumentError(f"Saver.save({prefix!r}): this saver was closed")
             self._wait_in_flight(None)
-            plan = prepare_save(prefix, self._saveables, opts.policy, step, opts.copy_on_write_bytes,
-                                opts.shard_bytes)
-
-            def run() -> None:
-                write_checkpoint(plan, progress=opts.progress if blocking else bool(opts.progress))
-                self._after_commit(prefix, folder)
+            progress = opts.progress if blocking else bool(opts.progress)
+            if _collective.group_size() > 1:
+                run, plan = self._save_across_processes(prefix, folder, step, opts, progress)
+            else:
+                plan = prepare_save(prefix, self._saveables, opts.policy, step, opts.copy_on_write_bytes,
+                                    opts.shard_bytes)
+                run = functools.partial(self._write, plan, folder, progress)
 
             if blocking:
                 run()
                 return prefix
             self._in_flight = _async.start(plan, run)
             return self._in_flight
+
+    def _write(self, plan: SavePlan, folder: str, progress: bool | None) -> None:
+        write_checkpoint(plan, progress=progress)
+        self._after_commit(plan.prefix, folder)
+
+    def _save_across_processes(self, prefix: str, folder: str, step: int | None, opts: SaveOptions,
+                               progress: bool | None) -> tuple[Callable[[], None], SavePlan]:
+        """A save every process of the group makes (``gv.distributed``): agree to start, pin,
+        and the writing and commit to run (in this thread or the writer's)."""
+        coll = _collective.Collective.start(prefix, self._saveables, opts.commit_timeout)
+        error: BaseException | None = None
+        plan: SavePlan | None = None
+        try:
+            plan = prepare_save(prefix, self._saveables, opts.policy, step, opts.copy_on_write_bytes,
+                                opts.shard_bytes, logical=coll.primary, expand_sharded=False)
+        except Exception as exc:  # after the start every process takes part in the commit round
+            error = exc
+
+        def run() -> None:
+            coll.write(plan, error, progress, lambda: self._after_commit(prefix, folder, primary=coll.primary))
+
+        if plan is None:  # nothing to do in the background: fail here, with every other process
+            run()
+            raise AssertionError("unreachable: a save whose preparation failed cannot commit")
+        return run, plan
 
     def _wait_in_flight(self, timeout: float | None) -> None:
         """Wait for the save in flight; raise its error unless ``result()`` already did."""
@@ -360,8 +387,10 @@ class Saver:
         if adopted:
             self._last = sorted(adopted + self._last, key=lambda entry: entry[1])
 
-    def _after_commit(self, prefix: str, folder: str) -> None:
-        """Update the state file, then apply retention (deletes only committed-old prefixes)."""
+    def _after_commit(self, prefix: str, folder: str, primary: bool = True) -> None:
+        """Update the state file, then apply retention (deletes only committed-old prefixes).
+        ``primary=False`` (a process other than 0 of a save across processes): only this
+        saver's list; process 0 writes the state file and deletes."""
         now = time.time()
         self._adopt(folder, now)
         self._last = [(p, t) for p, t in self._last if p != prefix] + [(prefix, now)]
@@ -372,6 +401,8 @@ class Saver:
                 self._last_preserved = ts  # kept for good: leaves the rotation, not the disk
                 continue
             doomed.append(old)
+        if not primary:
+            return
         try:
             _state.write_state(  # a folder's state lists only that folder's checkpoints (plain names)
                 folder,

@@ -162,6 +162,13 @@ class DistributedVariable(Variable):
         local = self._local()
         return self._components[0] if local is None else local
 
+    @property
+    def replicas_in_sync(self) -> int:
+        """How many replicas hold a component: every process's (the strategy's
+        ``num_replicas_in_sync``), or this variable's components without a strategy."""
+        strategy = self._strategy
+        return len(self._components) if strategy is None else int(strategy.num_replicas_in_sync)
+
     def _local(self) -> Variable | None:
         """This replica's component inside strategy.run, else None."""
         ctx = get_replica_context()
@@ -306,7 +313,10 @@ class SyncOnReadVariable(DistributedVariable):
         agg = self.aggregation
         if agg in (VariableAggregation.SUM, VariableAggregation.MEAN):
             op = ReduceOp.SUM if agg is VariableAggregation.SUM else ReduceOp.MEAN
-            return reduce_values(op, [c.value() for c in self._components], self._components[0].physical_device)
+            values = [c.value() for c in self._components]
+            if self._strategy is not None:  # every replica's, those of other processes too
+                return self._strategy._reduce_to(op, values, 0)
+            return reduce_values(op, values, self._components[0].physical_device)
         return self._components[0].value()
 
     def _update(self, method: str, *args: Any) -> Variable:
@@ -323,7 +333,7 @@ class SyncOnReadVariable(DistributedVariable):
                 f"is set to `VariableAggregation.SUM` (variable '{self.name}')"
             )
         what = f"{method} to sync-on-read variable '{self.name}'"
-        n = len(self._components)
+        n = self.replicas_in_sync
         if method == "assign" and self.aggregation is VariableAggregation.SUM and n > 1:
             # TF: each replica holds value / n, cast back to the variable's dtype
             located = admit(value, self._targets(), what)

@@ -101,11 +101,12 @@ class MultiWorkerMirroredStrategy(MirroredStrategy):
         itself with one process)."""
         if self._processes == 1:
             return local
-        gathered = self._gather(_host(local), what)
+        host = _host(local)
+        gathered = self._gather(host, what)
         acc = gathered[0].copy()
         for part in gathered[1:]:
             acc = acc + part
-        return acc
+        return np.asarray(acc, host.dtype).reshape(host.shape)  # a 0-d sum is an ndarray, not a numpy scalar
 
     def _reduce_to(self, op: ReduceOp, values: Sequence[Any], replica: int) -> Any:
         dest = self._devices[replica]

@@ -38,7 +38,6 @@ from gpuvars.distribute.values import reduce_values
 from gpuvars.errors import InvalidArgumentError
 from gpuvars.initializers import Constant, Zeros
 from gpuvars.placement import PhysicalDevice
-from gpuvars.registry import current_registry
 from gpuvars.variable import Variable, VariableAggregation, VariableSynchronization, adopt, exclusive, writable
 
 __all__ = ["Optimizer", "clip_by_global_norm"]
