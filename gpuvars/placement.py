@@ -20,7 +20,7 @@ import gpuvars_backends as backends
 from gpuvars_backends import Backend
 from gpuvars import config
 from gpuvars.devices import DeviceSpec
-from gpuvars.errors import DevicePlacementError, PlacementWarning
+from gpuvars.errors import DevicePlacementError, DistributedError, PlacementWarning
 
 __all__ = ["PhysicalDevice", "default_device", "devices_of_platform", "host_device", "list_devices", "resolve"]
 
@@ -271,8 +271,7 @@ def resolve(spec: DeviceSpec | str | None, what: str = "a variable", stacklevel:
                 raise DevicePlacementError(
                     f"Could not satisfy device specification '{spec.short_string()}' for {what}: {problem}; "
                     f"{group.what_exists()}. Soft placement does not apply to a device outside the group. "
-                    f"This process's devices: {list_devices()}; every process's: "
-                    f"gv.list_devices(all_processes=True)"
+                    f"This process's devices: {list_devices()}; every process's: {_every_processs_devices()}"
                 )
             else:
                 device, reason = None, f"it names another job, replica or task than this process: {problem}; {group.what_exists()}"
@@ -294,6 +293,15 @@ def resolve(spec: DeviceSpec | str | None, what: str = "a variable", stacklevel:
         stacklevel=stacklevel + 1,
     )
     return fallback
+
+
+def _every_processs_devices() -> str:
+    """``list_devices(all_processes=True)`` for an error message, or how to get it if the
+    group cannot answer now (the message must still say what went wrong)."""
+    try:
+        return str(list_devices(all_processes=True))
+    except DistributedError as exc:
+        return f"gv.list_devices(all_processes=True) (unavailable now: {exc})"
 
 
 def _fallback(spec: DeviceSpec, remote: bool = False) -> PhysicalDevice:

@@ -163,7 +163,7 @@ def test_in_a_group_a_name_outside_it_is_an_error_saying_what_exists(
     assert f"'{gv.DeviceSpec.from_string(spec).short_string()}' for variable 'w'" in text
     assert problem in text
     assert "job 'worker' with tasks 0 to 1" in text and "this process is /job:worker/task:1" in text
-    assert "gv.list_devices(all_processes=True)" in text
+    assert "every process's: ['/job:worker/task:0/cpu:0', '/job:worker/task:1/cpu:0']" in text
 
 
 def test_list_devices_of_all_processes_with_numpy_cpus(process_1_of_2: None, monkeypatch: pytest.MonkeyPatch) -> None:
