@@ -31,6 +31,7 @@ __all__ = [
     "kv_get",
     "kv_set",
     "process_count",
+    "process_device_counts",
     "process_index",
     "shutdown",
 ]
@@ -80,6 +81,19 @@ def process_index() -> int:
 
 def process_count() -> int:
     return int(jax.process_count())
+
+
+def process_device_counts(platform: str) -> list[int]:
+    """How many ``platform`` ("cpu"/"gpu") devices each process has, in process order, from
+    JAX's global device list (0 for every process when JAX has no such platform)."""
+    counts = [0] * int(jax.process_count())
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:  # "Unknown backend: 'gpu' requested, but no platforms ..."
+        return counts
+    for d in devices:
+        counts[int(d.process_index)] += 1
+    return counts
 
 
 def _deadline(exc: BaseException) -> bool:

@@ -214,3 +214,75 @@ def test_initialize_without_arguments_or_environment_says_what_is_missing(monkey
     assert (gv.distributed.process_id(), gv.distributed.num_processes()) == (0, 1)
     with pytest.raises(gv.DistributedError, match="needs gv.distributed.initialize"):
         gv.distributed.barrier("x", 1)
+
+
+# --- devices of tasks: /job:worker/task:K on 2 processes ------------------------------------
+
+TASKS_WORKER = textwrap.dedent(
+    '''
+    import json, os, sys, warnings
+    import numpy as np
+    import gpuvars as gv
+    from gpuvars import placement
+
+    out, index = sys.argv[1], int(sys.argv[2])
+    gv.distributed.initialize(timeout=30)
+    me = gv.distributed.process_id()
+    other = 1 - me
+    r = {"me": me, "local": gv.list_devices(), "all": gv.list_devices(all_processes=True)}
+    r["spec"] = placement.resolve("/cpu:0").spec.to_string()
+    r["own"] = gv.Variable(np.ones(2, np.float32), name="own", device=f"/job:worker/task:{me}/cpu:{index}").device
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r["soft"] = gv.Variable(np.ones(2, np.float32), name="soft", device=f"/job:worker/task:{other}/cpu:{index}").device
+    r["warnings"] = [str(w.message) for w in caught if issubclass(w.category, gv.PlacementWarning)]
+    errors = {}
+    for label, spec in (("ps", "/job:ps/task:0"), ("far", "/job:worker/task:2/cpu:0")):
+        try:
+            gv.Variable(1.0, name=label, device=spec)
+        except gv.DevicePlacementError as exc:
+            errors[label] = str(exc)
+    gv.config.set_soft_device_placement(False)
+    try:
+        gv.Variable(1.0, name="hard", device=f"/job:worker/task:{other}/cpu:0")
+    except gv.DevicePlacementError as exc:
+        errors["hard"] = str(exc)
+    r["errors"] = errors
+    gv.distributed.barrier("tasks done", 20)
+    with open(os.path.join(out, f"tasks_{me}.json"), "w") as fh:
+        json.dump(r, fh)
+    '''
+)
+
+
+@pytest.mark.parametrize("cpu_backend", ["numpy", "jax"])
+def test_two_processes_name_each_others_devices_by_task(tmp_path: pathlib.Path, cpu_backend: str) -> None:
+    script = tmp_path / "tasks_worker.py"
+    script.write_text(TASKS_WORKER)
+    # the JAX CPU backend: as many CPU devices per process as XLA_FLAGS gives (conftest: 4)
+    cpus = 4 if cpu_backend == "jax" else 1
+    index = cpus - 1  # the last CPU: another task's /cpu:K falls back to this process's /cpu:K
+    cmd = [sys.executable, "-m", "gpuvars", "launch", "-n", "2", "--timeout", "45", str(script), str(tmp_path), str(index)]
+    env = {**os.environ, "GPUVARS_CPU_BACKEND": cpu_backend}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=65, check=False, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = [json.loads((tmp_path / f"tasks_{k}.json").read_text()) for k in range(2)]
+    everything = [f"/job:worker/task:{k}/cpu:{i}" for k in range(2) for i in range(cpus)]
+    for me, r in enumerate(results):
+        other = 1 - me
+        assert r["me"] == me
+        assert r["local"] == [f"/cpu:{i}" for i in range(cpus)]
+        assert r["all"] == everything
+        assert r["spec"] == f"/job:worker/replica:0/task:{me}/device:CPU:0"
+        assert r["own"] == f"/cpu:{index}" and r["soft"] == f"/cpu:{index}"
+        (warning,) = r["warnings"]
+        assert f"'/job:worker/task:{other}/cpu:{index}' is not available" in warning
+        assert f"it is a device of task {other}, another process" in warning
+        assert f"this process is /job:worker/task:{me}" in warning and f"using '/cpu:{index}' instead" in warning
+        hard = r["errors"]["hard"]
+        assert f"'/job:worker/task:{other}/cpu:0' for variable 'hard'" in hard and f"task {other}" in hard
+        assert "Soft placement is off" in hard
+        assert "there is no job 'ps'" in r["errors"]["ps"] and "job 'worker' with tasks 0 to 1" in r["errors"]["ps"]
+        assert "there is no task 2 (tasks 0 to 1)" in r["errors"]["far"]
+        assert f"every process's: {everything}" in r["errors"]["far"]
+        assert "for variable 'far'" in r["errors"]["far"]

@@ -28,6 +28,7 @@ __all__ = [
     "allgather",
     "barrier",
     "broadcast_from_first",
+    "device_counts",
     "initialize",
     "is_initialized",
     "kv_get",
@@ -289,3 +290,13 @@ def broadcast_from_first(value: np.ndarray[Any, Any], what: str) -> np.ndarray[A
     with _mapped(what):
         out: np.ndarray[Any, Any] = backend.broadcast_from_first(value)
     return out
+
+
+def device_counts(platform: str) -> list[int]:
+    """How many ``platform`` ("cpu"/"gpu") devices JAX sees on each process, in process order;
+    ``[]`` when this process has joined no group (nothing is imported then)."""
+    if not _started:
+        return []
+    with _mapped(f"listing every process's {platform} devices"):
+        counts: list[int] = _backend().process_device_counts(platform)
+    return counts
