@@ -9,6 +9,7 @@ shows the loss continuing from where it was.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -70,10 +71,23 @@ def main(argv: list[str] | None = None) -> int:
         "--replicas", type=int, default=1,
         help="data-parallel replicas: GPUs if enough are usable, else logical CPU devices (default 1)",
     )
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="data-parallel processes on this machine, joined by gv.distributed (one replica each; default 1)",
+    )
+    parser.add_argument("--process-worker", action="store_true", help=argparse.SUPPRESS)  # one of --processes
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.every < 1 or args.keep < 1 or args.replicas < 1:
-        parser.error("--steps, --every, --keep and --replicas must be >= 1")
+    if args.steps < 1 or args.every < 1 or args.keep < 1 or args.replicas < 1 or args.processes < 1:
+        parser.error("--steps, --every, --keep, --replicas and --processes must be >= 1")
+    if args.processes > 1 and args.replicas > 1:
+        parser.error("--processes runs one replica per process: leave --replicas out")
+    if args.process_worker:
+        if args.ckpt_dir is None:
+            parser.error("a process worker needs --ckpt-dir")
+        return _process_worker(args, args.ckpt_dir)
     run = _run if args.replicas == 1 else _run_replicated
+    if args.processes > 1:
+        run = _run_processes
     if args.ckpt_dir is not None:
         return run(args, args.ckpt_dir)
     with tempfile.TemporaryDirectory(prefix="gpuvars-demo-") as ckpt_dir:
@@ -171,6 +185,106 @@ def _run_replicated(args: argparse.Namespace, ckpt_dir: str) -> int:
             print("ERROR: the restarted run does not continue exactly where the saved one was", file=sys.stderr)
             return 1
     print("ok: training continued from the checkpoint")
+    return 0
+
+
+def _run_processes(args: argparse.Namespace, ckpt_dir: str) -> int:
+    """``--processes N``: N processes train data-parallel and checkpoint together (each
+    save committed once, across processes); then this process, without a strategy, loads
+    the checkpoint and continues."""
+    from gpuvars.distributed.launch import launch
+
+    n = args.processes
+    print(f"gpuvars demo: {n} processes (python -m gpuvars launch), one replica each; checkpoints in {ckpt_dir}")
+    worker = ["gpuvars", "demo", "--process-worker", "--ckpt-dir", ckpt_dir, "--steps", str(args.steps),
+              "--every", str(args.every), "--keep", str(args.keep), "--lr", str(args.lr), "--device", args.device]
+    status = launch("-m", worker, n, timeout=900)
+    if status != 0:
+        print(f"ERROR: the {n} training processes failed (status {status})", file=sys.stderr)
+        return status
+    results = []
+    for k in range(n):
+        with open(os.path.join(ckpt_dir, f"demo-process-{k}.json")) as fh:
+            results.append(json.load(fh))
+    final, continued = results[0]["final"], results[0]["continued"]
+    if any(r["final"] != final or r["continued"] != continued for r in results):
+        print(f"ERROR: the processes' models differ: {results}", file=sys.stderr)
+        return 1
+    latest = gv.latest_checkpoint(ckpt_dir)
+    if latest is None:
+        print("no checkpoint found", file=sys.stderr)
+        return 1
+    x_host, y_host = _data(4096, 32, 10, seed=0)
+    print(f"files of the latest: {sorted(f for f in os.listdir(ckpt_dir) if f.startswith(os.path.basename(latest)))}")
+    with gv.Registry():  # one process, no strategy: every variable from its logical value
+        w, b = _model(32, 10, args.device)
+        opt = gv.optim.Adam(args.lr)
+        opt.build([w, b])
+        gv.Saver().restore(latest)
+        x, y = gv.copy_to(x_host, w.device), gv.copy_to(y_host, w.device)
+        resumed = _loss(w, b, x, y)
+        print(f"restored {os.path.basename(latest)} in one process without a strategy, on {w.device}: "
+              f"loss {resumed:.6f} (the {n} processes saved it at {final:.6f})")
+        if resumed != final:
+            print(f"ERROR: restored loss {resumed} differs from the saved model's {final}", file=sys.stderr)
+            return 1
+        for _ in range(args.every):
+            _step(opt, w, b, x, y, x.shape[0])
+        loss = _loss(w, b, x, y)
+        # the same steps; the processes summed their gradients in another order: equal to rounding
+        print(f"  {args.every} more steps in one process: loss {loss:.6f} (the {n} processes: {continued:.6f})")
+        if not np.isclose(loss, continued, rtol=1e-4, atol=1e-6):
+            print("ERROR: one process does not continue where the processes did", file=sys.stderr)
+            return 1
+    print("ok: training continued from the checkpoint the processes saved")
+    return 0
+
+
+def _process_worker(args: argparse.Namespace, ckpt_dir: str) -> int:
+    """One of ``--processes``: a replica of MultiWorkerMirroredStrategy on its best device,
+    its share of the batch, asynchronous saves across processes."""
+    gv.distributed.initialize(timeout=120)
+    me = gv.distributed.process_id()
+    strategy = gv.MultiWorkerMirroredStrategy()
+    devices = list(strategy.devices)
+    n = strategy.num_replicas_in_sync
+    x_host, y_host = _data(4096, 32, 10, seed=0)
+    rows = x_host.shape[0] // n
+    first_replica = me * len(devices)
+    if me == 0:
+        print(f"{n} replicas in sync, this process on {devices}")
+    with strategy.scope():
+        w = gv.Variable(gv.initializers.GlorotUniform(seed=1), shape=(32, 10), name="softmax/weights")
+        b = gv.Variable(gv.zeros([10]), name="softmax/bias")
+    opt = gv.optim.Adam(args.lr)
+    opt.build([w, b])
+    gv.global_variables_initializer().run()  # seeded: the same values in every process
+
+    def shard(a: np.ndarray[Any, Any]) -> gv.PerReplica:
+        return strategy.experimental_distribute_values_from_function(
+            lambda ctx: gv.copy_to(a[ctx.replica_id_in_sync_group * rows :][:rows],
+                                   devices[ctx.replica_id_in_sync_group - first_replica]))
+
+    xs, ys = shard(x_host), shard(y_host)
+    saver = gv.Saver(max_to_keep=args.keep,
+                     options=gv.SaveOptions(experimental_variable_policy="expand_distributed_variables"))
+    prefix = os.path.join(ckpt_dir, "model.ckpt")
+    x, y = gv.copy_to(x_host, w.device), gv.copy_to(y_host, w.device)
+    for step in range(1, args.steps + args.every + 1):
+        strategy.run(lambda xr, yr: _step(opt, w, b, xr, yr, x_host.shape[0]), args=(xs, ys))
+        if step <= args.steps and (step % args.every == 0 or step == args.steps):
+            t0 = time.perf_counter()
+            saver.save(prefix, global_step=step, blocking=False)  # every process calls it; committed once
+            if me == 0:
+                print(f"  step {step:5d}  loss {_loss(w, b, x, y):.4f}  saving model.ckpt-{step} across the "
+                      f"processes in the background ({(time.perf_counter() - t0) * 1e3:.2f} ms in the call)")
+        if step == args.steps:
+            saver.wait_until_finished()
+            final = _loss(w, b, x, y)
+    continued = _loss(w, b, x, y)
+    with open(os.path.join(ckpt_dir, f"demo-process-{me}.json"), "w") as fh:
+        json.dump({"final": final, "continued": continued}, fh)
+    saver.close()
     return 0
 
 

@@ -279,3 +279,12 @@ def test_process_0_killed_mid_save_ends_the_others_and_the_previous_checkpoint_l
     with gv.Registry():
         loaded = gv.load_checkpoint(first, device="/cpu:0")
         assert int(loaded["step"].numpy()) == 0
+
+
+def test_the_demo_trains_in_two_processes_and_one_process_continues_from_their_checkpoint() -> None:
+    # Adam in replica context sums every process's gradients; saves go across processes
+    done = subprocess.run([sys.executable, "-m", "gpuvars", "demo", "--processes", "2", "--steps", "30", "--every", "10"],
+                          capture_output=True, text=True, timeout=150, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[0]   step    30" in done.stdout and "model.ckpt-30.replica-1-of-2.safetensors" in done.stdout
+    assert "ok: training continued from the checkpoint the processes saved" in done.stdout

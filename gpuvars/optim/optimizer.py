@@ -34,7 +34,6 @@ from gpuvars._creator import plain_variables
 from gpuvars.distribute import MirroredVariable, ShardedVariable, SyncOnReadVariable
 from gpuvars.distribute._context import get_replica_context
 from gpuvars.distribute import ReduceOp
-from gpuvars.distribute.values import reduce_values
 from gpuvars.errors import InvalidArgumentError
 from gpuvars.initializers import Constant, Zeros
 from gpuvars.placement import PhysicalDevice
@@ -339,7 +338,9 @@ class Optimizer:
                     f"trained; '{var.name}' is a {type(var).__name__}: create it inside strategy.scope(), or apply "
                     "its gradient outside strategy.run"
                 )
-        rid = ctx.replica_id_in_sync_group
+        rid = ctx._local_id  # this process's replica: its component (a multi-process strategy numbers them per process)
+        strategy = ctx.strategy
+        alone = strategy.num_replicas_in_sync == 1
 
         def combine(everyone: list[list[Any]]) -> tuple[list[Any], tuple[float, ...]]:
             """Run once, by one replica: build, sum each gradient, take the step."""
@@ -351,7 +352,8 @@ class Optimizer:
                 for i, entry in enumerate(entries):
                     dest = entry.leaves[0].var.physical_device
                     grads = [_transfer.on_device(_to_array(g[i]), dest) for g in everyone]
-                    sums.append(reduce_values(ReduceOp.SUM, grads, dest) if len(grads) > 1 else grads[0])
+                    # every replica's gradient, those of other processes too (replica 0's device is dest)
+                    sums.append(grads[0] if alone else strategy._reduce_to(ReduceOp.SUM, grads, 0))
                 self._bump()
                 return sums, hyper
 
