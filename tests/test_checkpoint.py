@@ -894,6 +894,10 @@ def test_save_options_policy_values() -> None:
         gv.SaveOptions(experimental_variable_policy=3)  # type: ignore[arg-type]
     with pytest.raises(gv.InvalidArgumentError, match="progress"):
         gv.SaveOptions(progress="yes")  # type: ignore[arg-type]
+    assert gv.SaveOptions().commit_timeout == 300.0 and gv.SaveOptions(commit_timeout=2).commit_timeout == 2
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(gv.InvalidArgumentError, match="SaveOptions.commit_timeout must be a finite number"):
+            gv.SaveOptions(commit_timeout=bad)  # type: ignore[arg-type]
 
 
 def test_save_options_per_call_override(tmp_path: Path) -> None:

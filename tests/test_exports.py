@@ -110,6 +110,9 @@ def test_error_hierarchy_subclasses_the_fitting_builtins() -> None:
     assert issubclass(gv.SerializationError, TypeError)
     assert issubclass(gv.CheckpointNotFoundError, FileNotFoundError)
     assert issubclass(gv.CheckpointWriteError, OSError)
+    assert issubclass(gv.CheckpointCommitError, gv.CheckpointError)
+    assert issubclass(gv.CheckpointCommitError, gv.DistributedError)  # .processes names who is at fault
+    assert gv.CheckpointCommitError("x", (1,)).processes == (1,)
     assert issubclass(gv.PlacementWarning, UserWarning)
     for name in gpuvars.errors.__all__:
         cls = getattr(gv, name)

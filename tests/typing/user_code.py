@@ -14,6 +14,7 @@ import gpuvars as gv
 
 def train(folder: str) -> float:
     gv.list_devices()
+    everywhere: list[str] = gv.list_devices(all_processes=True)
     with gv.device("/gpu:0"):
         w = gv.Variable(gv.random_normal([784, 200], stddev=0.35), name="weights")
         b = gv.Variable(gv.zeros([200]), name="biases")
@@ -37,7 +38,12 @@ def train(folder: str) -> float:
         b.assign_add(np.ones(200, np.float32))
 
     saver = gv.Saver([v, w, b, w2], max_to_keep=5, options=gv.SaveOptions(
-        experimental_variable_policy=gv.VariablePolicy.SAVE_VARIABLE_DEVICES))
+        experimental_variable_policy=gv.VariablePolicy.SAVE_VARIABLE_DEVICES, commit_timeout=60.0))
+    try:
+        gv.Saver([v]).save(os.path.join(folder, "collective"))
+    except gv.CheckpointCommitError as exc:
+        late: tuple[int, ...] = exc.processes
+        print(late, everywhere)
     prefix = saver.save(os.path.join(folder, "model.ckpt"), global_step=1000)
     result = saver.restore(prefix)
     keys: tuple[str, ...] = result.restored
