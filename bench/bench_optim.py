@@ -35,8 +35,9 @@ import subprocess
 import sys
 import time
 
-CASES = {"large": (200, 250_000), "small": (2000, 1000)}
-QUICK = {"large": (50, 100_000), "small": (500, 1000)}
+CASES = {"large": (200, 250_000), "mid": (200, 25_000), "low": (200, 2_500), "small": (2000, 1000)}
+QUICK = {"large": (50, 100_000), "mid": (50, 10_000), "low": (50, 1000), "small": (500, 1000)}
+# large, mid and low: the same variable count, 100x the parameters apart (the figure's line); small: many variables
 SYSTEMS = ("gpuvars-numpy", "gpuvars-jax", "torch-fused", "torch-foreach", "optax-jit")
 GPU_SYSTEMS = ("gpuvars-cupy", "gpuvars-jaxgpu", "torch-cuda")
 
@@ -232,6 +233,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--json", metavar="PATH", help="also write the rows, the goals and the machine here")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--gpu", action="store_true", help="the GPU mode (bench/gpu.sh)")
     ap.add_argument("--gpu-cell", help=argparse.SUPPRESS)
@@ -280,14 +282,31 @@ def main() -> int:
             t = statistics.median(got)
             ratio = f"{t / base_s:.2f}x" if base_s else "-"
             print(f"{case:6s} {system:14s} {t * 1e3:8.2f} ms {t / nvars * 1e6:7.1f} us {ratio:>14s}")
+    goals = []
     large = results.get(("large", "gpuvars-numpy")), results.get(("large", "torch-fused"))
-    if all(large):
-        r = statistics.median(large[0]) / statistics.median(large[1])  # type: ignore[arg-type]
+    r = statistics.median(large[0]) / statistics.median(large[1]) if all(large) else None  # type: ignore[arg-type]
+    if r is not None:
         print(f"goal: large Adam step {r:.2f}x torch fused (target <= 1.5x): {'met' if r <= 1.5 else 'NOT MET'}")
+    goals.append({"goal": f"large Adam step ({cases['large'][0] * cases['large'][1]:,} floats): gpuvars-numpy / "
+                          "torch fused", "measured": r, "limit": 1.5, "unit": "x"})
     small = results.get(("small", "gpuvars-numpy"))
-    if small:
-        per = statistics.median(small) / cases["small"][0] * 1e6
+    per = statistics.median(small) / cases["small"][0] * 1e6 if small else None
+    if per is not None:
         print(f"goal: small Adam step {per:.1f} us per variable (target <= 15 us): {'met' if per <= 15 else 'NOT MET'}")
+    goals.append({"goal": f"small Adam step ({cases['small'][0]:,} x {cases['small'][1]:,}): gpuvars-numpy per variable",
+                  "measured": per, "limit": 15.0, "unit": "us"})
+    if args.json:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _common import machine_record
+
+        rows = [{"case": case, "system": system, "nvars": cases[case][0], "size": cases[case][1],
+                 "params": cases[case][0] * cases[case][1], "step_ms": statistics.median(v) * 1e3,
+                 "min_ms": min(v) * 1e3, "max_ms": max(v) * 1e3, "rounds": len(v)}
+                for (case, system), v in sorted(results.items())]
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"benchmark": "bench_optim", "machine": machine_record(os.getcwd()), "rounds": rounds,
+                       "steps": args.steps, "rows": rows, "goals": goals}, fh, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 

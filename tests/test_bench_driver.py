@@ -1,0 +1,107 @@
+"""``python -m bench``'s driver: every program's goals in one shape, the figures and the
+README section drawn from a results.json alone.
+
+The benchmarks themselves are programs, not tests (they measure time; tests never do).
+These tests feed the driver a results file shaped as each program writes it and check
+what comes out. Only ``bench/`` goes on sys.path (not the checkout: gpuvars is imported
+from where it is installed).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+pytestmark = pytest.mark.skipif(not (BENCH / "__main__.py").exists(), reason="bench/ is not beside tests/")
+
+
+def _driver() -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_driver", BENCH / "__main__.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _results() -> dict[str, Any]:
+    growth = [{"system": s, "workload": f"bytes-{m}", "phase": p, "median_s": m / 1024 / g, "gib_s": g,
+               "n_tensors": 16, "data_bytes": m << 20, "extra_rss_mib": 0.1}
+              for s, g in (("gpuvars", 1.0), ("raw", 1.1)) for m in (64, 256) for p in ("save", "restore")]
+    growth += [{"system": "gpuvars", "workload": f"count-{n}", "phase": p, "median_s": 1e-5 * n, "gib_s": 0.5,
+                "n_tensors": n, "data_bytes": 64 << 20, "extra_rss_mib": 0.1}
+               for n in (1000, 10000) for p in ("save", "restore")]
+    return {
+        "machine": {"cpu": "test CPU", "cores": 2, "ram_gib": 1.0, "kernel": "6", "commit": "abc"},
+        "mode": "quick", "started": "now", "seconds": 1.0,
+        "scenarios": {
+            "ops": {"status": 0, "payload": {
+                "goals": [{"backend": "numpy", "op": "scatter_update", "baseline": "raw", "target_ratio": 3.0,
+                           "ratio": 4.0}],
+                "rows": [{"backend": "numpy", "size": n, "op": "assign", "gpuvars_ns": 300.0 * n ** 0.1,
+                          "raw_ns": 200.0 * n ** 0.1, "jit_ns": None} for n in (16, 1024, 1 << 20)]}},
+            "growth": {"status": 0, "payload": {"cells": growth, "goals": [], "fits": {
+                "gpuvars save": {"fixed_ms": 1.0, "per_tensor_us": 5.0, "per_gib_s": 0.9}}}},
+            "distribute": {"status": 0, "payload": {"run_goal": {"target_ns": 100000, "worst_ns": 45000, "met": True}}},
+            "optim": {"status": 1, "payload": None, "output_tail": ["Traceback ...", "RuntimeError: broken"]},
+        },
+        "goals": [],
+    }
+
+
+def test_every_programs_goals_come_out_in_one_shape() -> None:
+    driver = _driver()
+    results = _results()
+    goals = [g for name, rec in results["scenarios"].items() for g in driver.goals_of(name, rec["payload"])]
+    assert goals == [
+        {"scenario": "ops", "goal": "16-element numpy scatter_update / raw fancy-index assignment", "measured": 4.0,
+         "limit": 3.0, "unit": "x", "met": False},
+        {"scenario": "distribute", "goal": "strategy.run of an empty step, 4 replicas (worst backend)", "measured": 45.0,
+         "limit": 100.0, "unit": "us", "met": True},
+    ]
+    assert driver.goals_of("optim", None) == []
+
+
+def test_unknown_scenarios_are_refused_with_the_known_ones(tmp_path: pathlib.Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench", "--scenarios", "ops,nope", "--out", str(tmp_path)],
+                          cwd=BENCH.parent, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "unknown scenario(s) ['nope']" in done.stderr and "'checkpoint'" in done.stderr
+
+
+def test_figures_and_the_readme_section_are_drawn_from_the_json_alone(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("matplotlib", reason="the figures need matplotlib (the bench extra)")
+    results = _results()
+    driver = _driver()
+    results["goals"] = [g for name, rec in results["scenarios"].items() for g in driver.goals_of(name, rec["payload"])]
+    path = tmp_path / "out" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(results))
+    plot = subprocess.run([sys.executable, "-m", "bench", "plot", str(path)], cwd=BENCH.parent, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert plot.returncode == 0, plot.stderr
+    pngs = sorted(p.name for p in path.parent.glob("*.png"))
+    assert pngs == ["checkpoint_bytes.png", "checkpoint_count.png", "ops_numpy.png"]
+    assert all((path.parent / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nbefore\n<!-- bench:start -->\nold table\n<!-- bench:end -->\nafter\n")
+    done = subprocess.run([sys.executable, "-m", "bench", "readme", str(path), "--readme", str(readme)],
+                          cwd=BENCH.parent, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# x\n\nbefore\n") and text.endswith("\nafter\n")
+    assert "test CPU, 2 cores" in text
+    assert "| ops | 16-element numpy scatter_update / raw fancy-index assignment | 4 x | 3 | **no** |" in text
+    assert "| distribute | strategy.run of an empty step, 4 replicas (worst backend) | 45 us | 100 | yes |" in text
+    assert "Scenario optim failed (status 1): `RuntimeError: broken`" in text
+    assert "![ops_numpy](out/ops_numpy.png)" in text
