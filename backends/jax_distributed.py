@@ -28,6 +28,7 @@ __all__ = [
     "broadcast_from_first",
     "initialize",
     "is_initialized",
+    "kv_delete",
     "kv_get",
     "kv_set",
     "process_count",
@@ -134,6 +135,14 @@ def barrier(barrier_id: str, timeout_s: float, process_ids: Sequence[int] | None
 def kv_set(key: str, value: str, overwrite: bool = False) -> None:
     try:
         _client().key_value_set(key, value, allow_overwrite=overwrite)
+    except jax.errors.JaxRuntimeError as exc:
+        raise RuntimeError(str(exc)) from exc
+
+
+def kv_delete(key: str) -> None:
+    """Remove ``key`` and every key under ``key/`` (the service's directory semantics)."""
+    try:
+        _client().key_value_delete(key)
     except jax.errors.JaxRuntimeError as exc:
         raise RuntimeError(str(exc)) from exc
 

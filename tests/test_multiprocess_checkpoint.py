@@ -86,6 +86,7 @@ WORKER = textwrap.dedent(
         saver.restore(result["second"])
         result["restored"] = values(w, b, seen, step)
         result["latest"] = gv.latest_checkpoint(folder)
+        result["first_save_keys"] = outcome(lambda: gv.distributed.kv_get("checkpoint/0/start/decision", 0.5))
     elif scenario == "resume":  # restore what other processes saved, train, save again
         latest = gv.latest_checkpoint(folder)
         saver.restore(latest)
@@ -184,6 +185,7 @@ def test_two_processes_save_once_and_the_checkpoint_restores_into_four_processes
         assert r["replicas"] == 4
         assert r["restored"] == r["saved"] == results[0]["saved"]
         assert r["latest"] == results[0]["second"]
+        assert r["first_save_keys"]["type"] == "DistributedError"  # the second save removed the first one's keys
     saved = results[0]["saved"]
     assert {k: saved[k] for k in ("w", "b", "step")} == {
         k: v for k, v in _expected_step_values(4, 0, 4).items() if k != "seen"}

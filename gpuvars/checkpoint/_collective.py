@@ -175,6 +175,8 @@ class Collective:
         report = {"error": error, "base": os.path.basename(prefix), "signature": signature(saveables)}
 
         def decide(reports: dict[int, dict[str, Any]], late: list[int]) -> dict[str, Any]:
+            if not late and self.number > 0:  # every process has left the previous save: its keys can go
+                _runtime.kv_delete(f"checkpoint/{self.number - 1}")
             mine = reports[0]
             odd = {
                 p: (f"saved {r['base']!r}, not {mine['base']!r}" if r["base"] != mine["base"]

@@ -31,6 +31,7 @@ __all__ = [
     "device_counts",
     "initialize",
     "is_initialized",
+    "kv_delete",
     "kv_get",
     "kv_put",
     "num_processes",
@@ -242,6 +243,16 @@ def kv_put(key: str, value: Any) -> None:
         raise InvalidArgumentError(f"kv_put({key!r}): the value is not JSON-serializable: {exc}") from None
     with _mapped(f"kv_put({key!r})"):
         backend.kv_set(f"gpuvars/kv/{key}", text)
+
+
+def kv_delete(key: str) -> None:
+    """Remove what :func:`kv_put` published under ``key`` and under ``key/...`` (no error if
+    nothing was). Only the publisher's own protocol knows when every reader is done."""
+    backend = _require(f"kv_delete({key!r})")
+    if not isinstance(key, str) or not key:
+        raise InvalidArgumentError(f"a key must be a non-empty string, got {key!r}")
+    with _mapped(f"kv_delete({key!r})"):
+        backend.kv_delete(f"gpuvars/kv/{key}")
 
 
 def kv_get(key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Any:
