@@ -176,18 +176,21 @@ def _async(results: dict[str, Any], out: str, plt: Any, written: list[str]) -> N
 
 def _multiprocess(results: dict[str, Any], out: str, plt: Any, written: list[str]) -> None:
     payload = _payload(results, "multiprocess")
-    if payload is None or not payload.get("rows"):
-        return
-    rows = [r for r in payload["rows"] if r.get("kind") == "all_reduce" and r.get("median_ms") is not None]
+    rows = [] if payload is None else [r for r in payload.get("allreduce_rows", []) if r.get("median_ns")]
     if not rows:
         return
+    names = {"mp": "across processes (MultiWorkerMirrored)", "raw": "raw JAX process_allgather",
+             "inproc": "one process (MirroredStrategy)"}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for system in sorted({r["system"] for r in rows}):
-        pts = sorted((r["processes"], r["median_ms"]) for r in rows if r["system"] == system)
-        ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", label=system)
-    ax.set_xlabel("replicas (processes, or devices in one process)")
+    for mode in ("mp", "raw", "inproc"):
+        pts = sorted((r["n"], r["median_ns"] / 1e6) for r in rows if r["mode"] == mode)
+        if pts:
+            ax.plot([n for n, _ in pts], [t for _, t in pts], marker="o", label=names[mode])
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({r["n"] for r in rows}))
+    ax.set_xlabel("replicas (one per process, or logical CPUs in one process)")
     ax.set_ylabel("all_reduce SUM of 1M float32 (ms)")
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     _finish(plt, fig, results, "replica-context SUM across processes", os.path.join(out, "multiprocess.png"), written)
 
