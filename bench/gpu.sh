@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one command for a GPU machine: the GPU test suite, then the benchmarks' GPU modes,
-# then the demo.
+# The one command for a GPU machine: the GPU test suite, then the benchmarks' GPU scenarios
+# (python -m bench --gpu: one results.json), then the demo.
 #
 # That machine reaches no package index, and the array layer only exists as an installed
 # package (the folder backends/ installs as gpuvars_backends), so gpuvars comes from the
@@ -54,9 +54,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 "$py" -m gpuvars devices
 rc=0
 GPUVARS_TEST_INSTALLED=1 "$py" -m pytest -q -p no:cacheprovider -c "$root/pyproject.toml" --rootdir "$root" -m "gpu or multi_gpu" -rs "$root/tests" || rc=1
-"$py" "$root/bench/bench_ops.py" --quick || rc=1
-"$py" "$root/bench/bench_checkpoint.py" --gpu --quick || rc=1
-"$py" "$root/bench/bench_distribute.py" --gpu --quick || rc=1
-"$py" "$root/bench/bench_optim.py" --gpu --quick || rc=1
+# the GPU scenarios through the one driver: results.json (and PNGs if matplotlib is there) land in
+# $OUT/bench-results-gpu on the device machine (what comes back), else ./bench-results-gpu in the checkout
+"$py" "$root/bench/__main__.py" --gpu --out "${OUT:-$root}/bench-results-gpu" || rc=1
 "$py" -m gpuvars demo --steps 100 || rc=1
 exit $rc
