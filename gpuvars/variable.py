@@ -49,6 +49,13 @@ __all__ = [
 ]
 
 
+#: index dtypes the host scatter fast path takes (identity tests on numpy's dtype singletons)
+_FAST_SIGNED = frozenset(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
+_FAST_UNSIGNED = frozenset(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32))
+_U64 = np.dtype(np.uint64)
+_I64_LIMIT = 2**63
+
+
 class VariableSynchronization(enum.Enum):
     """When a distributed variable's components are brought in sync (tf.VariableSynchronization)."""
 
@@ -140,7 +147,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
 
     __slots__ = (
         "_name", "_device", "_backend", "_host", "_dtype", "_declared", "_pending_shape",
-        "_fix_on_init", "_storage", "_ro", "_init", "_init_shape", "_deps", "_trainable",
+        "_fix_on_init", "_storage", "_ro", "_rows", "_init", "_init_shape", "_deps", "_trainable",
         "_synchronization", "_aggregation", "_lock", "_guard", "__weakref__",
     )
 
@@ -183,6 +190,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         self._init: Any = None
         self._init_shape: tuple[int, ...] | None = None
         self._ro: Any = None
+        self._rows: tuple[Any, tuple[int, ...]] | None = None
         try:
             requested_dtype = None if dtype is None else np.dtype(dtype)
         except TypeError:
@@ -295,7 +303,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 self._guard = None  # the pins keep the old buffer, and nothing writes it any more
             self._storage = storage
             self._pending_shape = tuple(storage.shape)
-            self._ro = None
+            self._ro = self._rows = None
             if self._dtype is None:  # a deferred callable restored before it ever ran
                 self._dtype = np.dtype(storage.dtype)
             if self._fix_on_init:
@@ -318,7 +326,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         with self._lock:
             self._guard = None  # the pins keep the buffer
             self._storage = None
-            self._ro = None
+            self._ro = self._rows = None
 
     # --- identity and metadata ------------------------------------------------------------
 
@@ -522,32 +530,43 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
         storage = self._storage
+        rows = self._rows  # (storage, storage.shape[1:]) while the storage stays the same buffer
+        if rows is None or rows[0] is not storage:
+            rows = self._rows = (storage, storage.shape[1:]) if self._host and storage is not None else None
         if (  # the host fast path: numpy in, nothing to convert, one bounds check
-            self._host
+            rows is not None
             and type(indices) is np.ndarray
             and type(updates) is np.ndarray
-            and storage is not None
-            and updates.dtype is storage.dtype
+            and updates.dtype is storage.dtype  # identity: the common case, and cheap
             and indices.ndim == 1
-            and indices.dtype.kind in "iu"
-            and storage.ndim
-            and updates.shape == indices.shape + storage.shape[1:]
+            and updates.shape == indices.shape + rows[1]
         ):
             # numpy refuses an index >= rows before writing anything (IndexError: the slow path
-            # below then names it); only negative ones, which numpy would wrap, are checked here.
-            if indices.dtype.kind == "u" or not indices.size or (
-                min(indices.tolist()) if indices.size <= 64 else int(indices.min())
-            ) >= 0:
+            # below then names it), and refuses a scalar variable the same way; what it would
+            # accept silently is checked here: a negative index (numpy wraps it) and a uint64
+            # index >= 2**63 (numpy casts it to a negative intp). Smaller unsigned kinds need nothing.
+            dt = indices.dtype
+            if dt in _FAST_SIGNED:
+                n = len(indices)
+                ok = n == 0 or (min(indices.tolist()) if n <= 64 else int(np.minimum.reduce(indices))) >= 0
+            else:
+                ok = dt in _FAST_UNSIGNED or (
+                    dt is _U64 and (len(indices) == 0 or int(np.maximum.reduce(indices)) < _I64_LIMIT)
+                )
+            if ok:
                 lock = self._lock
-                lock.acquire()
+                lock.acquire()  # acquire/release: half the cost of a with block
                 try:
                     if self._storage is storage:
                         if self._guard is not None:
                             self._barrier()
-                        self._backend.scatter(op, storage, indices, updates, 0)
+                        if op == "update":
+                            storage[indices] = updates  # fancy-index assignment: no method call between
+                        else:
+                            self._backend.scatter(op, storage, indices, updates, 0)
                         return self
                 except IndexError:
-                    pass  # out of range: the slow path raises the named error
+                    pass  # out of range (or a scalar variable): the slow path raises the named error
                 finally:
                     lock.release()
         with self._lock:
@@ -621,7 +640,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         for field in Variable.__slots__:
             if field != "__weakref__":
                 setattr(new, field, getattr(self, field))
-        new._ro, new._lock, new._guard = None, threading.RLock(), None
+        new._ro, new._rows, new._lock, new._guard = None, None, threading.RLock(), None
         if self._storage is not None:
             with backend_errors(self._device, f"copying variable '{self._name}'"):
                 new._storage = self._backend.asarray(self._storage, self._storage.dtype, self._device.backend_index)
