@@ -124,7 +124,9 @@ class JaxBackend:
         return len(devices) == 1 and next(iter(devices)) in self._index
 
     def device_of(self, array: Any) -> int | None:
-        return self._index.get(next(iter(array.devices())))
+        # None for an array on several devices (sharded) or on another platform's device
+        devices = array.devices()
+        return self._index.get(next(iter(devices))) if len(devices) == 1 else None
 
     def asarray(self, value: Any, dtype: np.dtype[Any], device: int) -> Any:
         dev = self._devices[device]

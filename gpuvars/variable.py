@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 import numpy as np
 
 from gpuvars import _creator, _expr, _shapes, _transfer, devices
-from gpuvars._backend_errors import backend_errors
+from gpuvars._backend_errors import backend_errors, map_backend_error
 from gpuvars._snapshot import Pin, Snapshot
 from gpuvars._surface import VariableSurface
 from gpuvars.errors import InvalidArgumentError, UninitializedVariableError
@@ -515,8 +515,23 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
             storage = self._storage
             if storage is None and op != "assign":
                 raise self._uninitialized()
-            src = self._operand(value, op)
             device = self._device
+            if self._same_place(value, storage):
+                # A device array of our library already on our device, with our dtype and shape
+                # (the common JAX / CuPy update): nothing to convert and no transfer to judge.
+                if self._guard is not None:
+                    self._barrier()
+                try:
+                    new = self._backend.apply(op, storage, value, device.backend_index)
+                except Exception as exc:  # the message is built only on failure
+                    mapped = map_backend_error(exc, device, f"{op} to variable '{self._name}'")
+                    if mapped is None:
+                        raise
+                    raise mapped from exc
+                if new is not storage:
+                    self._storage = new
+                return
+            src = self._operand(value, op)
             with backend_errors(device, f"{op} to variable '{self._name}'"):
                 if storage is None or src.shape != storage.shape:
                     # first value, or a dynamic-shape reallocation: the storage needs a private copy
@@ -527,6 +542,35 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 new = self._backend.apply(op, storage, src, device.backend_index)
             if new is not storage:
                 self._storage = new
+
+    def _same_place(self, value: Any, storage: Any) -> bool:
+        """Whether ``value`` is a device array (not host memory) of our storage's library,
+        type, dtype and shape, on our device: an update may use it as it is."""
+        if storage is None or type(value) is not type(storage) or self._host:
+            return False
+        return bool(value.dtype == storage.dtype and value.shape == storage.shape and self._here(value))
+
+    def _here(self, array: Any) -> bool:
+        """Whether ``array`` (of our storage's array type) lives on our device and nowhere else
+        (a backend's ``device_of`` is None for an array spread over several devices)."""
+        return self._backend.device_of(array) == self._device.backend_index
+
+    def _scatter_ready(self, storage: Any, indices: Any, updates: Any) -> bool:
+        """Whether device ``indices`` and ``updates`` (our library's type) can go to the
+        backend's scatter as they are: 1-d integer indices, updates of our dtype and of shape
+        ``indices.shape + storage.shape[1:]``, both on our device, and storage with rows."""
+        if self._host:
+            return False
+        shape, ishape = storage.shape, indices.shape
+        return bool(
+            shape
+            and len(ishape) == 1
+            and np.dtype(indices.dtype).kind in "iu"
+            and updates.dtype == storage.dtype
+            and updates.shape == ishape + shape[1:]
+            and self._here(indices)
+            and self._here(updates)
+        )
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
         storage = self._storage
@@ -569,6 +613,25 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                     pass  # out of range (or a scalar variable): the slow path raises the named error
                 finally:
                     lock.release()
+        elif (  # the device fast path (JAX, CuPy): indices and updates already on our device
+            storage is not None
+            and type(indices) is type(storage)
+            and type(updates) is type(storage)
+            and self._scatter_ready(storage, indices, updates)
+        ):
+            what = f"scatter_{op} on variable '{self._name}'"
+            # the one bounds check, on a host copy of the indices; the scatter itself takes the
+            # device indices as they are (no second copy back to the device)
+            scatter_indices(_transfer.to_host(indices, self._backend), storage.shape[0], what)
+            with self._lock:
+                if self._storage is storage:
+                    if self._guard is not None:
+                        self._barrier()
+                    with backend_errors(self._device, what):
+                        new = self._backend.scatter(op, storage, indices, updates, self._device.backend_index)
+                    if new is not storage:
+                        self._storage = new
+                    return self
         with self._lock:
             return self._scatter_locked(op, indices, updates)
 
