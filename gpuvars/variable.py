@@ -43,6 +43,7 @@ __all__ = [
     "exclusive",
     "install",
     "invalidate",
+    "make_deferred",
     "pin",
     "restore_target",
     "writable",
@@ -736,6 +737,40 @@ def scatter_indices(indices: Any, rows: int, what: str) -> np.ndarray[Any, Any]:
 
 
 # --- the engine's access to storage (checkpoint adapters use only these) -----------------------
+
+
+def make_deferred(
+    name: str, init: Initializer, device: PhysicalDevice, shape: tuple[int, ...], dtype: np.dtype[Any],
+    trainable: bool,
+) -> Variable:
+    """A new, registered, uninitialized plain Variable on ``device`` (already resolved) whose
+    initial value is ``init`` and whose shape ``shape`` (non-negative ints) is fixed; what
+    ``gv.Variable(init, name=name, trainable=trainable, device=...)`` makes outside any
+    strategy scope, without parsing a device spec or checking arguments it can trust
+    (a checkpoint's loader builds one per key, 200,000 of them at a time).
+
+    Raises:
+        InvalidArgumentError: ``device``'s backend cannot hold ``dtype``, or ``name`` is invalid.
+    """
+    self: Variable = object.__new__(Variable)
+    self._lock = threading.RLock()
+    self._guard = None
+    self._storage = self._ro = self._rows = None
+    self._dtype = None
+    self._device, self._backend, self._host = device, device.backend, device.backend.host
+    self._deps, self._init, self._init_shape = (), init, shape
+    self._declared, self._pending_shape, self._fix_on_init = shape, shape, False
+    self._trainable = trainable
+    self._synchronization, self._aggregation = VariableSynchronization.AUTO, VariableAggregation.NONE
+    registry = current_registry()
+    self._name = registry.add(self, name)
+    try:
+        self._set_dtype(dtype, f"variable '{self._name}'")
+        init.check_dtype(dtype)
+    except BaseException:
+        registry.remove(self)
+        raise
+    return self
 
 
 def restore_target(variable: Variable, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:

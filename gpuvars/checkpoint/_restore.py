@@ -84,20 +84,41 @@ def check_compatible(index: _format.Index, targets: Mapping[str, Saveable]) -> N
 
 
 def restore_variables(
-    prefix: str, targets: Mapping[str, Saveable], *, verify_first: bool = False, progress: bool | None = None
+    prefix: str,
+    targets: Mapping[str, Saveable],
+    *,
+    verify_first: bool = False,
+    progress: bool | None = None,
+    index: _format.Index | None = None,
+    devices: Mapping[str, Any] | None = None,
+    compatible: bool = False,
 ) -> RestoreResult:
     """Validate ``prefix`` (a committed checkpoint or a plain ``.safetensors`` file) against
-    ``targets`` completely, then stream each tensor in (see the module docstring)."""
+    ``targets`` completely, then stream each tensor in (see the module docstring).
+
+    A caller that already opened the checkpoint passes its ``index`` (and its device map,
+    ``devices``) so they are not parsed again; ``compatible=True`` says the targets were
+    made from that index (their shapes and dtypes are its own: :func:`check_compatible`
+    would only repeat them)."""
     with _parallel.gc_paused():  # everything made inside is freed inside (a collection after it finds little)
-        return _validate_and_restore(prefix, targets, verify_first, progress)
+        return _validate_and_restore(prefix, targets, verify_first, progress, index, devices, compatible)
 
 
 def _validate_and_restore(
-    prefix: str, targets: Mapping[str, Saveable], verify_first: bool, progress: bool | None
+    prefix: str,
+    targets: Mapping[str, Saveable],
+    verify_first: bool,
+    progress: bool | None,
+    index: _format.Index | None,
+    devices: Mapping[str, Any] | None,
+    compatible: bool,
 ) -> RestoreResult:
-    index = _format.open_checkpoint(prefix)
-    check_compatible(index, targets)
-    devices = _format.read_devices(index) if index.policy.saves_devices() else {}
+    if index is None:
+        index = _format.open_checkpoint(prefix)
+    if not compatible:
+        check_compatible(index, targets)
+    if devices is None:
+        devices = _format.read_devices(index) if index.policy.saves_devices() else {}
     _restore(index, targets, verify_first, progress)
     differences = {
         key: (devices[key]["device"], sv.device)
