@@ -300,6 +300,8 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         """Adopt ``storage`` (on our device, our dtype); the first value of a deferred callable
         with no ``shape=`` fixes the shape."""
         with self._lock:
+            if storage is self._storage and self._dtype is not None and not self._fix_on_init:
+                return  # the buffer restored in place: nothing about the value's form changed
             if storage is not self._storage:
                 self._guard = None  # the pins keep the old buffer, and nothing writes it any more
             self._storage = storage
@@ -311,16 +313,17 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
                 self._declared, self._fix_on_init = self._pending_shape, False
 
     def _restore_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
-        if not _shapes.fits(shape, self._declared):
+        if shape != self._declared and not _shapes.fits(shape, self._declared):  # equal: the common case
             raise InvalidArgumentError(
                 f"variable '{self._name}': checkpoint shape {shape} is not compatible with the "
                 f"declared shape {_shapes.fmt(self._declared)}"
             )
         with self._lock:
             storage = self._storage
-            if storage is None or tuple(storage.shape) != shape:  # the caller maps failures (it knows the file)
+            if storage is None or storage.shape != shape:  # the caller maps failures (it knows the file)
                 return self._backend.empty(shape, dtype, self._device.backend_index)
-            self._barrier()  # the restore writes the live buffer in place (the caller holds the lock: exclusive())
+            if self._guard is not None:
+                self._barrier()  # the restore writes the live buffer in place (the caller holds the lock: exclusive())
             return storage
 
     def _mark_uninitialized(self) -> None:
