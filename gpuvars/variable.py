@@ -552,9 +552,9 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         type, dtype and shape, on our device: an update may use it as it is."""
         if storage is None or type(value) is not type(storage) or self._host:
             return False
-        return bool(value.dtype == storage.dtype and value.shape == storage.shape and self._here(value))
+        return bool(value.dtype == storage.dtype and value.shape == storage.shape and self._on_our_device(value))
 
-    def _here(self, array: Any) -> bool:
+    def _on_our_device(self, array: Any) -> bool:
         """Whether ``array`` (of our storage's array type) lives on our device and nowhere else
         (a backend's ``device_of`` is None for an array spread over several devices)."""
         return self._backend.device_of(array) == self._device.backend_index
@@ -572,8 +572,8 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
             and np.dtype(indices.dtype).kind in "iu"
             and updates.dtype == storage.dtype
             and updates.shape == ishape + shape[1:]
-            and self._here(indices)
-            and self._here(updates)
+            and self._on_our_device(indices)
+            and self._on_our_device(updates)
         )
 
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:

@@ -156,10 +156,10 @@ def _load(
                             var = Variable(init, name=name, trainable=entry.trainable, device=physical.name)
                 elif direct:  # device= (entered above) or the enclosing scopes, device functions included
                     spec = _devices.current_device_spec("Variable", name)
-                    physical = specs.get(spec)
-                    if physical is None:
-                        physical = specs[spec] = resolve(spec, f"variable '{name}'", stacklevel=3)
-                    var = make_deferred(name, init, physical, entry.shape, dtype, entry.trainable)
+                    where_to = specs.get(spec)
+                    if where_to is None:
+                        where_to = specs[spec] = resolve(spec, f"variable '{name}'", stacklevel=3)
+                    var = make_deferred(name, init, where_to, entry.shape, dtype, entry.trainable)
                 else:
                     var = Variable(init, name=name, trainable=entry.trainable, device=device)
                 created[key] = var
