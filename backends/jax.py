@@ -124,7 +124,9 @@ class JaxBackend:
         return len(devices) == 1 and next(iter(devices)) in self._index
 
     def device_of(self, array: Any) -> int | None:
-        return self._index.get(next(iter(array.devices())))
+        # None for an array on several devices (sharded) or on another platform's device
+        devices = array.devices()
+        return self._index.get(next(iter(devices))) if len(devices) == 1 else None
 
     def asarray(self, value: Any, dtype: np.dtype[Any], device: int) -> Any:
         dev = self._devices[device]
@@ -184,4 +186,9 @@ class JaxBackend:
         jax.device_put(0, self._devices[device]).block_until_ready()
 
     def from_dlpack(self, obj: Any, device: int) -> Any:
-        return jax.device_put(jnp.from_dlpack(obj), self._devices[device])
+        dev = self._devices[device]
+        if isinstance(obj, np.ndarray) and obj.dtype.kind not in "iufc":
+            # DLPack has no bfloat16 / float8 (ml_dtypes), and bool is not taken everywhere: a plain copy
+            return jax.device_put(obj, dev)
+        # a host array JAX's CPU client can adopt (aligned, C-contiguous) is not copied
+        return jax.device_put(jnp.from_dlpack(obj), dev)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 import numpy as np
 
 from gpuvars import _creator, _expr, _shapes, _transfer, devices
-from gpuvars._backend_errors import backend_errors
+from gpuvars._backend_errors import backend_errors, map_backend_error
 from gpuvars._snapshot import Pin, Snapshot
 from gpuvars._surface import VariableSurface
 from gpuvars.errors import InvalidArgumentError, UninitializedVariableError
@@ -43,10 +43,18 @@ __all__ = [
     "exclusive",
     "install",
     "invalidate",
+    "make_deferred",
     "pin",
     "restore_target",
     "writable",
 ]
+
+
+#: index dtypes the host scatter fast path takes (identity tests on numpy's dtype singletons)
+_FAST_SIGNED = frozenset(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64))
+_FAST_UNSIGNED = frozenset(np.dtype(t) for t in (np.uint8, np.uint16, np.uint32))
+_U64 = np.dtype(np.uint64)
+_I64_LIMIT = 2**63
 
 
 class VariableSynchronization(enum.Enum):
@@ -140,7 +148,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
 
     __slots__ = (
         "_name", "_device", "_backend", "_host", "_dtype", "_declared", "_pending_shape",
-        "_fix_on_init", "_storage", "_ro", "_init", "_init_shape", "_deps", "_trainable",
+        "_fix_on_init", "_storage", "_ro", "_rows", "_init", "_init_shape", "_deps", "_trainable",
         "_synchronization", "_aggregation", "_lock", "_guard", "__weakref__",
     )
 
@@ -183,6 +191,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         self._init: Any = None
         self._init_shape: tuple[int, ...] | None = None
         self._ro: Any = None
+        self._rows: tuple[Any, tuple[int, ...]] | None = None
         try:
             requested_dtype = None if dtype is None else np.dtype(dtype)
         except TypeError:
@@ -291,34 +300,37 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         """Adopt ``storage`` (on our device, our dtype); the first value of a deferred callable
         with no ``shape=`` fixes the shape."""
         with self._lock:
+            if storage is self._storage and self._dtype is not None and not self._fix_on_init:
+                return  # the buffer restored in place: nothing about the value's form changed
             if storage is not self._storage:
                 self._guard = None  # the pins keep the old buffer, and nothing writes it any more
             self._storage = storage
             self._pending_shape = tuple(storage.shape)
-            self._ro = None
+            self._ro = self._rows = None
             if self._dtype is None:  # a deferred callable restored before it ever ran
                 self._dtype = np.dtype(storage.dtype)
             if self._fix_on_init:
                 self._declared, self._fix_on_init = self._pending_shape, False
 
     def _restore_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
-        if not _shapes.fits(shape, self._declared):
+        if shape != self._declared and not _shapes.fits(shape, self._declared):  # equal: the common case
             raise InvalidArgumentError(
                 f"variable '{self._name}': checkpoint shape {shape} is not compatible with the "
                 f"declared shape {_shapes.fmt(self._declared)}"
             )
         with self._lock:
             storage = self._storage
-            if storage is None or tuple(storage.shape) != shape:  # the caller maps failures (it knows the file)
+            if storage is None or storage.shape != shape:  # the caller maps failures (it knows the file)
                 return self._backend.empty(shape, dtype, self._device.backend_index)
-            self._barrier()  # the restore writes the live buffer in place (the caller holds the lock: exclusive())
+            if self._guard is not None:
+                self._barrier()  # the restore writes the live buffer in place (the caller holds the lock: exclusive())
             return storage
 
     def _mark_uninitialized(self) -> None:
         with self._lock:
             self._guard = None  # the pins keep the buffer
             self._storage = None
-            self._ro = None
+            self._ro = self._rows = None
 
     # --- identity and metadata ------------------------------------------------------------
 
@@ -507,8 +519,23 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
             storage = self._storage
             if storage is None and op != "assign":
                 raise self._uninitialized()
-            src = self._operand(value, op)
             device = self._device
+            if self._same_place(value, storage):
+                # A device array of our library already on our device, with our dtype and shape
+                # (the common JAX / CuPy update): nothing to convert and no transfer to judge.
+                if self._guard is not None:
+                    self._barrier()
+                try:
+                    new = self._backend.apply(op, storage, value, device.backend_index)
+                except Exception as exc:  # the message is built only on failure
+                    mapped = map_backend_error(exc, device, f"{op} to variable '{self._name}'")
+                    if mapped is None:
+                        raise
+                    raise mapped from exc
+                if new is not storage:
+                    self._storage = new
+                return
+            src = self._operand(value, op)
             with backend_errors(device, f"{op} to variable '{self._name}'"):
                 if storage is None or src.shape != storage.shape:
                     # first value, or a dynamic-shape reallocation: the storage needs a private copy
@@ -520,36 +547,95 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
             if new is not storage:
                 self._storage = new
 
+    def _same_place(self, value: Any, storage: Any) -> bool:
+        """Whether ``value`` is a device array (not host memory) of our storage's library,
+        type, dtype and shape, on our device: an update may use it as it is."""
+        if storage is None or type(value) is not type(storage) or self._host:
+            return False
+        return bool(value.dtype == storage.dtype and value.shape == storage.shape and self._on_our_device(value))
+
+    def _on_our_device(self, array: Any) -> bool:
+        """Whether ``array`` (of our storage's array type) lives on our device and nowhere else
+        (a backend's ``device_of`` is None for an array spread over several devices)."""
+        return self._backend.device_of(array) == self._device.backend_index
+
+    def _scatter_ready(self, storage: Any, indices: Any, updates: Any) -> bool:
+        """Whether device ``indices`` and ``updates`` (our library's type) can go to the
+        backend's scatter as they are: 1-d integer indices, updates of our dtype and of shape
+        ``indices.shape + storage.shape[1:]``, both on our device, and storage with rows."""
+        if self._host:
+            return False
+        shape, ishape = storage.shape, indices.shape
+        return bool(
+            shape
+            and len(ishape) == 1
+            and np.dtype(indices.dtype).kind in "iu"
+            and updates.dtype == storage.dtype
+            and updates.shape == ishape + shape[1:]
+            and self._on_our_device(indices)
+            and self._on_our_device(updates)
+        )
+
     def _scatter(self, op: str, indices: Any, updates: Any) -> Variable:
         storage = self._storage
+        rows = self._rows  # (storage, storage.shape[1:]) while the storage stays the same buffer
+        if rows is None or rows[0] is not storage:
+            rows = self._rows = (storage, storage.shape[1:]) if self._host and storage is not None else None
         if (  # the host fast path: numpy in, nothing to convert, one bounds check
-            self._host
+            rows is not None
             and type(indices) is np.ndarray
             and type(updates) is np.ndarray
-            and storage is not None
-            and updates.dtype is storage.dtype
+            and updates.dtype is storage.dtype  # identity: the common case, and cheap
             and indices.ndim == 1
-            and indices.dtype.kind in "iu"
-            and storage.ndim
-            and updates.shape == indices.shape + storage.shape[1:]
+            and updates.shape == indices.shape + rows[1]
         ):
             # numpy refuses an index >= rows before writing anything (IndexError: the slow path
-            # below then names it); only negative ones, which numpy would wrap, are checked here.
-            if indices.dtype.kind == "u" or not indices.size or (
-                min(indices.tolist()) if indices.size <= 64 else int(indices.min())
-            ) >= 0:
+            # below then names it), and refuses a scalar variable the same way; what it would
+            # accept silently is checked here: a negative index (numpy wraps it) and a uint64
+            # index >= 2**63 (numpy casts it to a negative intp). Smaller unsigned kinds need nothing.
+            dt = indices.dtype
+            if dt in _FAST_SIGNED:
+                n = len(indices)
+                ok = n == 0 or (min(indices.tolist()) if n <= 64 else int(np.minimum.reduce(indices))) >= 0
+            else:
+                ok = dt in _FAST_UNSIGNED or (
+                    dt is _U64 and (len(indices) == 0 or int(np.maximum.reduce(indices)) < _I64_LIMIT)
+                )
+            if ok:
                 lock = self._lock
-                lock.acquire()
+                lock.acquire()  # acquire/release: half the cost of a with block
                 try:
                     if self._storage is storage:
                         if self._guard is not None:
                             self._barrier()
-                        self._backend.scatter(op, storage, indices, updates, 0)
+                        if op == "update":
+                            storage[indices] = updates  # fancy-index assignment: no method call between
+                        else:
+                            self._backend.scatter(op, storage, indices, updates, 0)
                         return self
                 except IndexError:
-                    pass  # out of range: the slow path raises the named error
+                    pass  # out of range (or a scalar variable): the slow path raises the named error
                 finally:
                     lock.release()
+        elif (  # the device fast path (JAX, CuPy): indices and updates already on our device
+            storage is not None
+            and type(indices) is type(storage)
+            and type(updates) is type(storage)
+            and self._scatter_ready(storage, indices, updates)
+        ):
+            what = f"scatter_{op} on variable '{self._name}'"
+            # the one bounds check, on a host copy of the indices; the scatter itself takes the
+            # device indices as they are (no second copy back to the device)
+            scatter_indices(_transfer.to_host(indices, self._backend), storage.shape[0], what)
+            with self._lock:
+                if self._storage is storage:
+                    if self._guard is not None:
+                        self._barrier()
+                    with backend_errors(self._device, what):
+                        new = self._backend.scatter(op, storage, indices, updates, self._device.backend_index)
+                    if new is not storage:
+                        self._storage = new
+                    return self
         with self._lock:
             return self._scatter_locked(op, indices, updates)
 
@@ -621,7 +707,7 @@ class Variable(VariableSurface, metaclass=_VariableMeta):
         for field in Variable.__slots__:
             if field != "__weakref__":
                 setattr(new, field, getattr(self, field))
-        new._ro, new._lock, new._guard = None, threading.RLock(), None
+        new._ro, new._rows, new._lock, new._guard = None, None, threading.RLock(), None
         if self._storage is not None:
             with backend_errors(self._device, f"copying variable '{self._name}'"):
                 new._storage = self._backend.asarray(self._storage, self._storage.dtype, self._device.backend_index)
@@ -654,6 +740,40 @@ def scatter_indices(indices: Any, rows: int, what: str) -> np.ndarray[Any, Any]:
 
 
 # --- the engine's access to storage (checkpoint adapters use only these) -----------------------
+
+
+def make_deferred(
+    name: str, init: Initializer, device: PhysicalDevice, shape: tuple[int, ...], dtype: np.dtype[Any],
+    trainable: bool,
+) -> Variable:
+    """A new, registered, uninitialized plain Variable on ``device`` (already resolved) whose
+    initial value is ``init`` and whose shape ``shape`` (non-negative ints) is fixed; what
+    ``gv.Variable(init, name=name, trainable=trainable, device=...)`` makes outside any
+    strategy scope, without parsing a device spec or checking arguments it can trust
+    (a checkpoint's loader builds one per key, 200,000 of them at a time).
+
+    Raises:
+        InvalidArgumentError: ``device``'s backend cannot hold ``dtype``, or ``name`` is invalid.
+    """
+    self: Variable = object.__new__(Variable)
+    self._lock = threading.RLock()
+    self._guard = None
+    self._storage = self._ro = self._rows = None
+    self._dtype = None
+    self._device, self._backend, self._host = device, device.backend, device.backend.host
+    self._deps, self._init, self._init_shape = (), init, shape
+    self._declared, self._pending_shape, self._fix_on_init = shape, shape, False
+    self._trainable = trainable
+    self._synchronization, self._aggregation = VariableSynchronization.AUTO, VariableAggregation.NONE
+    registry = current_registry()
+    self._name = registry.add(self, name)
+    try:
+        self._set_dtype(dtype, f"variable '{self._name}'")
+        init.check_dtype(dtype)
+    except BaseException:
+        registry.remove(self)
+        raise
+    return self
 
 
 def restore_target(variable: Variable, shape: tuple[int, ...], dtype: np.dtype[Any]) -> Any:

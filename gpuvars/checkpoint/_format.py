@@ -709,7 +709,7 @@ def open_file(index: Index, name: str, expected: Mapping[str, tuple[tuple[int, .
         tensors, np_dtypes = reader.tensors, {d: st.np_dtype(d) for d in {d for _, d in expected.values()}}
         for key, (shape, dtype) in expected.items():
             info = tensors.get(key)
-            if info is None or info.shape != shape or info.dtype != np_dtypes[dtype]:
+            if info is None or info[2] != shape or (info[1] is not np_dtypes[dtype] and info[1] != np_dtypes[dtype]):
                 raise CheckpointCorruptError(
                     f"{path!r}: tensor {key!r} disagrees with the index (shape/dtype) or is absent"
                 )

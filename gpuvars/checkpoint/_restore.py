@@ -64,11 +64,15 @@ def check_compatible(index: _format.Index, targets: Mapping[str, Saveable]) -> N
             + ", ".join(repr(k) for k in missing[:20])
             + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else "")
         )
+    np_dtypes: dict[str, Any] = {}  # a checkpoint holds a few dtypes: each string looked up once
+    entries = index.variables
     for key, sv in targets.items():
-        entry = index.variables.get(key)
+        entry = entries.get(key)
         if entry is None:
             continue
-        saved_dtype = st.np_dtype(entry.dtype)
+        saved_dtype = np_dtypes.get(entry.dtype)
+        if saved_dtype is None:
+            saved_dtype = np_dtypes[entry.dtype] = st.np_dtype(entry.dtype)
         dtype = sv.dtype
         if dtype is not None and dtype is not saved_dtype and dtype != saved_dtype:
             problems.append(f"{key!r}: dtype {saved_dtype} in the checkpoint, variable '{sv.name}' has {dtype}")
@@ -84,20 +88,41 @@ def check_compatible(index: _format.Index, targets: Mapping[str, Saveable]) -> N
 
 
 def restore_variables(
-    prefix: str, targets: Mapping[str, Saveable], *, verify_first: bool = False, progress: bool | None = None
+    prefix: str,
+    targets: Mapping[str, Saveable],
+    *,
+    verify_first: bool = False,
+    progress: bool | None = None,
+    index: _format.Index | None = None,
+    devices: Mapping[str, Any] | None = None,
+    compatible: bool = False,
 ) -> RestoreResult:
     """Validate ``prefix`` (a committed checkpoint or a plain ``.safetensors`` file) against
-    ``targets`` completely, then stream each tensor in (see the module docstring)."""
+    ``targets`` completely, then stream each tensor in (see the module docstring).
+
+    A caller that already opened the checkpoint passes its ``index`` (and its device map,
+    ``devices``) so they are not parsed again; ``compatible=True`` says the targets were
+    made from that index (their shapes and dtypes are its own: :func:`check_compatible`
+    would only repeat them)."""
     with _parallel.gc_paused():  # everything made inside is freed inside (a collection after it finds little)
-        return _validate_and_restore(prefix, targets, verify_first, progress)
+        return _validate_and_restore(prefix, targets, verify_first, progress, index, devices, compatible)
 
 
 def _validate_and_restore(
-    prefix: str, targets: Mapping[str, Saveable], verify_first: bool, progress: bool | None
+    prefix: str,
+    targets: Mapping[str, Saveable],
+    verify_first: bool,
+    progress: bool | None,
+    index: _format.Index | None,
+    devices: Mapping[str, Any] | None,
+    compatible: bool,
 ) -> RestoreResult:
-    index = _format.open_checkpoint(prefix)
-    check_compatible(index, targets)
-    devices = _format.read_devices(index) if index.policy.saves_devices() else {}
+    if index is None:
+        index = _format.open_checkpoint(prefix)
+    if not compatible:
+        check_compatible(index, targets)
+    if devices is None:
+        devices = _format.read_devices(index) if index.policy.saves_devices() else {}
     _restore(index, targets, verify_first, progress)
     differences = {
         key: (devices[key]["device"], sv.device)
@@ -180,6 +205,7 @@ def _restore(index: _format.Index, targets: Mapping[str, Saveable], verify_first
 
 
 RUN_MIN = 8  #: a run of fewer tensors goes through the general path
+_BEGIN = operator.itemgetter(3)  #: a TensorInfo's begin offset (a named tuple: field 3)
 RUN_TENSOR_BYTES = 256 << 10  #: the largest tensor a run takes
 RUN_BYTES = st.CHUNK_BYTES  #: a run's bytes
 
@@ -200,23 +226,26 @@ def _work(
     host: dict[int, bool] = {}
     for name, keys in direct.items():
         tensors = readers[name].tensors
-        infos = sorted((tensors[k] for k in keys), key=operator.attrgetter("begin"))
+        infos = sorted((tensors[k] for k in keys), key=_BEGIN)
+        # per tensor: may it join a run (host storage updated in place), by its device's answer
+        runnable = []
+        for info in infos:
+            device = targets[info[0]].var.physical_device
+            ok = host.get(id(device))
+            if ok is None:
+                ok = host[id(device)] = _transfer.run_target(device)
+            runnable.append(ok)
         alone: set[str] = set()
         i, count = 0, len(infos)
         while i < count:
-            j, nbytes, end = i, 0, infos[i].begin
+            j, nbytes, end = i, 0, infos[i][3]
             while j < count and j - i < 1024:
-                info = infos[j]
-                if info.nbytes > RUN_TENSOR_BYTES or nbytes + info.nbytes > RUN_BYTES or info.begin != end:
+                _, _, _, begin, stop = infos[j]
+                size = stop - begin
+                if size > RUN_TENSOR_BYTES or nbytes + size > RUN_BYTES or begin != end or not runnable[j]:
                     break
-                device = targets[info.name].var.physical_device
-                ok = host.get(id(device))
-                if ok is None:
-                    ok = host[id(device)] = _transfer.run_target(device)
-                if not ok:
-                    break
-                nbytes += info.nbytes
-                end = info.end
+                nbytes += size
+                end = stop
                 j += 1
             if j - i >= RUN_MIN:
                 keys_run = [info.name for info in infos[i:j]]

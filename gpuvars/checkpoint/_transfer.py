@@ -16,6 +16,7 @@ and builds its message up front; this builds it only on failure.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
@@ -126,13 +127,27 @@ def restore_into(reader: st.SafetensorsReader, key: str, var: Variable, checksum
             elif backend.inplace:  # device memory: chunks through a host staging buffer
                 buf = restore_target(var, info.shape, info.dtype)
                 _stream_to_device(reader, key, buf, device, checksum)
-            else:  # a rebinding backend (JAX): one host buffer, then one copy to the device
-                host = np.empty(info.shape, dtype=info.dtype)
+            else:  # a rebinding backend (JAX): a private host buffer the backend may adopt
+                host = _aligned_empty(info.shape, info.dtype)
                 reader.read_into(key, host, expected_checksum=checksum)
-                buf = backend.asarray(host, info.dtype, device.backend_index)
+                # DLPack: JAX on the CPU takes an aligned host buffer without a copy (on a GPU,
+                # one copy to the device); nobody else holds ``host``
+                buf = backend.from_dlpack(host, device.backend_index)
             adopt(var, buf)
     except Exception as exc:
         _raise_mapped(exc, device, f"restoring {key!r} from {reader.path!r} into variable {var.name!r}")
+
+
+_ALIGN = 64  #: XLA's CPU client adopts a host buffer without copying it when it is this aligned
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """An uninitialized C-contiguous host array whose data starts on an ``_ALIGN``-byte boundary
+    (numpy's own large arrays start 16 bytes past a page, which JAX would copy)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def run_target(device: PhysicalDevice) -> bool:

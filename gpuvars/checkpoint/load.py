@@ -7,6 +7,7 @@ torch's ``map_location``, soft placement falls back, and the result reports what
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from gpuvars import devices as _devices
+from gpuvars._creator import current_creator
 from gpuvars._backend_errors import backend_errors
 from gpuvars.checkpoint import _format, _parallel, _saveable
 from gpuvars.checkpoint import _stformat as st
@@ -25,7 +27,7 @@ from gpuvars.errors import CheckpointMismatchError, InvalidArgumentError, Placem
 from gpuvars.initializers import Initializer
 from gpuvars.placement import PhysicalDevice, list_devices, resolve
 from gpuvars.registry import current_registry
-from gpuvars.variable import Variable
+from gpuvars.variable import Variable, make_deferred
 
 __all__ = ["CheckpointReader", "LoadedCheckpoint", "load_checkpoint"]
 
@@ -127,28 +129,46 @@ def _load(
     created: dict[str, Variable] = {}
     moved: dict[str, tuple[str, str]] = {}
     fallbacks: list[str] = []
+    # Outside a strategy scope a plain variable is built by variable.make_deferred on a device
+    # resolved once per distinct spec (a checkpoint shares a few devices among all its
+    # variables); inside one, gv.Variable(...) goes through the strategy's creator.
+    direct = current_creator() is None
+    specs: dict[Any, PhysicalDevice] = {}  # the scope's spec for a variable -> its device
+    where = index.prefix
     try:
-        for key, entry in index.variables.items():
-            dtype = np_dtypes.get(entry.dtype)
-            if dtype is None:
-                dtype = np_dtypes[entry.dtype] = st.np_dtype(entry.dtype)
-            init = _FromCheckpoint(index.prefix, key, entry.shape, dtype)
-            name = _variable_name(key)
-            rec = saved.get(key, {})
-            if device is None and entry.kind != "plain" and rec.get("components"):
-                placed = [_place(c["device"], key, device_map, fallbacks, places) for c in rec["components"]]
-                var = _saveable.adapter_for_kind(entry.kind).build(name, entry, rec, placed)
-            elif device is None and key in saved:
-                physical = _place(saved[key]["device"], key, device_map, fallbacks, places)
-                with _devices.device(None):  # a resolved device: enclosing scopes do not apply
-                    var = Variable(init, name=name, trainable=entry.trainable, device=physical.name)
-            else:
-                var = Variable(init, name=name, trainable=entry.trainable, device=device)
-            created[key] = var
-            if key in saved and var.device != saved[key]["device"]:
-                moved[key] = (saved[key]["device"], var.device)
+        with _devices.device(device) if device is not None and direct else contextlib.nullcontext():
+            for key, entry in index.variables.items():
+                dtype = np_dtypes.get(entry.dtype)
+                if dtype is None:
+                    dtype = np_dtypes[entry.dtype] = st.np_dtype(entry.dtype)
+                init = _FromCheckpoint(where, key, entry.shape, dtype)
+                name = _variable_name(key)
+                rec = saved.get(key, {})
+                if device is None and entry.kind != "plain" and rec.get("components"):
+                    placed = [_place(c["device"], key, device_map, fallbacks, places) for c in rec["components"]]
+                    var = _saveable.adapter_for_kind(entry.kind).build(name, entry, rec, placed)
+                elif device is None and key in saved:
+                    physical = _place(saved[key]["device"], key, device_map, fallbacks, places)
+                    if direct:
+                        var = make_deferred(name, init, physical, entry.shape, dtype, entry.trainable)
+                    else:
+                        with _devices.device(None):  # a resolved device: enclosing scopes do not apply
+                            var = Variable(init, name=name, trainable=entry.trainable, device=physical.name)
+                elif direct:  # device= (entered above) or the enclosing scopes, device functions included
+                    spec = _devices.current_device_spec("Variable", name)
+                    where_to = specs.get(spec)
+                    if where_to is None:
+                        where_to = specs[spec] = resolve(spec, f"variable '{name}'", stacklevel=3)
+                    var = make_deferred(name, init, where_to, entry.shape, dtype, entry.trainable)
+                else:
+                    var = Variable(init, name=name, trainable=entry.trainable, device=device)
+                created[key] = var
+                if key in saved and var.device != saved[key]["device"]:
+                    moved[key] = (saved[key]["device"], var.device)
         targets = {key: _saveable.saveable_for(var) for key, var in created.items()}
-        restore_variables(index.prefix, targets, verify_first=verify_first, progress=progress)
+        # the variables were made from this very index: its shapes and dtypes need no second check
+        restore_variables(index.prefix, targets, verify_first=verify_first, progress=progress, index=index,
+                          devices=saved, compatible=True)
         if fallbacks:
             warnings.warn(
                 f"load_checkpoint({index.prefix!r}): soft placement put {len(fallbacks)} variable(s) on "
@@ -210,7 +230,9 @@ class _FromCheckpoint(Initializer):
     variable's device (checksum-verified). Restores never run it."""
 
     def __init__(self, prefix: str, key: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-        super().__init__(shape, dtype)
+        # shape and dtype come from a validated index (a tuple of non-negative ints, a numpy
+        # dtype): Initializer's argument checks would only repeat that, once per key
+        self.shape, self.dtype = shape, dtype
         self.prefix = prefix
         self.key = key
 
