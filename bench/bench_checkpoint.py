@@ -111,10 +111,10 @@ import numpy as np
 from _common import warm_free_pages
 import xxhash
 
-CPU_SYSTEMS = ("raw", "gpuvars", "safetensors", "numpy", "torch", "jaxcpu-put", "gpuvars-jaxcpu")
+CPU_SYSTEMS = ("raw", "raw2", "gpuvars", "safetensors", "numpy", "torch", "jaxcpu-put", "gpuvars-jaxcpu")
 OPT_SYSTEMS = ("gpuvars-sharded",)  # only on request (--max-shard-size adds it)
 GPU_SYSTEMS = ("base-cupy", "gpuvars-cupy", "base-jax", "gpuvars-jax")
-BASELINE = {"raw": "raw", "gpuvars": "raw", "safetensors": "raw", "numpy": "raw", "torch": "raw",
+BASELINE = {"raw": "raw", "raw2": "raw2", "gpuvars": "raw2", "safetensors": "raw", "numpy": "raw", "torch": "raw",
             "base-cupy": "base-cupy", "gpuvars-cupy": "base-cupy",
             "base-jax": "base-jax", "gpuvars-jax": "base-jax",
             "jaxcpu-put": "raw", "gpuvars-jaxcpu": "jaxcpu-put", "gpuvars-sharded": "raw"}
@@ -131,6 +131,8 @@ WARM_MARGIN = 64 * MiB
 
 NOTES = {
     "raw": "f.write per tensor + fsync / readinto existing buffers",
+    "raw2": "the fair raw limit: the files and fsyncs of a Saver.save (data, index, state file: each to a temporary "
+            "name, fsynced, renamed, the folder fsynced) / 2 threads readinto existing buffers + xxh3 of each tensor",
     "gpuvars": "Saver.save (own fsyncs) / Saver.restore into existing variables, checksummed",
     "gpuvars-sharded": "as gpuvars, SaveOptions(max_shard_size=--max-shard-size): shards written in parallel",
     "safetensors": "save_file + added fsync / load_file allocates",
@@ -148,8 +150,38 @@ NOTES = {
 # --- workloads ----------------------------------------------------------------------------------
 
 
+GROWTH_BYTES_MIB = (64, 256, 1024, 4096)  #: --growth: total size sweep (tensors of 16 MiB; quick: up to 256)
+GROWTH_BYTES_MIB_QUICK = (16, 64, 256)
+GROWTH_COUNTS = (1000, 10000, 100000)  #: --growth: tensor-count sweep at a fixed total
+GROWTH_COUNTS_QUICK = (1000, 10000, 30000)
+GROWTH_COUNT_MIB = 64
+
+
+def growth_workloads(quick: bool) -> list[str]:
+    """The workload names of the growth sweeps: ``bytes-<MiB>`` and ``count-<tensors>``."""
+    return ([f"bytes-{m}" for m in (GROWTH_BYTES_MIB_QUICK if quick else GROWTH_BYTES_MIB)]
+            + [f"count-{n}" for n in (GROWTH_COUNTS_QUICK if quick else GROWTH_COUNTS)])
+
+
+def is_workload(name: str) -> bool:
+    head, _, num = name.partition("-")
+    return name in WORKLOADS or (head in ("bytes", "count") and num.isdigit() and int(num) > 0)
+
+
 def workload_specs(workload: str, quick: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every float32 tensor, in name order (the safetensors file order)."""
+    """(name, shape) of every float32 tensor, in name order (the safetensors file order).
+
+    Besides big / small / tiny: ``bytes-<MiB>`` (that many MiB in tensors of 16 MiB, at least
+    4 tensors) and ``count-<N>`` (N equal tensors holding GROWTH_COUNT_MIB in all).
+    """
+    head, _, num = workload.partition("-")
+    if head == "bytes" and num.isdigit():
+        total = int(num) * MiB // 4  # float32 elements
+        n = max(4, int(num) // 16)
+        return [(f"t{i:06d}", (total // n,)) for i in range(n)]
+    if head == "count" and num.isdigit():
+        n = int(num)
+        return [(f"t{i:06d}", (max(1, GROWTH_COUNT_MIB * MiB // 4 // n),)) for i in range(n)]
     if workload == "big":
         n = 16 if quick else 64
         shapes = [(2048, 2048), (4096, 1024), (1024, 4096), (4194304,)]  # 16 MiB each
@@ -331,6 +363,83 @@ class Raw(System):
 
     def restored(self) -> list[Any]:
         return self.arrays
+
+
+class Raw2(Raw):
+    """The fair raw limit for a Saver: the same bytes, files, fsyncs and renames as a durable
+    save (data file, index, state file, each written to a temporary name, fsynced, renamed,
+    the folder fsynced: 3 files, 6 fsyncs), and a restore that reads on 2 threads into the
+    existing buffers and checksums each tensor (xxh3), as a gpuvars restore does."""
+
+    @staticmethod
+    def _durable(path: str, write: Callable[[Any], None]) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def save(self, base: str) -> None:
+        def data(f: Any) -> None:
+            f.write(self.header)
+            for a in self.arrays:
+                f.write(a.data)
+
+        self._durable(base + ".safetensors", data)
+        index = json.dumps({name: xxhash.xxh3_64_hexdigest(a.data.cast("B")) for (name, _), a in
+                            zip(self.specs, self.arrays)}).encode()
+        self._durable(base + ".index.json", lambda f: f.write(index))
+        self._durable(os.path.join(os.path.dirname(base), "checkpoint"), lambda f: f.write(b'{"latest": "x"}'))
+
+    def restore(self, base: str) -> None:
+        import concurrent.futures
+
+        (n,) = struct.unpack("<Q", open(base + ".safetensors", "rb").read(8))
+        offsets, at = [], 8 + n
+        for a in self.arrays:
+            offsets.append(at)
+            at += a.nbytes
+        half = len(self.arrays) // 2 or 1
+
+        def read(lo: int, hi: int) -> None:
+            fd = os.open(base + ".safetensors", os.O_RDONLY)
+            try:
+                for a, off in zip(self.arrays[lo:hi], offsets[lo:hi]):
+                    view = a.data.cast("B")
+                    if os.preadv(fd, [view], off) != a.nbytes:
+                        raise OSError("short read")
+                    xxhash.xxh3_64_hexdigest(view)
+            finally:
+                os.close(fd)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for f in [pool.submit(read, 0, half), pool.submit(read, half, len(self.arrays))]:
+                f.result()
+
+
+def fit_growth(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per (system, phase), least squares over the growth cells: time = fixed + per tensor x
+    tensors + per GiB x GiB (how cost grows; a change in a slope is a regression in growth)."""
+    out: dict[str, dict[str, float]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if "median_s" in r and str(r["workload"]).startswith(("bytes-", "count-")):
+            groups.setdefault((r["system"], r["phase"]), []).append(r)
+    for (system, phase), rs in groups.items():
+        if len(rs) < 3:
+            continue
+        a = np.array([[1.0, r["n_tensors"], r["data_bytes"] / GiB] for r in rs])
+        t = np.array([r["median_s"] for r in rs])
+        coef, *_ = np.linalg.lstsq(a, t, rcond=None)
+        out[f"{system} {phase}"] = {"fixed_ms": float(coef[0] * 1e3), "per_tensor_us": float(coef[1] * 1e6),
+                                    "per_gib_s": float(coef[2]), "cells": len(rs)}
+    return out
 
 
 class Gpuvars(System):
@@ -685,7 +794,7 @@ class GpuvarsJax(GpuvarsCupy):
 
 
 SYSTEM_CLASSES: dict[str, type[System]] = {
-    "raw": Raw, "gpuvars": Gpuvars, "safetensors": Safetensors, "numpy": Numpy, "torch": Torch,
+    "raw": Raw, "raw2": Raw2, "gpuvars": Gpuvars, "safetensors": Safetensors, "numpy": Numpy, "torch": Torch,
     "base-cupy": BaseCupy, "gpuvars-cupy": GpuvarsCupy, "base-jax": BaseJax, "gpuvars-jax": GpuvarsJax,
     "jaxcpu-put": JaxCpuPut, "gpuvars-jaxcpu": GpuvarsJaxCpu, "gpuvars-sharded": GpuvarsSharded,
 }
@@ -932,6 +1041,10 @@ def goals(rows: list[dict[str, Any]], cache: str = "warm") -> list[dict[str, Any
                     "met": None if value is None else value <= limit, "unit": unit})
 
     add("big save: gpuvars / raw write+fsync", ratio(("gpuvars", "big", "save"), ("raw", "big", "save")), GOAL_SAVE, "x")
+    add("big save: gpuvars / fair raw (the same 3 files, 6 fsyncs)",
+        ratio(("gpuvars", "big", "save"), ("raw2", "big", "save")), 1.2, "x")
+    add("big restore: gpuvars / fair raw (2 threads, checksums)",
+        ratio(("gpuvars", "big", "restore"), ("raw2", "big", "restore")), 1.1, "x")
     add("big restore: gpuvars / raw readinto", ratio(("gpuvars", "big", "restore"), ("raw", "big", "restore")), GOAL_RESTORE, "x")
     for phase in ("save", "restore"):
         r = by.get(("gpuvars", "big", phase))
@@ -969,7 +1082,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/tmp/gpuvars-bench", help="folder for the files (same for all systems)")
     ap.add_argument("--json", metavar="PATH", help="write every cell, the machine and the goals here")
     ap.add_argument("--systems", default=",".join(CPU_SYSTEMS), help=f"comma list of {CPU_SYSTEMS}")
-    ap.add_argument("--workloads", default="big,small", help="comma list of big, small, tiny")
+    ap.add_argument("--workloads", default="big,small", help="comma list of big, small, tiny, bytes-<MiB>, count-<N>")
+    ap.add_argument("--growth", action="store_true",
+                    help="the growth sweeps instead of --workloads: total bytes (64 MiB .. 4 GiB; quick 16-256 MiB) and "
+                         f"tensor counts (1k .. 100k at {GROWTH_COUNT_MIB} MiB), with the fitted per-tensor and per-GiB cost")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of save, restore, verify")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one in every cell (default 1)")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each restore (root)")
@@ -992,14 +1108,14 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1:
         ap.error("--repeats must be >= 1")
     systems = [s for s in args.systems.split(",") if s]
-    workloads = [w for w in args.workloads.split(",") if w]
+    workloads = growth_workloads(args.quick) if args.growth else [w for w in args.workloads.split(",") if w]
     phases = [p for p in args.phases.split(",") if p]
     if args.max_shard_size and "gpuvars-sharded" not in systems:
         systems.append("gpuvars-sharded")
     for name, vals, known in (("system", systems, CPU_SYSTEMS + GPU_SYSTEMS + OPT_SYSTEMS), ("workload", workloads, WORKLOADS),
                               ("phase", phases, PHASES)):
         for v in vals:
-            if v not in known:
+            if v not in known and not (name == "workload" and is_workload(v)):
                 ap.error(f"unknown {name} {v!r}; known: {', '.join(known)}")
     if args.cold:
         try:
@@ -1087,6 +1203,21 @@ def main(argv: list[str] | None = None) -> int:
           "index, state file, folder). raw and gpuvars restore into existing buffers; safetensors, numpy, "
           "torch allocate their results.")
     goal_rows = goals(rows, "cold" if args.cold else "warm")
+    fits = fit_growth(rows)
+    if fits:
+        print()
+        for key, f in sorted(fits.items()):
+            print(f"fit   {key:24s} {f['fixed_ms']:8.2f} ms + {f['per_tensor_us']:7.2f} us/tensor + "
+                  f"{f['per_gib_s']:6.3f} s/GiB  ({f['cells']} cells)")
+        for system in ("gpuvars", "safetensors"):
+            for phase in ("save", "restore"):
+                g, b = fits.get(f"{system} {phase}"), fits.get(f"raw2 {phase}")
+                if g and b and system == "gpuvars":
+                    goal_rows.append({"goal": f"growth {phase}: gpuvars cost per tensor (fitted)",
+                                      "measured": g["per_tensor_us"], "limit": None, "met": None, "unit": "us"})
+                    goal_rows.append({"goal": f"growth {phase}: gpuvars cost per GiB / fair raw's (fitted)",
+                                      "measured": g["per_gib_s"] / b["per_gib_s"] if b["per_gib_s"] > 0 else None,
+                                      "limit": None, "met": None, "unit": "x"})
     print()
     for g in goal_rows:
         if g["measured"] is None:
@@ -1101,7 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "args": vars(args), "repeats": repeats, "skipped": skipped,
                        "loadavg_before": load_before, "loadavg_after": load_after,
-                       "cells": rows, "goals": goal_rows}, f, indent=1)
+                       "cells": rows, "goals": goal_rows, "fits": fits}, f, indent=1)
     return 0
 
 

@@ -70,19 +70,19 @@ def _growth(results: dict[str, Any], out: str, plt: Any, written: list[str]) -> 
                 ys = [c["median_s"] / c["n_tensors"] * 1e6 if ykey == "us_per_tensor" else c[ykey] for _, c in pts]
                 ax.plot(xs, ys, marker="o", label=system)
             ax.set_xscale("log")
+            ticks = sorted({x / (1 << 20) if xkey == "data_bytes" else x for x in (c[xkey] for c in rows)})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
             if ykey == "us_per_tensor":
                 ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            ax.set_title(phase)
+            fit = payload.get("fits", {}).get(f"gpuvars {phase}")
+            ax.set_title(phase if not fit else f"{phase} (gpuvars fit: {fit['fixed_ms']:.1f} ms + "
+                         f"{fit['per_tensor_us']:.1f} us/tensor + {fit['per_gib_s']:.2f} s/GiB)", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        fits = payload.get("fits", {})
-        note = "; ".join(f"{k}: {v['fixed_ms']:.2f} ms + {v['per_tensor_us']:.2f} us/tensor + {v['per_gib_s']:.3f} s/GiB"
-                         for k, v in sorted(fits.items()) if isinstance(v, dict) and "per_tensor_us" in v)
         title = f"checkpoint {'throughput vs size' if sweep == 'bytes' else 'cost per tensor vs tensor count'}"
-        if note and sweep == "count":
-            fig.text(0.5, 0.035, "fit " + note, ha="center", fontsize=6, wrap=True)
         _finish(plt, fig, results, title, os.path.join(out, f"checkpoint_{sweep}.png"), written)
 
 
