@@ -97,7 +97,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import struct
@@ -108,7 +107,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from _common import warm_free_pages
+from _common import machine_record, version, warm_free_pages
 import xxhash
 
 CPU_SYSTEMS = ("raw", "raw2", "gpuvars", "safetensors", "numpy", "torch", "jaxcpu-put", "gpuvars-jaxcpu")
@@ -918,45 +917,16 @@ def probe_gpu() -> dict[str, str]:
 
 
 def machine_info(folder: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "kernel": platform.release(),
-                            "arch": platform.machine(), "cores": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
-        with open("/proc/meminfo") as f:
-            info["ram_gib"] = round(int(f.readline().split()[1]) / (1 << 20), 1)
-        best = ("", "?", "?")
-        real = os.path.realpath(folder)
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                    best = (mnt, fstype, dev)
-        info["filesystem"] = f"{best[1]} on {best[2]} (mounted at {best[0]})"
-    except OSError:
-        pass
-    import importlib.metadata as md
-
-    for pkg in ("numpy", "safetensors", "xxhash", "torch", "gpuvars"):
-        try:
-            info[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            info[pkg] = None
+    """The shared machine record (``_common.machine_record``), with the package versions this
+    program's table names flat, and where gpuvars is imported from."""
+    info: dict[str, Any] = dict(machine_record(folder))
+    packages = info.get("packages") or {}
+    for pkg in ("numpy", "safetensors", "xxhash", "torch"):
+        info[pkg] = packages.get(pkg)
+    info["gpuvars"] = version("gpuvars")
     import gpuvars  # cheap: imports neither cupy nor jax
 
     info["gpuvars_path"] = os.path.dirname(os.path.abspath(gpuvars.__file__))
-    try:  # read-only git queries: the commit, and whether the library's sources differ from it
-        here = os.path.dirname(info["gpuvars_path"])
-        if not os.path.exists(os.path.join(here, ".git")):
-            raise OSError("gpuvars is not imported from a git checkout")
-        info["commit"] = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
-        changed = subprocess.run(["git", "--no-optional-locks", "-C", here, "status", "--porcelain", "--", "gpuvars", "backends"],
-                                 capture_output=True, text=True, timeout=10).stdout.strip()
-        if info["commit"] and changed:
-            info["commit"] += "+uncommitted changes"
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
     return info
 
 
