@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from _common import machine_record  # noqa: E402  (bench/ is the programs' import root)
+from harness import machine_record  # noqa: E402  (bench/ is the programs' import root)
 
 #: scenario -> (program, its arguments in --quick mode, in full mode, in --gpu mode or None)
 SCENARIOS: dict[str, tuple[str, list[str], list[str], list[str] | None]] = {

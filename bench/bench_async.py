@@ -95,7 +95,7 @@ import time
 from typing import Any
 
 import numpy as np
-from _common import warm_free_pages
+from harness import warm_free_pages
 
 MiB = 1 << 20
 GiB = 1 << 30

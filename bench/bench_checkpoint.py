@@ -107,7 +107,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from _common import machine_record, version, warm_free_pages
+from harness import machine_record, version, warm_free_pages
 import xxhash
 
 CPU_SYSTEMS = ("raw", "raw2", "gpuvars", "safetensors", "numpy", "torch", "jaxcpu-put", "gpuvars-jaxcpu")

@@ -96,8 +96,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from _common import MiB, warm_free_pages
-from _common import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
+from harness import MiB, warm_free_pages
+from harness import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
 
 SIZES = (16, 1 << 20)
 REPLICAS = (1, 2, 4)

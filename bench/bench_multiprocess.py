@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import MiB, fmt_ns, warm_free_pages
+from harness import MiB, fmt_ns, warm_free_pages
 from bench_distribute import machine_info, machine_line
 
 ELEMENTS = 1 << 20

@@ -63,7 +63,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from _common import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
+from harness import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
 
 SIZES = (16, 1 << 20)
 OPS = ("assign", "assign_add", "scatter_add", "scatter_update")

@@ -297,7 +297,7 @@ def main() -> int:
                   "measured": per, "limit": 15.0, "unit": "us"})
     if args.json:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from _common import machine_record
+        from harness import machine_record
 
         rows = [{"case": case, "system": system, "nvars": cases[case][0], "size": cases[case][1],
                  "params": cases[case][0] * cases[case][1], "step_ms": statistics.median(v) * 1e3,

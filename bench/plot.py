@@ -15,7 +15,7 @@ import statistics
 import sys
 from typing import Any, Iterable
 
-from _common import machine_line
+from harness import machine_line
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
