@@ -46,13 +46,15 @@ def _results() -> dict[str, Any]:
         "mode": "quick", "started": "now", "seconds": 1.0,
         "scenarios": {
             "ops": {"status": 0, "payload": {
-                "goals": [{"backend": "numpy", "op": "scatter_update", "baseline": "raw", "target_ratio": 3.0,
-                           "ratio": 4.0}],
+                "goals": [{"goal": "16-element numpy scatter_update / raw fancy-index assignment", "measured": 4.0,
+                           "limit": 3.0, "unit": "x", "met": False}, {"not": "a goal"}, "junk"],
                 "rows": [{"backend": "numpy", "size": n, "op": "assign", "gpuvars_ns": 300.0 * n ** 0.1,
                           "raw_ns": 200.0 * n ** 0.1, "jit_ns": None} for n in (16, 1024, 1 << 20)]}},
             "growth": {"status": 0, "payload": {"cells": growth, "goals": [], "fits": {
                 "gpuvars save": {"fixed_ms": 1.0, "per_tensor_us": 5.0, "per_gib_s": 0.9}}}},
-            "distribute": {"status": 0, "payload": {"run_goal": {"target_ns": 100000, "worst_ns": 45000, "met": True}}},
+            "distribute": {"status": 0, "payload": {"goals": [
+                {"goal": "strategy.run of an empty step, 4 replicas (worst backend)", "measured": 45.0, "limit": 100.0,
+                 "unit": "us", "met": True}]}},
             "optim": {"status": 1, "payload": None, "output_tail": ["Traceback ...", "RuntimeError: broken"]},
         },
         "goals": [],
@@ -70,6 +72,7 @@ def test_every_programs_goals_come_out_in_one_shape() -> None:
          "limit": 100.0, "unit": "us", "met": True},
     ]
     assert driver.goals_of("optim", None) == []
+    assert driver.goals_of("optim", {"goals": "not a list"}) == []
 
 
 def test_unknown_scenarios_are_refused_with_the_known_ones(tmp_path: pathlib.Path) -> None:
@@ -105,3 +108,78 @@ def test_figures_and_the_readme_section_are_drawn_from_the_json_alone(tmp_path: 
     assert "| distribute | strategy.run of an empty step, 4 replicas (worst backend) | 45 us | 100 | yes |" in text
     assert "Scenario optim failed (status 1): `RuntimeError: broken`" in text
     assert "![ops_numpy](out/ops_numpy.png)" in text
+
+
+# --- the harness every program runs on --------------------------------------------------------------
+
+
+def _harness() -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import harness
+
+        return harness
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+_CHILD = '''
+import sys, time
+sys.path.insert(0, {bench!r})
+import harness
+
+def run_cell(cell):
+    if cell["do"] == "skip":
+        raise harness.Skip("libfoo is not installed")
+    if cell["do"] == "crash":
+        raise RuntimeError("the cell broke")
+    if cell["do"] == "hang":
+        time.sleep(60)
+    print("noise on stdout")
+    return {{**cell, "value": 42}}
+
+if not harness.cell_main(run_cell, sys.argv[1:]):
+    sys.exit("not a cell")
+'''
+
+
+@pytest.mark.parametrize("do", ["ok", "skip", "crash", "hang"])
+def test_a_cell_in_a_fresh_process_always_comes_back_as_a_record(tmp_path: pathlib.Path, do: str) -> None:
+    harness = _harness()
+    program = tmp_path / "child.py"
+    program.write_text(_CHILD.format(bench=str(BENCH)))
+    record = harness.spawn(str(program), {"do": do}, timeout=2 if do == "hang" else 60)
+    if do == "ok":
+        assert record["value"] == 42 and record["do"] == "ok"
+    elif do == "skip":
+        assert record == {"do": "skip", "skip": "libfoo is not installed"}
+    elif do == "crash":
+        assert record["error"] == "RuntimeError: the cell broke" and record["do"] == "crash"
+    else:
+        assert record == {"do": "hang", "error": "timed out after 2 s"}
+
+
+def test_the_harness_rules() -> None:
+    harness = _harness()
+    assert harness.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert [harness.rotated("abc", r) for r in range(4)] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    calls: list[str] = []
+    times = harness.time_steps(lambda: calls.append("step"), 3, warmup=2, before=lambda: calls.append("before"))
+    assert len(times) == 3 and calls == ["before", "step"] * 5
+    timed = harness.time_calls(lambda n: [None for _ in range(n)], batches=3, batch_ms=1.0, warmup_s=0.05)
+    assert timed["warmup_calls"] >= harness.WARMUP_CALLS and timed["min_ns"] <= timed["ns"] <= timed["max_ns"]
+    assert harness.goal("g", 2.0, 1.5) == {"goal": "g", "measured": 2.0, "limit": 1.5, "unit": "x", "met": False}
+    assert harness.goal("g", 2.0, None)["met"] is None
+
+    class Missing(harness.System):
+        name = "missing"
+        requires = ("numpy", "no_such_module_here")
+
+    class Present(harness.System):
+        name = "present"
+        requires = ("numpy",)
+
+    ok, skipped = harness.available([Missing, Present])
+    assert ok == [Present] and skipped == {"missing": "no_such_module_here is not installed"}
+    with pytest.raises(harness.Skip, match="missing: no_such_module_here is not installed"):
+        Missing.require()
