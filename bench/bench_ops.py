@@ -51,24 +51,24 @@ jitted raw JAX equivalent (fixed-costs issue). Speed is reported, never asserted
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import harness
 import numpy as np
-from harness import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
+from harness import Skip, System
+from harness import fmt_ns as _fmt_ns
+from harness import fmt_size as _fmt_size
 
 SIZES = (16, 1 << 20)
 OPS = ("assign", "assign_add", "scatter_add", "scatter_update")
-SYSTEMS = ("gpuvars", "raw", "raw_jit")
 BACKENDS = ("numpy", "jax", "cupy")
+#: what must be importable for each backend's cells (else the backend is skipped, with the reason)
+BACKEND_REQUIRES = {"numpy": (), "jax": ("jax",), "cupy": ("cupy",)}
 #: the systems each backend is measured with (only JAX has a compiled raw baseline)
 SYSTEMS_OF = {"numpy": ("gpuvars", "raw"), "jax": ("gpuvars", "raw", "raw_jit"), "cupy": ("gpuvars", "raw")}
 #: (backend, op, baseline system, target ratio) at 16 elements
@@ -112,8 +112,23 @@ JIT_CALLS = {
 Batch = Callable[[int], None]
 
 
-class Skip(Exception):
-    """The backend is not usable in this process (reported, not an error)."""
+class Gpuvars(System):
+    name = "gpuvars"
+    note = "v.assign(src) / v.assign_add(d) / v.scatter_add(idx, upd) / v.scatter_update(idx, upd)"
+
+
+class Raw(System):
+    name = "raw"
+    note = "the backend's own call doing the same work (RAW_CALLS)"
+
+
+class RawJit(System):
+    name = "raw_jit"
+    note = "the same four as jax.jit functions, compiled before timing (JIT_CALLS)"
+    requires = ("jax",)
+
+
+SYSTEMS: dict[str, type[System]] = {s.name: s for s in (Gpuvars, Raw, RawJit)}
 
 
 def _n_indices(size: int) -> int:
@@ -194,8 +209,9 @@ def _numpy_batches(system: str, size: int) -> tuple[dict[str, Batch], dict[str, 
 
 
 def _jax_batches(system: str, size: int) -> tuple[dict[str, Batch], dict[str, Any]]:
-    if importlib.util.find_spec("jax") is None:
-        raise Skip("jax is not installed")
+    why = harness.missing(BACKEND_REQUIRES["jax"])
+    if why:
+        raise Skip(why)
     import jax
 
     try:
@@ -313,8 +329,9 @@ def _jax_jit_batches(state: dict[str, Any], src: Any, d: Any, idx: Any, upd: Any
 
 
 def _cupy_batches(system: str, size: int) -> tuple[dict[str, Batch], dict[str, Any]]:
-    if importlib.util.find_spec("cupy") is None:
-        raise Skip("cupy is not installed")
+    why = harness.missing(BACKEND_REQUIRES["cupy"])
+    if why:
+        raise Skip(why)
     try:
         import cupy
         import cupyx
@@ -406,84 +423,13 @@ _FACTORIES: dict[str, Callable[[str, int], tuple[dict[str, Batch], dict[str, Any
 # --- timing -----------------------------------------------------------------------------------
 
 
-def _time_op(body: Batch, batches: int, batch_ms: float, warmup_s: float) -> dict[str, Any]:
-    """Warm ``body`` up, size a batch to ~``batch_ms``, return the median ns/call over ``batches``."""
-    t0 = time.perf_counter_ns()
-    calls, n = 0, 1
-    limit_ns = int(max(warmup_s, 0.0) * 1e9)
-    while True:
-        body(n)
-        calls += n
-        elapsed = time.perf_counter_ns() - t0
-        if (calls >= 1000 and elapsed >= limit_ns) or elapsed >= max(limit_ns, 1) * 5:
-            break
-        n = min(n * 2, 4096)
-    per_call = elapsed / calls
-    size = max(1, int(batch_ms * 1e6 / per_call))
-    samples = []
-    for _ in range(batches):
-        t = time.perf_counter_ns()
-        body(size)
-        samples.append((time.perf_counter_ns() - t) / size)
-    return {
-        "ns": statistics.median(samples),
-        "min_ns": min(samples),
-        "max_ns": max(samples),
-        "batch": size,
-        "batches": batches,
-        "warmup_calls": calls,
-    }
-
-
-def _loop_ns(batch_ms: float) -> float:
-    """The cost of one iteration of an empty ``for _ in range(n)`` loop, ns (median of 5)."""
-    n = max(1000, int(batch_ms * 1e6 / 20))
-
-    def empty(k: int) -> None:
-        for _ in range(k):
-            pass
-
-    empty(n)
-    samples = []
-    for _ in range(5):
-        t = time.perf_counter_ns()
-        empty(n)
-        samples.append((time.perf_counter_ns() - t) / n)
-    return statistics.median(samples)
-
-
-def run_cell(system: str, backend: str, size: int, batches: int, batch_ms: float, warmup_s: float) -> dict[str, Any]:
-    """Time every op of one (system, backend, size) cell in this process."""
-    out: dict[str, Any] = {"system": system, "backend": backend, "size": size}
-    try:
-        bodies, info = _FACTORIES[backend](system, size)
-    except Skip as why:
-        out["skip"] = str(why)
-        return out
-    out.update(info)
-    out["loop_ns"] = _loop_ns(batch_ms)
-    out["ops"] = {op: _time_op(bodies[op], batches, batch_ms, warmup_s) for op in OPS}
-    return out
-
-
-def _spawn_cell(system: str, backend: str, size: int, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--cell", system, backend, str(size),
-        "--batches", str(args.batches),
-        "--batch-ms", str(args.batch_ms),
-        "--warmup-s", str(args.warmup_s),
-    ]
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"system": system, "backend": backend, "size": size, "error": " | ".join(tail) or f"rc={proc.returncode}"}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """Time every op of one (system, backend, size) cell in this process (the child of
+    ``harness.spawn``; a backend that cannot run here raises ``Skip``)."""
+    system, backend, size, batch_ms = cell["system"], cell["backend"], cell["size"], cell["batch_ms"]
+    bodies, info = _FACTORIES[backend](system, size)
+    return {"system": system, "backend": backend, "size": size, **info, "loop_ns": harness.loop_ns(batch_ms),
+            "ops": {op: harness.time_calls(bodies[op], cell["batches"], batch_ms, cell["warmup_s"]) for op in OPS}}
 
 
 # --- reporting --------------------------------------------------------------------------------
@@ -492,47 +438,11 @@ def _spawn_cell(system: str, backend: str, size: int, args: argparse.Namespace) 
 
 
 def machine_info() -> dict[str, Any]:
-    """Platform, CPU model, core count and library versions (no GPU library is imported)."""
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    commit = None
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(
-            ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "jax": _version("jax"),
-        "jaxlib": _version("jaxlib"),
-        "cupy": next((v for v in (_version(d) for d in ("cupy", "cupy-cuda12x", "cupy-cuda13x")) if v), None),
-        "gpuvars": _version("gpuvars"),
-        "commit": commit,
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _machine_line(m: dict[str, Any]) -> str:
-    libs = [f"python {m['python']}", f"numpy {m['numpy']}"]
-    libs += [f"{k} {m[k]}" for k in ("jax", "cupy") if m.get(k)]
-    return f"machine: {m['platform']} | {m['cpu']} | {m['cores']} cores | " + " | ".join(libs)
-
-
-
-
+    """The shared machine record, with the load average at start (this program's figures are
+    per-call nanoseconds, which a busy machine moves most)."""
+    info = harness.machine_record(os.getcwd())
+    info["loadavg_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return info
 
 
 def build_rows(results: list[dict[str, Any]], backends: list[str], sizes: list[int]) -> list[dict[str, Any]]:
@@ -591,22 +501,19 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def check_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Print each 16-element goal (measured or not) and return them for the JSON."""
+    """Print each 16-element goal (measured or not) and return the measured ones for the JSON
+    (``harness.goal``)."""
     out = []
     for backend, op, base, target in GOALS:
         row = next((r for r in rows if r["backend"] == backend and r["size"] == 16 and r["op"] == op), None)
         name = "np.copyto" if op == "assign" else ("raw fancy-index assignment" if backend == "numpy" else "jitted raw JAX")
-        key = "ratio" if base == "raw" else "ratio_jit"
-        ratio = None if row is None else row[key]
-        goal: dict[str, Any] = {"backend": backend, "op": op, "baseline": base, "target_ratio": target, "ratio": ratio}
+        ratio = None if row is None else row["ratio" if base == "raw" else "ratio_jit"]
         if ratio is None:
             print(f"goal: 16-element {backend} {op} vs {name}: not measured (needs --backends {backend} and size 16)")
-        else:
-            goal["met"] = ratio <= target
-            print(
-                f"goal: 16-element {backend} {op} costs {ratio:.2f}x {name} "
-                f"(target <= {target:g}x): {'MET' if goal['met'] else 'NOT MET'}"
-            )
+            continue
+        goal = harness.goal(f"16-element {backend} {op} / {name}", ratio, target, "x")
+        print(f"goal: 16-element {backend} {op} costs {ratio:.2f}x {name} "
+              f"(target <= {target:g}x): {'MET' if goal['met'] else 'NOT MET'}")
         out.append(goal)
     return out
 
@@ -621,17 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, help="timed batches per op (default 9; quick 7)")
     parser.add_argument("--batch-ms", type=float, help="target batch duration (default 50; quick 20)")
     parser.add_argument("--warmup-s", type=float, help="minimum warm-up per op (default 0.2; quick 0.1)")
-    parser.add_argument("--cell", nargs=3, metavar=("SYSTEM", "BACKEND", "SIZE"), help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if harness.cell_main(run_cell, argv):
+        return 0
     args = parser.parse_args(argv)
     defaults = (1, 7, 20.0, 0.1) if args.quick else (5, 9, 50.0, 0.2)
     for name, value in zip(("rounds", "batches", "batch_ms", "warmup_s"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
-
-    if args.cell:
-        system, backend, size = args.cell
-        print(json.dumps(run_cell(system, backend, int(size), args.batches, args.batch_ms, args.warmup_s)))
-        return 0
 
     backends = [b for b in args.backends.split(",") if b]
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -639,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         if b not in BACKENDS:
             parser.error(f"unknown backend {b!r}; choose from {BACKENDS}")
     machine = machine_info()
-    print(_machine_line(machine))
+    print("machine: " + harness.machine_line(machine))
     print(
         f"settings: {args.rounds} round(s) of fresh processes per cell, {args.batches} batches of "
         f"~{args.batch_ms:g} ms per op, warm-up >= {args.warmup_s:g} s; figures are medians"
@@ -647,14 +551,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
+    for backend in backends:
+        why = harness.missing(BACKEND_REQUIRES[backend])
+        if why:
+            skipped[backend] = why
+    timing = {"batches": args.batches, "batch_ms": args.batch_ms, "warmup_s": args.warmup_s}
     for rnd in range(args.rounds):
         for backend in backends:
             if backend in skipped:
                 continue
-            order = SYSTEMS_OF[backend] if rnd % 2 == 0 else SYSTEMS_OF[backend][::-1]
             for size in sizes:
-                for system in order:
-                    cell = _spawn_cell(system, backend, size, args)
+                for system in harness.rotated(SYSTEMS_OF[backend], rnd):
+                    cell = harness.spawn(__file__, {"system": system, "backend": backend, "size": size, **timing},
+                                         timeout=300, env=harness.child_env(pin_malloc=False))
                     if "skip" in cell or "error" in cell:
                         skipped[backend] = cell.get("skip") or f"error: {cell['error']}"
                         break
@@ -684,20 +593,13 @@ def main(argv: list[str] | None = None) -> int:
     load_text = f"; 1-min load average {start_load[0]:.2f} at start, {load[0]:.2f} at end" if load else ""
     print(f"total {elapsed:.0f} s{load_text}")
     if args.json:
-        payload = {
-            "benchmark": "bench_ops",
-            "command": " ".join(["python", "bench/bench_ops.py", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": machine,
-            "settings": {k: getattr(args, k) for k in ("quick", "rounds", "batches", "batch_ms", "warmup_s")},
-            "skipped": skipped,
-            "goals": goal_info,
-            "rows": rows,
-            "cells": results,
-            "elapsed_s": elapsed,
-            "loadavg_at_end": list(load) if load else None,
-        }
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
+        harness.write_json(
+            args.json, program="bench_ops", machine=machine, cells=results, goals=goal_info,
+            command=" ".join(["python", "bench/bench_ops.py", *argv]),
+            settings={k: getattr(args, k) for k in ("quick", "rounds", "batches", "batch_ms", "warmup_s")},
+            systems={name: cls.note for name, cls in SYSTEMS.items()}, skipped=skipped, rows=rows,
+            elapsed_s=elapsed, loadavg_at_end=list(load) if load else None,
+        )
         print(f"wrote {args.json}")
     return 1 if failed else 0
 
