@@ -36,7 +36,7 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], list[str] | None]] = {
     "checkpoint": ("bench_checkpoint.py", ["--quick", "--workloads", "big,small"],
                    ["--repeats", "3", "--workloads", "big,small,tiny"], ["--quick", "--gpu", "--workloads", "big"]),
     "growth": ("bench_checkpoint.py", ["--quick", "--growth", "--systems", "raw2,gpuvars,safetensors", "--phases",
-                                       "save,restore", "--max-shard-size", "64MiB"],
+                                       "save,restore"],
                ["--growth", "--repeats", "3", "--systems", "raw,raw2,gpuvars,safetensors,torch", "--phases",
                 "save,restore", "--max-shard-size", "1GiB"], None),
     "distribute": ("bench_distribute.py", ["--quick"], [], ["--quick", "--gpu"]),

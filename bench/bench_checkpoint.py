@@ -98,17 +98,16 @@ import json
 import math
 import os
 import shutil
-import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+import harness
 import numpy as np
-from harness import machine_record, version, warm_free_pages
 import xxhash
+from harness import GiB, MiB, version, warm_free_pages
 
 CPU_SYSTEMS = ("raw", "raw2", "gpuvars", "safetensors", "numpy", "torch", "jaxcpu-put", "gpuvars-jaxcpu")
 OPT_SYSTEMS = ("gpuvars-sharded",)  # only on request (--max-shard-size adds it)
@@ -119,31 +118,12 @@ BASELINE = {"raw": "raw", "raw2": "raw2", "gpuvars": "raw2", "safetensors": "raw
             "jaxcpu-put": "raw", "gpuvars-jaxcpu": "jaxcpu-put", "gpuvars-sharded": "raw"}
 WORKLOADS = ("big", "small", "tiny")
 PHASES = ("save", "restore", "verify", "load")
-MiB = 1 << 20
-GiB = 1 << 30
 GOAL_SAVE = 1.15
 GOAL_RESTORE = 1.2
 GOAL_RSS_MIB = 64
 GOAL_VERIFY = 0.2
-RESULT_TAG = "BENCH-CELL-RESULT "
 WARM_MARGIN = 64 * MiB
 
-NOTES = {
-    "raw": "f.write per tensor + fsync / readinto existing buffers",
-    "raw2": "the fair raw limit: the files and fsyncs of a Saver.save (data, index, state file: each to a temporary "
-            "name, fsynced, renamed, the folder fsynced) / 2 threads readinto existing buffers + xxh3 of each tensor",
-    "gpuvars": "Saver.save (own fsyncs) / Saver.restore into existing variables, checksummed",
-    "gpuvars-sharded": "as gpuvars, SaveOptions(max_shard_size=--max-shard-size): shards written in parallel",
-    "safetensors": "save_file + added fsync / load_file allocates",
-    "numpy": "np.savez + added fsync / np.load allocates, every array read",
-    "torch": "torch.save + added fsync / torch.load(weights_only) allocates",
-    "base-cupy": "cupy.asnumpy + write + fsync / readinto host + cupy.asarray (new arrays)",
-    "gpuvars-cupy": "Saver.save / Saver.restore into existing CuPy variables on /gpu:0",
-    "base-jax": "np.asarray + write + fsync / readinto host + jax.device_put (new arrays)",
-    "gpuvars-jax": "Saver.save / Saver.restore into JAX variables on /gpu:0 (rebound)",
-    "jaxcpu-put": "JAX CPU floor: readinto a new host array per tensor + jax.device_put of each (new arrays)",
-    "gpuvars-jaxcpu": "Saver.save / Saver.restore into JAX CPU variables (set_cpu_backend('jax'))",
-}
 
 
 # --- workloads ----------------------------------------------------------------------------------
@@ -152,7 +132,7 @@ NOTES = {
 GROWTH_BYTES_MIB = (64, 256, 1024, 4096)  #: --growth: total size sweep (tensors of 16 MiB; quick: up to 256)
 GROWTH_BYTES_MIB_QUICK = (16, 64, 256)
 GROWTH_COUNTS = (1000, 10000, 100000)  #: --growth: tensor-count sweep at a fixed total
-GROWTH_COUNTS_QUICK = (1000, 10000, 30000)
+GROWTH_COUNTS_QUICK = (1000, 5000, 20000)
 GROWTH_COUNT_MIB = 64
 
 
@@ -296,13 +276,15 @@ def clear_folder(folder: str) -> None:
 # --- systems --------------------------------------------------------------------------------------
 
 
-class System:
-    """One way to save and restore the workload's tensors.
+class System(harness.System):
+    """One way to save and restore the workload's tensors (``name``, ``note`` and ``requires``:
+    see :class:`harness.System`).
 
     ``save``/``restore`` are the timed steps; everything else is set-up and checking.
     """
 
     allocates = False  #: restore builds new arrays (vs filling existing ones)
+    phases: tuple[str, ...] = ("save", "restore")  #: the phases this system has cells for
 
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
         self.specs = specs
@@ -334,6 +316,9 @@ class System:
 
 
 class Raw(System):
+    name = 'raw'
+    note = 'f.write per tensor + fsync / readinto existing buffers'
+
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
         super().__init__(specs, data)
         self.arrays = data
@@ -369,6 +354,8 @@ class Raw2(Raw):
     save (data file, index, state file, each written to a temporary name, fsynced, renamed,
     the folder fsynced: 3 files, 6 fsyncs), and a restore that reads on 2 threads into the
     existing buffers and checksums each tensor (xxh3), as a gpuvars restore does."""
+    name = 'raw2'
+    note = 'the fair raw limit: the files and fsyncs of a Saver.save (data, index, state file: each to a temporary name, fsynced, renamed, the folder fsynced) / 2 threads readinto existing buffers + xxh3 of each tensor'
 
     @staticmethod
     def _durable(path: str, write: Callable[[Any], None]) -> None:
@@ -442,6 +429,9 @@ def fit_growth(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 class Gpuvars(System):
+    name = 'gpuvars'
+    note = 'Saver.save (own fsyncs) / Saver.restore into existing variables, checksummed'
+    phases = PHASES
     device = "/cpu:0"
 
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
@@ -493,6 +483,8 @@ class Gpuvars(System):
 
 
 class Safetensors(System):
+    name = 'safetensors'
+    note = 'save_file + added fsync / load_file allocates'
     allocates = True
 
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
@@ -519,6 +511,8 @@ class Safetensors(System):
 
 
 class Numpy(System):
+    name = 'numpy'
+    note = 'np.savez + added fsync / np.load allocates, every array read'
     allocates = True
 
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
@@ -543,6 +537,9 @@ class Numpy(System):
 
 
 class Torch(System):
+    name = 'torch'
+    note = 'torch.save + added fsync / torch.load(weights_only) allocates'
+    requires = ('torch',)
     allocates = True
 
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
@@ -573,6 +570,9 @@ class Torch(System):
 
 class BaseCupy(System):
     """cupy.asnumpy + write / readinto a reused host buffer + cupy.asarray (new device arrays)."""
+    name = 'base-cupy'
+    note = 'cupy.asnumpy + write + fsync / readinto host + cupy.asarray (new arrays)'
+    requires = ('cupy',)
 
     allocates = True
 
@@ -626,6 +626,9 @@ class BaseCupy(System):
 
 class BaseJax(System):
     """np.asarray + write / readinto a reused host buffer + jax.device_put, blocked per tensor."""
+    name = 'base-jax'
+    note = 'np.asarray + write + fsync / readinto host + jax.device_put (new arrays)'
+    requires = ('jax',)
 
     allocates = True
 
@@ -680,6 +683,10 @@ class BaseJax(System):
 class JaxCpuPut(System):
     """The JAX CPU floor: each tensor read into a new host array, then ``jax.device_put`` of
     each onto the CPU device (what any JAX loader must at least do)."""
+    name = 'jaxcpu-put'
+    note = 'JAX CPU floor: readinto a new host array per tensor + jax.device_put of each (new arrays)'
+    requires = ('jax',)
+    phases = ("restore",)  # its save would be raw's
 
     allocates = True
 
@@ -720,6 +727,8 @@ class JaxCpuPut(System):
 
 class GpuvarsSharded(Gpuvars):
     """gpuvars with the data file cut into shards (``SaveOptions(max_shard_size=...)``)."""
+    name = 'gpuvars-sharded'
+    note = 'as gpuvars, SaveOptions(max_shard_size=--max-shard-size): shards written in parallel'
 
     max_shard_size = "256MiB"  # set from the cell
 
@@ -729,6 +738,10 @@ class GpuvarsSharded(Gpuvars):
 
 class GpuvarsJaxCpu(Gpuvars):
     """gpuvars variables on /cpu:0 served by JAX's CPU backend."""
+    name = 'gpuvars-jaxcpu'
+    note = "Saver.save / Saver.restore into JAX CPU variables (set_cpu_backend('jax'))"
+    requires = ('jax',)
+    phases = ("save", "restore")
 
     def __init__(self, specs: list[tuple[str, tuple[int, ...]]], data: list[np.ndarray]) -> None:
         import gpuvars as gv
@@ -744,6 +757,10 @@ class GpuvarsJaxCpu(Gpuvars):
 
 
 class GpuvarsCupy(Gpuvars):
+    name = 'gpuvars-cupy'
+    note = 'Saver.save / Saver.restore into existing CuPy variables on /gpu:0'
+    requires = ('cupy',)
+    phases = ("save", "restore")
     device = "/gpu:0"
     library = "cupy"
 
@@ -776,6 +793,9 @@ class GpuvarsCupy(Gpuvars):
 
 
 class GpuvarsJax(GpuvarsCupy):
+    name = 'gpuvars-jax'
+    note = 'Saver.save / Saver.restore into JAX variables on /gpu:0 (rebound)'
+    requires = ('jax',)
     library = "jax"
 
     def _init_lib(self) -> None:
@@ -792,11 +812,9 @@ class GpuvarsJax(GpuvarsCupy):
             self.jax.block_until_ready([v.value() for v in self.vars])
 
 
-SYSTEM_CLASSES: dict[str, type[System]] = {
-    "raw": Raw, "raw2": Raw2, "gpuvars": Gpuvars, "safetensors": Safetensors, "numpy": Numpy, "torch": Torch,
-    "base-cupy": BaseCupy, "gpuvars-cupy": GpuvarsCupy, "base-jax": BaseJax, "gpuvars-jax": GpuvarsJax,
-    "jaxcpu-put": JaxCpuPut, "gpuvars-jaxcpu": GpuvarsJaxCpu, "gpuvars-sharded": GpuvarsSharded,
-}
+SYSTEM_CLASSES: dict[str, type[System]] = {cls.name: cls for cls in (
+    Raw, Raw2, Gpuvars, Safetensors, Numpy, Torch, BaseCupy, GpuvarsCupy, BaseJax, GpuvarsJax, JaxCpuPut,
+    GpuvarsJaxCpu, GpuvarsSharded)}
 
 
 # --- one cell (runs in a child process) ---------------------------------------------------------------
@@ -804,6 +822,7 @@ SYSTEM_CLASSES: dict[str, type[System]] = {
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     system, workload, phase = cell["system"], cell["workload"], cell["phase"]
+    SYSTEM_CLASSES[system].require()
     repeats, cold, profile = cell["repeats"], cell["cold"], cell["profile"]
     folder = os.path.join(cell["dir"], f"cell-{os.getpid()}")
     os.makedirs(folder)
@@ -817,66 +836,64 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             sysobj.max_shard_size = cell.get("max_shard_size") or GpuvarsSharded.max_shard_size
         del data  # the system holds what it needs (gpuvars and GPU systems hold their own copies)
         gc.collect()
-        times: list[float] = []
-        extra_kib: list[int] = []
-        file_bytes = 0
-        ok = True
-
-        def measured(step: Callable[[], None], warm_folder: str | None) -> tuple[float, int]:
-            """(seconds, peak extra RSS KiB) of one step, free pages warmed and VmHWM reset first."""
-            warm_free_pages(data_bytes + WARM_MARGIN, warm_folder)
-            gc.collect()
-            reset_hwm()
-            rss0 = proc_status()["VmRSS"]
-            t0 = time.perf_counter()
-            step()
-            t1 = time.perf_counter()
-            hwm = proc_status()["VmHWM"]
-            return t1 - t0, (hwm - rss0 if hwm_ok else -1)
-
-        # warm-up steps (untimed: imports, lazy set-up, first-use effects of the kernel), then the
-        # timed ones, then optionally one under cProfile. Extra RSS is kept for warm-ups too: a
-        # first call can grow the heap more than a later one that reuses it.
-        schedule = ["warmup"] * cell["warmup"] + ["timed"] * repeats + (["profile"] if profile else [])
-        warm_rss: list[int] = []
+        warmup = cell.get("warmup", harness.WARMUP_STEPS)
+        rss_kib: list[int] = []  # peak extra RSS of every step, warm-ups first
+        state: dict[str, Any] = {"i": 0, "base": sysobj.base(folder, 0), "file_bytes": 0, "ok": True}
         if phase != "save":
-            base = sysobj.base(folder, 0)
             if isinstance(sysobj, Gpuvars):
                 sysobj.prepare_save()
-            sysobj.save(base)  # untimed: the checkpoint every step restores
-            file_bytes = folder_bytes(folder)
-        for i, kind in enumerate(schedule):
+            sysobj.save(state["base"])  # untimed: the checkpoint every step restores
+            state["file_bytes"] = folder_bytes(folder)
+
+        def step() -> None:
             if phase == "save":
-                base = sysobj.base(folder, i)
-                if isinstance(sysobj, Gpuvars):
-                    sysobj.prepare_save()
-                step: Callable[[], None] = lambda: sysobj.save(base)  # noqa: E731
+                sysobj.save(state["base"])
             elif phase == "verify":
                 assert isinstance(sysobj, Gpuvars)
-                step = lambda: sysobj.verify(base)  # noqa: E731
+                sysobj.verify(state["base"])
             elif phase == "load":
                 assert isinstance(sysobj, Gpuvars)
-                step = lambda: sysobj.load(base)  # noqa: E731
+                sysobj.load(state["base"])
             else:
+                sysobj.restore(state["base"])
+
+        def before() -> None:
+            """Untimed: a fresh file name or zeroed destinations, the page cache dropped (--cold),
+            the free pages this step will take warmed, VmHWM reset."""
+            if phase == "save":
+                state["base"] = sysobj.base(folder, state["i"])
+                if isinstance(sysobj, Gpuvars):
+                    sysobj.prepare_save()
+            elif phase == "restore":
                 sysobj.prepare_restore()
-                step = lambda: sysobj.restore(base)  # noqa: E731
             if cold and phase != "save":
                 drop_page_cache()
-            if kind == "profile":
-                _profile(step)
-            else:
-                seconds, kib = measured(step, folder if phase == "save" else None)
-                if kind == "timed":
-                    times.append(seconds)
-                    extra_kib.append(kib)
-                else:
-                    warm_rss.append(kib)
+            warm_free_pages(data_bytes + WARM_MARGIN, folder if phase == "save" else None)
+            gc.collect()
+            reset_hwm()
+            state["rss0"] = proc_status()["VmRSS"]
+
+        def after() -> None:
+            """Untimed: the step's peak extra RSS, then the check (restore) or the files removed (save)."""
+            rss_kib.append(proc_status()["VmHWM"] - state["rss0"] if hwm_ok else -1)
+            state["i"] += 1
             if phase == "save":
-                if kind == "timed":
-                    file_bytes = folder_bytes(folder)
+                state["file_bytes"] = folder_bytes(folder)
                 clear_folder(folder)
             elif phase == "restore":
-                ok = ok and sysobj.check()
+                state["ok"] = state["ok"] and sysobj.check()
+
+        # the harness's rule: warm-up steps (untimed: imports, lazy set-up, first-use effects of the
+        # kernel), then the timed ones. Extra RSS is kept for warm-ups too: a first call can grow
+        # the heap more than a later one that reuses it.
+        times = harness.time_steps(step, repeats, warmup=warmup, before=before, after=after)
+        if profile:  # one more step, untimed, under cProfile (printed to stderr)
+            before()
+            _profile(step)
+            after()
+            rss_kib.pop()
+        warm_rss, extra_kib = rss_kib[:warmup], rss_kib[warmup:]
+        file_bytes, ok = state["file_bytes"], state["ok"]
         clear_folder(folder)
         return {
             "system": system, "workload": workload, "phase": phase, "ok": ok,
@@ -917,9 +934,9 @@ def probe_gpu() -> dict[str, str]:
 
 
 def machine_info(folder: str) -> dict[str, Any]:
-    """The shared machine record (``_common.machine_record``), with the package versions this
+    """The shared machine record (``harness.machine_record``), with the package versions this
     program's table names flat, and where gpuvars is imported from."""
-    info: dict[str, Any] = dict(machine_record(folder))
+    info: dict[str, Any] = dict(harness.machine_record(folder))
     packages = info.get("packages") or {}
     for pkg in ("numpy", "safetensors", "xxhash", "torch"):
         info[pkg] = packages.get(pkg)
@@ -931,38 +948,26 @@ def machine_info(folder: str) -> dict[str, Any]:
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    torch = f", torch {m['torch']}" if m.get("torch") else ", torch absent"
-    return (f"{m.get('cpu', '?')}, {m['cores']} cores, {m.get('ram_gib', '?')} GiB RAM, Linux {m['kernel']}, "
-            f"files on {m.get('filesystem', '?')}; Python {m['python']}, numpy {m['numpy']}, "
-            f"safetensors {m['safetensors']}{torch}; gpuvars {m['gpuvars']}"
-            + (f" @ {m['commit']}" if m.get("commit") else "") + f" (from {m.get('gpuvars_path')})")
+    """The shared one-line machine record, plus which gpuvars this run imported."""
+    return harness.machine_line(m) + f"; gpuvars {m['gpuvars']} from {m.get('gpuvars_path')}"
 
 
-def spawn(cell: dict[str, Any], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # glibc's default, pinned: see the module docstring
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    env.update(extra_env or {})
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cell", json.dumps(cell)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if cell.get("profile") and proc.stderr.strip():
-        print(f"--- profile: {cell['system']} {cell['workload']} {cell['phase']} ---\n{proc.stderr}", file=sys.stderr)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        err = lines[-1].strip() if lines else f"exit status {proc.returncode}"  # the exception line
-        return {**{k: cell[k] for k in ("system", "workload", "phase")}, "error": err, "stderr_tail": lines[-15:]}
-    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_TAG):])
+def spawn(cell: dict[str, Any]) -> dict[str, Any]:
+    """One cell in a fresh process (``harness.spawn``, glibc's mmap threshold pinned: see the
+    module docstring); a ``--profile`` cell's profile (its stderr) is printed here."""
+    result = harness.spawn(__file__, cell, timeout=900, env=harness.child_env())
+    if cell.get("profile") and result.get("stderr", "").strip():
+        print(f"--- profile: {cell['system']} {cell['workload']} {cell['phase']} ---\n{result['stderr']}", file=sys.stderr)
+    result.pop("stderr", None)
     return result
 
 
 def summarize(r: dict[str, Any]) -> dict[str, Any]:
     if "error" in r:
         return r
-    t = r["times_s"]
     rss = [x for x in r["extra_rss_kib"] + r.get("warmup_extra_rss_kib", []) if x >= 0]
-    r["median_s"] = statistics.median(t)
-    r["min_s"], r["max_s"] = min(t), max(t)
+    t = harness.summary(r["times_s"])
+    r["median_s"], r["min_s"], r["max_s"] = t["median"], t["min"], t["max"]
     r["gib_s"] = r["data_bytes"] / GiB / r["median_s"] if r["median_s"] > 0 else float("inf")
     r["extra_rss_mib"] = max(rss) / 1024 if rss else None  # the worst repeat
     return r
@@ -1006,9 +1011,8 @@ def goals(rows: list[dict[str, Any]], cache: str = "warm") -> list[dict[str, Any
 
     out = []
 
-    def add(name: str, value: float | None, limit: float, unit: str) -> None:
-        out.append({"goal": name, "measured": value, "limit": limit,
-                    "met": None if value is None else value <= limit, "unit": unit})
+    def add(name: str, value: float | None, limit: float | None, unit: str) -> None:
+        out.append(harness.goal(name, value, limit, unit))
 
     add("big save: gpuvars / raw write+fsync", ratio(("gpuvars", "big", "save"), ("raw", "big", "save")), GOAL_SAVE, "x")
     add("big save: gpuvars / fair raw (the same 3 files, 6 fsyncs)",
@@ -1039,8 +1043,7 @@ def goals(rows: list[dict[str, Any]], cache: str = "warm") -> list[dict[str, Any
         for phase in ("save", "restore"):
             v = ratio((gsys, "big", phase), (base, "big", phase))
             if v is not None:
-                out.append({"goal": f"big {phase}: {gsys} / {base} (reported)", "measured": v, "limit": None,
-                            "met": None, "unit": "x"})
+                add(f"big {phase}: {gsys} / {base} (reported)", v, None, "x")
     return out
 
 
@@ -1057,22 +1060,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="the growth sweeps instead of --workloads: total bytes (64 MiB .. 4 GiB; quick 16-256 MiB) and "
                          f"tensor counts (1k .. 100k at {GROWTH_COUNT_MIB} MiB), with the fitted per-tensor and per-GiB cost")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list of save, restore, verify")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one in every cell (default 1)")
+    ap.add_argument("--warmup", type=int, default=harness.WARMUP_STEPS,
+                    help=f"untimed steps before the timed one in every cell (default {harness.WARMUP_STEPS})")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each restore (root)")
     ap.add_argument("--gpu", action="store_true", help=f"also run {GPU_SYSTEMS} where CuPy/JAX see /gpu:0")
     ap.add_argument("--max-shard-size", metavar="SIZE",
                     help="also run gpuvars-sharded: saves with SaveOptions(max_shard_size=SIZE), e.g. 256MiB")
     ap.add_argument("--profile", action="store_true", help="cProfile one extra (untimed) gpuvars repeat per cell")
-    ap.add_argument("--cell", help=argparse.SUPPRESS)
-    ap.add_argument("--probe-gpu", action="store_true", help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if harness.cell_main(run_cell, argv):
+        return 0
+    if argv == ["--probe-gpu"]:  # the child of the --gpu probe
+        harness.emit(probe_gpu())
+        return 0
     args = ap.parse_args(argv)
-
-    if args.cell:
-        print(RESULT_TAG + json.dumps(run_cell(json.loads(args.cell))), flush=True)
-        return 0
-    if args.probe_gpu:
-        print(RESULT_TAG + json.dumps(probe_gpu()), flush=True)
-        return 0
 
     repeats = 1 if args.quick else args.repeats
     if repeats < 1:
@@ -1096,17 +1097,13 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.dir, exist_ok=True)
 
     skipped: list[str] = []
-    import importlib.util
-
-    if "torch" in systems and importlib.util.find_spec("torch") is None:
-        systems.remove("torch")
-        skipped.append("torch: not installed (pip install torch to add it)")
+    _, why_not = harness.available(SYSTEM_CLASSES[s] for s in systems)
+    for name, why in why_not.items():
+        systems.remove(name)
+        skipped.append(f"{name}: {why}")
     if args.gpu:
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe-gpu"],
-                              capture_output=True, text=True, env=env, timeout=300)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
-        usable = json.loads(lines[-1][len(RESULT_TAG):]) if lines else {"cupy": "probe failed", "jax": "probe failed"}
+        probe = harness.spawn(__file__, {}, timeout=300, args=["--probe-gpu"])
+        usable = {lib: probe.get(lib, f"probe failed: {probe.get('error')}") for lib in ("cupy", "jax")}
         for lib in ("cupy", "jax"):
             if usable[lib]:
                 skipped.append(f"GPU cells for {lib} SKIPPED: {usable[lib]}")
@@ -1132,11 +1129,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     for rnd in range(repeats):
-        shift = rnd % len(systems)
-        rotated = systems[shift:] + systems[:shift]
         for wl, phase in order:
-            for system in rotated:
-                if phase in ("verify", "load") and system not in ("gpuvars", "gpuvars-sharded"):
+            for system in harness.rotated(systems, rnd):
+                if phase not in SYSTEM_CLASSES[system].phases:
                     continue
                 cell = {"system": system, "workload": wl, "phase": phase, "repeats": 1, "quick": args.quick,
                         "warmup": args.warmup, "max_shard_size": args.max_shard_size,
@@ -1144,6 +1139,11 @@ def main(argv: list[str] | None = None) -> int:
                         "profile": args.profile and rnd == 0 and system.startswith("gpuvars")}
                 t0 = time.perf_counter()
                 r = spawn(cell)
+                if "skip" in r:  # the system's cell raised Skip (a GPU library without a GPU, say)
+                    skipped.append(f"{system} {wl} {phase}: {r['skip']}")
+                    print(f"  round {rnd + 1}/{repeats} {wl:5} {phase:7} {system:12} skipped: {r['skip']}",
+                          file=sys.stderr, flush=True)
+                    continue
                 key = (system, wl, phase)
                 if key not in merged or "error" in r:
                     merged[key] = r  # the first round's result, or an error (which then stays)
@@ -1183,26 +1183,25 @@ def main(argv: list[str] | None = None) -> int:
             for phase in ("save", "restore"):
                 g, b = fits.get(f"{system} {phase}"), fits.get(f"raw2 {phase}")
                 if g and b and system == "gpuvars":
-                    goal_rows.append({"goal": f"growth {phase}: gpuvars cost per tensor (fitted)",
-                                      "measured": g["per_tensor_us"], "limit": None, "met": None, "unit": "us"})
-                    goal_rows.append({"goal": f"growth {phase}: gpuvars cost per GiB / fair raw's (fitted)",
-                                      "measured": g["per_gib_s"] / b["per_gib_s"] if b["per_gib_s"] > 0 else None,
-                                      "limit": None, "met": None, "unit": "x"})
+                    goal_rows.append(harness.goal(f"growth {phase}: gpuvars cost per tensor (fitted)",
+                                                  g["per_tensor_us"], None, "us"))
+                    goal_rows.append(harness.goal(f"growth {phase}: gpuvars cost per GiB / fair raw's (fitted)",
+                                                  g["per_gib_s"] / b["per_gib_s"] if b["per_gib_s"] > 0 else None,
+                                                  None, "x"))
+    unmeasured = [g["goal"] for g in goal_rows if g["measured"] is None]
+    goal_rows = [g for g in goal_rows if g["measured"] is not None]  # the workloads and systems of this run
     print()
     for g in goal_rows:
-        if g["measured"] is None:
-            print(f"goal  {g['goal']}: not measured")
-            continue
         limit = f"{g['limit']}{g['unit']}" if g["limit"] is not None else "-"
         verdict = "-" if g["met"] is None else ("met" if g["met"] else "MISSED")
         print(f"goal  {g['goal']}: {g['measured']:.3f}{g['unit']} (limit {limit}) {verdict}")
     print(f"\nTotal {time.perf_counter() - t_start:.0f} s; load average (1 min) {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "repeats": repeats, "skipped": skipped,
-                       "loadavg_before": load_before, "loadavg_after": load_after,
-                       "cells": rows, "goals": goal_rows, "fits": fits}, f, indent=1)
+        harness.write_json(args.json, program="bench_checkpoint", machine=machine, cells=rows, goals=goal_rows,
+                           fits=fits, args=vars(args), repeats=repeats, skipped=skipped,
+                           systems={s: SYSTEM_CLASSES[s].note for s in systems}, unmeasured_goals=unmeasured,
+                           loadavg_before=load_before, loadavg_after=load_after)
     return 0
 
 
