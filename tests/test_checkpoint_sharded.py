@@ -143,6 +143,25 @@ def test_resaving_a_prefix_removes_the_other_layouts_files(tmp_path: pathlib.Pat
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m.index.json", "m.safetensors"]
 
 
+def test_resaving_over_a_damaged_index_still_removes_its_shards_and_nothing_outside(tmp_path: pathlib.Path) -> None:
+    _vars = _model()
+    saver = gv.Saver()
+    prefix = saver.save(str(tmp_path / "m"), options=gv.SaveOptions(max_shard_size=400))
+    os.unlink(tmp_path / _shards(tmp_path, "m")[3])  # the old checkpoint is damaged: its index names a missing shard
+    saver.save(str(tmp_path / "m"))  # retiring it reads only its file names
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m.index.json", "m.safetensors"]
+
+    outside = tmp_path.parent / "m-outside.safetensors"
+    outside.write_bytes(b"not ours")
+    index = _index(prefix)
+    index["files"]["../m-outside.safetensors"] = {"role": "data", "size": 8, "checksum": "0"}
+    (tmp_path / "m.index.json").write_text(json.dumps(index))  # a hostile name: the whole list is ignored
+    saver.save(str(tmp_path / "m"))
+    assert outside.read_bytes() == b"not ours"
+    assert gv.CheckpointReader(prefix).verify() == []
+    outside.unlink()
+
+
 def test_retention_deletes_every_shard(tmp_path: pathlib.Path) -> None:
     _vars = _model()
     saver = gv.Saver(max_to_keep=1, options=gv.SaveOptions(max_shard_size=800))

@@ -314,6 +314,26 @@ def _is_shape(x: object) -> bool:
     return isinstance(x, list) and all(_is_uint(d) for d in x)
 
 
+def index_files(prefix: str) -> list[str]:
+    """The file names ``prefix``'s index lists, each checked to be a plain name in its folder,
+    without validating the rest (a save retiring an old index needs only these: its files that
+    the save does not overwrite are removed after the commit; 20,000 variables validated in full
+    cost ~0.1 s a save for nothing).
+
+    Raises:
+        CheckpointNotFoundError: no index at ``prefix``.
+        CheckpointCorruptError: not a gpuvars index, or a name that is not a plain file name.
+    """
+    folder, base = os.path.split(os.fspath(prefix))
+    path = os.path.join(folder, index_file(base))
+    raw = read_json(path, "checkpoint index")
+    where = f"checkpoint index {path!r}"
+    _need(isinstance(raw, dict) and raw.get("format") == FORMAT, where, "not a gpuvars checkpoint index")
+    files = raw.get("files")
+    _need(isinstance(files, dict), where, "'files' is not an object")
+    return [check_plain_name(name, where) for name in files]
+
+
 def read_index(prefix: str) -> Index:
     """Parse and validate ``prefix``'s index, and check that every file it names is a
     regular file with its recorded size.

@@ -294,7 +294,7 @@ def open_folder(prefix: str, doing: Step) -> list[str]:
     old_files: list[str] = []
     if os.path.lexists(index_path):  # its files this save does not overwrite (other shard or replica counts) go after the commit
         try:
-            old_files = list(_format.read_index(prefix).files)
+            old_files = _format.index_files(prefix)
         except CheckpointError:
             pass
         doing.what = f"retiring the old {index_name}"
