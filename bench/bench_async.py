@@ -29,7 +29,8 @@ are installed, on the same tensor bytes, in the same run, every cell in a fresh 
     checkpoint is read back (untimed) and compared with the values at its save call (values are
     integers, so the expected value is exact): "value at the call" ok or WRONG.
 
-Systems (``--systems``):
+Systems (``--systems``; ``harness.System`` classes, each checked in its own interpreter by a
+probe cell: one that cannot import what it needs is skipped with the reason):
 
 ===========  ==================================================================================
 gpuvars      ``gv.Saver(vars).save(prefix)`` / ``save(prefix, blocking=False)`` then
@@ -57,17 +58,20 @@ loop it runs at the next checkpoint call or at the end, counted in that step / t
 ``--audit-fsync`` runs one small save of each system under ``strace -f -y`` and lists the files
 each one fsyncs by itself (needs strace).
 
-Method (the project's rules for benchmarks on these VMs): every cell runs in a fresh process
-(this program re-invokes itself with ``--cell`` under the system's interpreter) and prints one
-JSON line; one untimed warm-up save (of each kind) precedes the timed ones. Memory freed on
+Method (the project's rules for benchmarks on these VMs, ``bench/harness.py``): every cell runs
+in a fresh process (``harness.spawn`` re-invokes this program with ``--cell`` under the system's
+interpreter, ``harness.cell_main`` runs it and prints one tagged JSON line); one untimed warm-up
+save (of each kind; in the loop one untimed step and save) precedes the timed ones
+(``harness.time_steps``). Memory freed on
 these VMs goes back to the host and the next first touch runs at ~0.5 GB/s, page cache
 included, so before every timed save (and in the loop before every checkpoint step, untimed and
 excluded from the wall time) the cell touches and frees 2 x the data size + 64 MiB of anonymous
 memory (room for a staged copy or copy-on-write copies) and writes and unlinks a scratch file of
-the data size + 64 MiB in the checkpoint folder. Children run with
-``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's default, pinned). Figures are medians over the timed
+the data size + 64 MiB in the checkpoint folder. Children run in ``harness.child_env()``
+(``MALLOC_MMAP_THRESHOLD_=131072``, glibc's default, pinned). Figures are medians over the timed
 saves of a cell and, with ``--repeats`` > 1, over rounds of fresh processes (systems rotating).
-Speed is reported, never asserted.
+Speed is reported, never asserted. Goals (in the JSON as ``harness.goal``): the call's fitted
+fixed cost <= 1 ms and per-variable cost <= 5 us; async save time / sync save time <= 1/0.9.
 
 Usage::
 
@@ -83,26 +87,22 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+import harness
 import numpy as np
-from harness import warm_free_pages
+from harness import GiB, MiB, Skip, System, warm_free_pages
 
-MiB = 1 << 20
-GiB = 1 << 30
 SYSTEMS = ("gpuvars", "orbax", "dcp")
 PARTS = ("call", "throughput", "loop")
 MODES = ("none", "sync", "async")
-RESULT_TAG = "BENCH-CELL-RESULT "
 WARM_MARGIN = 64 * MiB
 SMALL_VAR_ELEMS = 1024  # 4 KiB float32 variables in the call part
 GOAL_CALL_INTERCEPT_S = 1e-3
@@ -174,10 +174,9 @@ def pct(values: list[float], q: float) -> float:
 # --- systems (each runs in its own child process) -----------------------------------------------------
 
 
-class System:
+class Saving(System):
     """Variables plus sync / async saves. ``start_async`` returns a handle for ``finish``."""
 
-    name = "?"
     has_async = True
     why_no_async = ""
 
@@ -213,8 +212,10 @@ class System:
         pass
 
 
-class Gpuvars(System):
+class Gpuvars(Saving):
     name = "gpuvars"
+    note = "gv.Saver(vars).save(prefix[, blocking=False]) of numpy variables on /cpu:0; fut.result()"
+    requires = ("gpuvars",)
 
     def __init__(self, arrays: list[np.ndarray]) -> None:
         super().__init__(arrays)
@@ -258,8 +259,10 @@ class Gpuvars(System):
             close()
 
 
-class Orbax(System):
+class Orbax(Saving):
     name = "orbax"
+    note = "ocp.(Async)Checkpointer(StandardCheckpointHandler) of JAX CPU arrays; wait_until_finished(); fsync_tree"
+    requires = ("orbax.checkpoint", "jax")
 
     def __init__(self, arrays: list[np.ndarray]) -> None:
         super().__init__(arrays)
@@ -313,8 +316,10 @@ class Orbax(System):
         self.sync_ckptr.close()
 
 
-class Dcp(System):
+class Dcp(Saving):
     name = "dcp"
+    note = "torch.distributed.checkpoint.(async_)save, FileSystemWriter(sync_files=True); future.result(); fsync_tree"
+    requires = ("torch.distributed.checkpoint",)
 
     def __init__(self, arrays: list[np.ndarray]) -> None:
         super().__init__(arrays)
@@ -361,20 +366,14 @@ class Dcp(System):
         return [out[n].numpy() for n in self.names]
 
 
-SYSTEM_CLASSES: dict[str, type[System]] = {"gpuvars": Gpuvars, "orbax": Orbax, "dcp": Dcp}
+SYSTEM_CLASSES: dict[str, type[Saving]] = {"gpuvars": Gpuvars, "orbax": Orbax, "dcp": Dcp}
 VERSION_DISTS = {"gpuvars": ("numpy",), "orbax": ("orbax-checkpoint", "jax", "tensorstore", "numpy"),
                  "dcp": ("torch", "numpy")}
 
 
 def versions(system: str) -> dict[str, str | None]:
-    import importlib.metadata as md
-
     out: dict[str, str | None] = {"python": platform.python_version(), "interpreter": sys.executable}
-    for d in VERSION_DISTS[system]:
-        try:
-            out[d] = md.version(d)
-        except md.PackageNotFoundError:
-            out[d] = None
+    out.update({d: harness.version(d) for d in VERSION_DISTS[system]})
     if system == "gpuvars":
         import gpuvars
 
@@ -385,123 +384,154 @@ def versions(system: str) -> dict[str, str | None]:
 # --- cells ----------------------------------------------------------------------------------------------
 
 
-def cell_call(sysobj: System, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
-    """Blocking time of the async call, ``calls`` times (one untimed warm-up first)."""
-    out: dict[str, Any] = {"call_s": [], "call_rss_kib": [], "progress_at_return": [], "total_s": []}
+class AsyncSave:
+    """One asynchronous save into a fresh sub-folder, as ``harness.time_steps`` runs it: ``before``
+    makes the folder and prefaults (untimed), the step is the call, ``after`` waits for the save to
+    complete and records what the call left (RSS added, bytes written at return, call -> done)."""
+
+    def __init__(self, sysobj: Saving, folder: str, tag: str, data_bytes: int) -> None:
+        self.sysobj, self.folder, self.tag, self.data_bytes = sysobj, folder, tag, data_bytes
+        self.k = 0
+        self.handle: Any = None
+        self.rss_kib: list[int] = []
+        self.progress: list[int | None] = []
+        self.finish_s: list[float] = []  # from the call's return to the save's completion
+
+    def before(self) -> None:
+        self.sub = os.path.join(self.folder, f"{self.tag}{self.k}")
+        self.k += 1
+        os.makedirs(self.sub)
+        prefault(self.data_bytes, self.sub)
+        self.r0 = rss_kib()
+
+    def step(self) -> None:
+        self.handle = self.sysobj.start_async(os.path.join(self.sub, "ckpt"))
+
+    def after(self) -> None:
+        t1 = time.perf_counter()
+        self.rss_kib.append(rss_kib() - self.r0)
+        self.progress.append(self.sysobj.progress(self.handle))
+        self.sysobj.finish(self.handle)
+        self.finish_s.append(time.perf_counter() - t1)
+        shutil.rmtree(self.sub)
+
+    def timed(self, call_s: list[float]) -> dict[str, list[Any]]:
+        """The records of the timed saves (the last ``len(call_s)``; the warm-up's are dropped)."""
+        n = len(call_s)
+        return {"call_s": call_s, "call_rss_kib": self.rss_kib[-n:], "progress_at_return": self.progress[-n:],
+                "total_s": [c + f for c, f in zip(call_s, self.finish_s[-n:])]}
+
+
+def cell_call(sysobj: Saving, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
+    """Blocking time of the async call, ``calls`` times after one untimed warm-up
+    (``harness.time_steps``); past ``budget_s`` a cell stops at 3 timed calls (slow systems at
+    many variables)."""
+    a = AsyncSave(sysobj, folder, "c", data_bytes)
     t_cell = time.perf_counter()
-    for i in range(-1, cell["calls"]):
-        sub = os.path.join(folder, f"c{i + 1}")
+    times = harness.time_steps(a.step, min(3, cell["calls"]), before=a.before, after=a.after)
+    while len(times) < cell["calls"] and time.perf_counter() - t_cell <= cell["budget_s"]:
+        times += harness.time_steps(a.step, 1, warmup=0, before=a.before, after=a.after)
+    return a.timed(times)
+
+
+def cell_throughput(sysobj: Saving, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
+    """Sync save vs async save (call -> done), alternating, after one untimed warm-up of each
+    (``harness.time_steps``)."""
+    a = AsyncSave(sysobj, folder, "async", data_bytes)
+    sync_k = [0]
+
+    def sync_before() -> None:
+        sync_k[0] += 1
+        sub = os.path.join(folder, f"sync{sync_k[0]}")
         os.makedirs(sub)
         prefault(data_bytes, sub)
-        r0 = rss_kib()
-        t0 = time.perf_counter()
-        h = sysobj.start_async(os.path.join(sub, "ckpt"))
-        t1 = time.perf_counter()
-        r1 = rss_kib()
-        prog = sysobj.progress(h)
-        sysobj.finish(h)
-        t2 = time.perf_counter()
-        if i >= 0:
-            out["call_s"].append(t1 - t0)
-            out["call_rss_kib"].append(r1 - r0)
-            out["progress_at_return"].append(prog)
-            out["total_s"].append(t2 - t0)
-        shutil.rmtree(sub)
-        if i >= 2 and time.perf_counter() - t_cell > cell["budget_s"]:
-            break  # slow systems at many variables: fewer calls (at least 3)
-    return out
 
+    def sync_step() -> None:
+        sysobj.save_sync(os.path.join(folder, f"sync{sync_k[0]}", "ckpt"))
 
-def cell_throughput(sysobj: System, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
-    """Sync save vs async save (call -> result), alternating; one untimed warm-up of each."""
-    out: dict[str, Any] = {"sync_s": [], "async_s": [], "call_s": [], "call_rss_kib": [], "progress_at_return": []}
-    for i in range(-1, cell["saves"]):
-        for mode in ("sync", "async") if i % 2 == 0 else ("async", "sync"):
-            if mode == "async" and not sysobj.has_async:
-                continue
-            sub = os.path.join(folder, f"{mode}{i + 1}")
-            os.makedirs(sub)
-            prefault(data_bytes, sub)
+    def sync_after() -> None:
+        shutil.rmtree(os.path.join(folder, f"sync{sync_k[0]}"))
+
+    modes = ("sync", "async") if sysobj.has_async else ("sync",)
+    for mode in modes:  # the warm-ups
+        if mode == "sync":
+            harness.time_steps(sync_step, 0, before=sync_before, after=sync_after)
+        else:
+            harness.time_steps(a.step, 0, before=a.before, after=a.after)
+    sync_s: list[float] = []
+    call_s: list[float] = []
+    for i in range(cell["saves"]):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
             if mode == "sync":
-                t0 = time.perf_counter()
-                sysobj.save_sync(os.path.join(sub, "ckpt"))
-                t2 = time.perf_counter()
-                if i >= 0:
-                    out["sync_s"].append(t2 - t0)
+                sync_s += harness.time_steps(sync_step, 1, warmup=0, before=sync_before, after=sync_after)
             else:
-                r0 = rss_kib()
-                t0 = time.perf_counter()
-                h = sysobj.start_async(os.path.join(sub, "ckpt"))
-                t1 = time.perf_counter()
-                r1 = rss_kib()
-                prog = sysobj.progress(h)
-                sysobj.finish(h)
-                t2 = time.perf_counter()
-                if i >= 0:
-                    out["async_s"].append(t2 - t0)
-                    out["call_s"].append(t1 - t0)
-                    out["call_rss_kib"].append(r1 - r0)
-                    out["progress_at_return"].append(prog)
-            shutil.rmtree(sub)
-    return out
+                call_s += harness.time_steps(a.step, 1, warmup=0, before=a.before, after=a.after)
+    timed = a.timed(call_s) if call_s else {"call_s": [], "call_rss_kib": [], "progress_at_return": [], "total_s": []}
+    return {"sync_s": sync_s, "async_s": timed.pop("total_s"), **timed}
 
 
-def loop_one(sysobj: System, mode: str, steps: int, every: int, folder: str, data_bytes: int) -> dict[str, Any]:
-    """One training loop in ``mode``; the step count at every save is kept to check the saved values."""
+def loop_one(sysobj: Saving, mode: str, steps: int, every: int, folder: str, data_bytes: int) -> dict[str, Any]:
+    """One training loop in ``mode`` (``harness.time_steps``: one untimed warm-up step, which in
+    the sync / async loop also saves once, in a folder of its own; then ``steps`` timed steps, a
+    checkpoint every ``every``); the step count at every save is kept to check the saved values."""
     if mode == "async" and not sysobj.has_async:
         return {"error": f"no async save: {sysobj.why_no_async}"}
     sub = os.path.join(folder, mode)
     os.makedirs(sub)
     base = os.path.join(sub, "ckpt")
-    # warm-up (untimed): a few steps and one save of this mode, in a folder of its own
     warm = os.path.join(folder, "warm")
-    os.makedirs(warm)
-    for _ in range(3):
-        sysobj.step()
-        sysobj.done_steps += 1
-    if mode == "sync":
-        sysobj.save_sync(os.path.join(warm, "ckpt"), 0)
-    elif mode == "async":
-        sysobj.finish(sysobj.start_async(os.path.join(warm, "ckpt"), 0))
-    shutil.rmtree(warm)
-    prefault(data_bytes, folder)
-    step_s: list[float] = []
     saved: list[tuple[Any, int]] = []  # (path, or the pending handle; steps done at the call)
-    pending: Any = None
-    overlaps = 0
-    prefault_s = 0.0
-    t_start = time.perf_counter()
-    for k in range(1, steps + 1):
-        ckpt_step = mode != "none" and k % every == 0
-        if k % every == 0:  # every mode, "none" too; untimed, excluded from the wall time
+    state: dict[str, Any] = {"k": -harness.WARMUP_STEPS, "pending": None, "overlaps": 0, "prefault_s": 0.0}
+
+    def before() -> None:
+        state["k"] += 1
+        k = state["k"]
+        if k <= 0:  # the warm-up step
+            os.makedirs(warm, exist_ok=True)
+        elif k % every == 0:  # every mode, "none" too; untimed, excluded from the wall time
+            pending = state["pending"]
             if pending is not None and not sysobj.is_done(pending):
-                overlaps += 1  # skipped: it would hand the save in flight free time
+                state["overlaps"] += 1  # skipped: it would hand the save in flight free time
             else:
                 p0 = time.perf_counter()
                 prefault(data_bytes, sub)
-                prefault_s += time.perf_counter() - p0
-        t0 = time.perf_counter()
+                state["prefault_s"] += time.perf_counter() - p0
+
+    def step() -> None:
+        k = state["k"]
         sysobj.step()
         sysobj.done_steps += 1
-        if ckpt_step:
+        if mode == "none" or (k > 0 and k % every):
+            return
+        if k <= 0:  # the warm-up's save
             if mode == "sync":
-                saved.append((sysobj.save_sync(base, k), sysobj.done_steps))
+                sysobj.save_sync(os.path.join(warm, "ckpt"), 0)
             else:
-                if pending is not None:  # the previous one: its path (and the baselines' fsync_tree)
-                    saved[-1] = (sysobj.finish(pending), saved[-1][1])
-                pending = sysobj.start_async(base, k)
-                saved.append((pending, sysobj.done_steps))
-        step_s.append(time.perf_counter() - t0)
+                sysobj.finish(sysobj.start_async(os.path.join(warm, "ckpt"), 0))
+        elif mode == "sync":
+            saved.append((sysobj.save_sync(base, k), sysobj.done_steps))
+        else:
+            if state["pending"] is not None:  # the previous one: its path (and the baselines' fsync_tree)
+                saved[-1] = (sysobj.finish(state["pending"]), saved[-1][1])
+            state["pending"] = sysobj.start_async(base, k)
+            saved.append((state["pending"], sysobj.done_steps))
+
+    def after() -> None:
+        if state["k"] <= 0:
+            shutil.rmtree(warm)
+            prefault(data_bytes, folder)
+
+    step_s = harness.time_steps(step, steps, before=before, after=after)
     t0 = time.perf_counter()
-    if pending is not None:
-        saved[-1] = (sysobj.finish(pending), saved[-1][1])
+    if state["pending"] is not None:
+        saved[-1] = (sysobj.finish(state["pending"]), saved[-1][1])
     final_wait = time.perf_counter() - t0
-    wall = time.perf_counter() - t_start - prefault_s
-    return {"step_s": step_s, "final_wait_s": final_wait, "wall_s": wall, "prefault_s": prefault_s,
-            "checkpoints": len(saved), "prefault_overlaps": overlaps, "saved": saved, "sub": sub}
+    return {"step_s": step_s, "final_wait_s": final_wait, "wall_s": sum(step_s) + final_wait,
+            "prefault_s": state["prefault_s"], "checkpoints": len(saved), "prefault_overlaps": state["overlaps"],
+            "saved": saved, "sub": sub}
 
 
-def cell_loop(sysobj: System, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
+def cell_loop(sysobj: Saving, cell: dict[str, Any], folder: str, data_bytes: int) -> dict[str, Any]:
     """The loop in every mode of ``cell["modes"]``, one after the other in this process; then every
     checkpoint is read back (untimed) and compared with the values at its call (x0 + steps done)."""
     x0 = make_data(cell["n_vars"], cell["var_elems"])
@@ -523,10 +553,15 @@ def cell_loop(sysobj: System, cell: dict[str, Any], folder: str, data_bytes: int
 
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """One cell in this process (the child of ``harness.spawn``, under the system's interpreter);
+    part ``probe``: only whether the system can run here (``Skip`` if not) and its versions."""
     import warnings
 
     warnings.filterwarnings("ignore")
     system, part = cell["system"], cell["part"]
+    SYSTEM_CLASSES[system].require()
+    if part == "probe":
+        return {**cell, "versions": versions(system)}
     folder = os.path.join(cell["dir"], f"cell-{os.getpid()}")
     os.makedirs(folder)
     try:
@@ -540,7 +575,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
                                "has_async": sysobj.has_async, "why_no_async": sysobj.why_no_async}
         if part == "call":
             if not sysobj.has_async:
-                raise RuntimeError(f"no async save: {sysobj.why_no_async}")
+                raise Skip(f"no async save: {sysobj.why_no_async}")
             res.update(cell_call(sysobj, cell, folder, data_bytes))
         elif part == "throughput":
             res.update(cell_throughput(sysobj, cell, folder, data_bytes))
@@ -582,7 +617,7 @@ def audit_fsync(systems: list[str], pythons: dict[str, str], envs: dict[str, dic
         os.makedirs(ckpt)
         proc = subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=fsync,fdatasync,sync_file_range,msync",
                                "-o", log, pythons[system], os.path.abspath(__file__), "--audit-cell", system, ckpt],
-                              capture_output=True, text=True, env=envs[system], timeout=600)
+                              check=False, capture_output=True, text=True, env=envs[system], timeout=600)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
             print(f"fsync audit {system}: failed ({tail[0]})")
@@ -623,32 +658,17 @@ def gpuvars_pythonpath(root: str) -> str:
     return link_dir
 
 
-def installed(python: str, module: str, env: dict[str, str]) -> str:
-    """'' if ``module`` imports under ``python``, else why not."""
+def probe(system: str, python: str, env: dict[str, str]) -> dict[str, Any]:
+    """Whether ``system`` can run under ``python`` (a probe cell there: ``skip`` with the reason
+    if not), with its versions."""
     if not os.path.exists(python):
-        return f"not installed (interpreter {python} not found)"
-    code = ("import importlib.util, sys\ntry:\n    found = importlib.util.find_spec(%r) is not None\n"
-            "except ModuleNotFoundError:\n    found = False\nsys.exit(0 if found else 3)" % module)
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    if proc.returncode == 3:
-        return f"not installed ({module} not importable by {python})"
-    if proc.returncode != 0:
-        return f"not usable: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
-    return ""
-
-
-def spawn(cell: dict[str, Any], python: str, env: dict[str, str], timeout: float) -> dict[str, Any]:
-    try:
-        proc = subprocess.run([python, os.path.abspath(__file__), "--cell", json.dumps(cell)],
-                              capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**cell, "error": f"timed out after {timeout:.0f} s"}
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()
-        return {**cell, "error": tail[-1].strip() if tail else f"exit status {proc.returncode}", "stderr_tail": tail[-15:]}
-    out: dict[str, Any] = json.loads(lines[-1][len(RESULT_TAG):])
-    return out
+        return {"system": system, "skip": f"not installed (interpreter {python} not found)"}
+    r = harness.spawn(__file__, {"system": system, "part": "probe"}, timeout=120, env=env, python=python)
+    if "skip" in r:
+        r["skip"] = f"{r['skip'].removeprefix(system + ': ')} (under {python})"
+    elif "error" in r:
+        r["skip"] = f"not usable: {r['error']}"
+    return r
 
 
 def merge(into: dict[str, Any], r: dict[str, Any]) -> None:
@@ -660,12 +680,13 @@ def merge(into: dict[str, Any], r: dict[str, Any]) -> None:
             into[k] = into.get(k, 0) + v
         elif k in ("wall_s", "final_wait_s"):
             into.setdefault(k + "_all", [into[k]]).append(v)
-            into[k] = statistics.median(into[k + "_all"])
+            into[k] = harness.summary(into[k + "_all"])["median"]
 
 
 def med(xs: list[float]) -> float | None:
+    """``harness.summary``'s median of the values that are not None (None if there are none)."""
     xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+    return harness.summary(xs)["median"] if xs else None
 
 
 def fmt_s(s: float | None) -> str:
@@ -719,7 +740,7 @@ def report_call(results: dict[tuple[str, int], dict[str, Any]], tput: dict[str, 
                          f"{max(r['call_rss_kib']) / 1024:.1f} MiB | "
                          f"{(fmt_bytes(int(max(prog))) if max(prog) else '0') if prog else 'n/a'} | {fmt_s(med(r['total_s']))} |")
             xs.append(n)
-            ys.append(statistics.median(c))
+            ys.append(med(c))
         t = tput.get(s)
         if t is not None and "error" not in t and t.get("call_s"):
             c = t["call_s"]
@@ -777,8 +798,8 @@ def report_throughput(tput: dict[str, dict[str, Any]], systems: list[str]) -> tu
 
 def report_loop(loops: dict[tuple[str, str], dict[str, Any]], systems: list[str], desc: str) -> list[str]:
     lines = [f"(3) training loop: {desc}", "",
-             "| system | checkpoints | median step | p99 step | max step | worst stall | total wall | vs no ckpt | "
-             "final wait | value at the call |",
+             ("| system | checkpoints | median step | p99 step | max step | worst stall | total wall | vs no ckpt | "
+              "final wait | value at the call |"),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in systems:
         base = loops.get((s, "none"))
@@ -812,6 +833,30 @@ def report_loop(loops: dict[tuple[str, str], dict[str, Any]], systems: list[str]
     return lines
 
 
+def check_goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """gpuvars' goals (``harness.goal``; measured None where the part did not run): the call's
+    fitted fixed and per-variable cost, and the async save time over the sync one (throughput
+    >= 90% of a blocking save: time <= 1/0.9 of it). Each printed as a goal line."""
+    fit = (summary.get("call_fit") or {}).get("gpuvars")
+    ratio = (summary.get("throughput_ratio") or {}).get("gpuvars")
+    goals = [
+        harness.goal("save(blocking=False) call: fixed cost (fit)", fit["intercept_s"] * 1e3 if fit else None,
+                     GOAL_CALL_INTERCEPT_S * 1e3, "ms"),
+        harness.goal("save(blocking=False) call: cost per variable (fit)", fit["slope_s_per_var"] * 1e6 if fit else None,
+                     GOAL_CALL_SLOPE_S * 1e6, "us"),
+        harness.goal("async save time / sync save time, same bytes", 1 / ratio if ratio else None,
+                     round(1 / GOAL_THROUGHPUT, 3), "x"),
+    ]
+    print()
+    for g in goals:
+        if g["measured"] is None:
+            print(f"goal: {g['goal']}: not measured")
+        else:
+            print(f"goal: {g['goal']}: {g['measured']:.3g} {g['unit']} (target <= {g['limit']:g} {g['unit']}): "
+                  f"{'met' if g['met'] else 'NOT MET'}")
+    return goals
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -833,13 +878,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/tmp/gpuvars-bench-async", help="folder for the checkpoints")
     ap.add_argument("--json", metavar="PATH", help="write every cell and the machine here")
     ap.add_argument("--audit-fsync", action="store_true", help="list what each system fsyncs by itself (strace), then exit")
-    ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--audit-cell", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-
-    if args.cell:
-        print(RESULT_TAG + json.dumps(run_cell(json.loads(args.cell))), flush=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if harness.cell_main(run_cell, argv):
         return 0
+    args = ap.parse_args(argv)
     if args.audit_cell:
         audit_cell(*args.audit_cell)
         return 0
@@ -861,22 +904,21 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"unknown {what} {v!r}; known: {', '.join(known)}")
     os.makedirs(args.dir, exist_ok=True)
 
-    base_env = dict(os.environ)
-    base_env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    base_env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    base_env.setdefault("JAX_PLATFORMS", "cpu")
-    base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    base_env = harness.child_env({"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+                                  "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")})
     base_env.pop("PYTHONPATH", None)
     g_env = dict(base_env, PYTHONPATH=gpuvars_pythonpath(args.dir))
     pythons = {"gpuvars": args.gpuvars_python, "orbax": args.baseline_python, "dcp": args.baseline_python}
     envs = {"gpuvars": g_env, "orbax": base_env, "dcp": base_env}
-    modules = {"gpuvars": "gpuvars", "orbax": "orbax.checkpoint", "dcp": "torch.distributed.checkpoint"}
     skipped: dict[str, str] = {}
+    seen_versions: dict[str, dict[str, Any]] = {}
     for s in list(systems):
-        why = installed(pythons[s], modules[s], envs[s])
-        if why:
-            skipped[s] = why
+        r = probe(s, pythons[s], envs[s])
+        if "skip" in r:
+            skipped[s] = r["skip"]
             systems.remove(s)
+        else:
+            seen_versions[s] = r["versions"]
 
     if args.audit_fsync:
         for s, why in skipped.items():
@@ -884,25 +926,10 @@ def main(argv: list[str] | None = None) -> int:
         audit_fsync(systems, pythons, envs, args.dir)
         return 0
 
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
-        with open("/proc/meminfo") as f:
-            ram = f"{int(f.readline().split()[1]) / (1 << 20):.1f} GiB RAM"
-    except OSError:
-        ram = "? RAM"
-    try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "--no-optional-locks", "-C", REPO, "status", "--porcelain", "--", "gpuvars", "backends"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit += "+uncommitted" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        commit = "?"
-    print(f"Machine: {cpu}, {os.cpu_count()} cores, {ram}, Linux {platform.release()}; checkpoints in {args.dir}; "
-          f"gpuvars @ {commit} from {REPO}")
-    print(f"Command: {' '.join(['python', 'bench/bench_async.py'] + (argv if argv is not None else sys.argv[1:]))}")
+    machine = harness.machine_record(args.dir)
+    machine.update(checkpoint_dir=args.dir, gpuvars_from=REPO)
+    print(f"Machine: {harness.machine_line(machine)}; checkpoints in {args.dir}; gpuvars from {REPO}")
+    print(f"Command: {' '.join(['python', 'bench/bench_async.py', *argv])}")
     for s, why in skipped.items():
         print(f"Note: {s}: {why}")
     load0 = os.getloadavg()
@@ -914,12 +941,19 @@ def main(argv: list[str] | None = None) -> int:
     call_res: dict[tuple[str, int], dict[str, Any]] = {}
     tput_res: dict[str, dict[str, Any]] = {}
     loop_res: dict[tuple[str, str], dict[str, Any]] = {}
-    seen_versions: dict[str, dict[str, Any]] = {}
+    cells: list[dict[str, Any]] = []
+
+    def spawn(cell: dict[str, Any], timeout: float) -> dict[str, Any]:
+        r = harness.spawn(__file__, cell, timeout=timeout, env=envs[cell["system"]], python=pythons[cell["system"]])
+        if "skip" in r:
+            r["error"] = f"skipped: {r['skip']}"
+        cells.append(r)
+        return r
 
     def run(key: Any, store: dict[Any, Any], cell: dict[str, Any], timeout: float) -> None:
         s = cell["system"]
         t0 = time.perf_counter()
-        r = spawn(cell, pythons[s], envs[s], timeout)
+        r = spawn(cell, timeout)
         if "versions" in r:
             seen_versions.setdefault(s, r["versions"])
         if key not in store or "error" in r:
@@ -932,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = {"dir": args.dir}
     for rnd in range(args.repeats):
-        rot = systems[rnd % max(len(systems), 1):] + systems[: rnd % max(len(systems), 1)]
+        rot = harness.rotated(systems, rnd)
         if "call" in parts:
             for n in call_vars:
                 for s in rot:
@@ -945,12 +979,12 @@ def main(argv: list[str] | None = None) -> int:
                 run(s, tput_res, {**common, "system": s, "part": "throughput", "n_vars": tput_vars,
                                   "var_elems": tput_elems, "saves": saves}, 600)
         if "loop" in parts:
-            modes = list(MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)])  # rotate between rounds
+            modes = harness.rotated(MODES, rnd)  # rotate between rounds
             for s in rot:
                 cell = {**common, "system": s, "part": "loop", "modes": modes, "n_vars": loop_vars,
                         "var_elems": loop_elems, "steps": steps, "every": every}
                 t0 = time.perf_counter()
-                r = spawn(cell, pythons[s], envs[s], 900)
+                r = spawn(cell, 900)
                 if "versions" in r:
                     seen_versions.setdefault(s, r["versions"])
                 per_mode = r.get("modes") or {m: {"error": r.get("error", "no result")} for m in modes}
@@ -986,14 +1020,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(report_loop(loop_res, systems, desc)))
     for s, why in skipped.items():
         print(f"{s}: {why}")
-    print(f"\nTotal {time.perf_counter() - t_start:.0f} s; load average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after")
+    goals = check_goals(out)
+    elapsed = time.perf_counter() - t_start
+    print(f"\nTotal {elapsed:.0f} s; load average (1 min) {load0[0]:.2f} before, {load1[0]:.2f} after")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "versions": seen_versions, "skipped": skipped, "summary": out,
-                       "call": [dict(v, key=list(k)) for k, v in call_res.items()],
-                       "throughput": list(tput_res.values()),
-                       "loop": [dict(v, key=list(k)) for k, v in loop_res.items()],
-                       "loadavg": [load0, load1]}, f, indent=1)
+        harness.write_json(args.json, program="bench_async", machine=machine, cells=cells, goals=goals,
+                           args=vars(args), versions=seen_versions, skipped=skipped, summary=out,
+                           systems={n: c.note for n, c in SYSTEM_CLASSES.items()},
+                           call=[dict(v, key=list(k)) for k, v in call_res.items()],
+                           throughput=list(tput_res.values()),
+                           loop=[dict(v, key=list(k)) for k, v in loop_res.items()],
+                           loadavg=[load0, load1], elapsed_s=elapsed)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -18,8 +18,9 @@ raw JAX floor      in the same N processes, ``multihost_utils.process_allgather(
                    4 MiB host array, nothing else (what the multi-process all-reduce cannot beat)
 =================  ==============================================================================
 
-Each process times every call (a barrier first, then ``--samples`` calls after ``--warmup``
-untimed ones, the same fixed counts on every process, since a collective needs all of them);
+Each process times every call (``harness.time_steps``: ``--warmup`` untimed calls, a barrier,
+then ``--samples`` timed calls, the same fixed counts on every process, since a collective needs
+all of them);
 a cell's figure is the median over calls of the slowest process's median, with min/max over
 calls. The result of every call is checked once (untimed): sum of ``x_k = k + 1``.
 
@@ -31,15 +32,21 @@ component, each process writing its own): 2 processes under the launcher with
 ``MultiWorkerMirroredStrategy`` (one replica each; the save commits once, on process 0, after
 both processes' files are fsynced) against one process with ``MirroredStrategy`` over 2 logical
 CPU devices, the same variables and policy, so the same bytes. A timed save starts after a
-barrier; its time is the slowest process's. MiB/s = logical MiB (2**20 bytes) per second; the
-files of every save are deleted (untimed) before the next.
+barrier; its time is the slowest process's; one untimed warm-up save precedes ``--repeats``
+timed ones (``harness.time_steps``). MiB/s = logical MiB (2**20 bytes) per second; the files of
+every save are deleted (untimed) before the next.
 
-Method (the house rules of bench/): every cell is a fresh launch (multi-process) or a fresh
-process (in-process); this program re-invokes itself with ``--worker`` and each process writes
-its timings to a JSON file the driver reads. Before timing, each process touches and frees an
-anonymous buffer and (saves) writes and unlinks a scratch file of its share of the bytes +
-64 MiB, so the pages a timed step takes are host-backed. Cells rotate order between rounds.
-Without jax the program prints why and exits 0 (multi-process runs need JAX).
+Method (the house rules of bench/, ``bench/harness.py``): every cell is a fresh launch
+(multi-process: ``python -m gpuvars launch -n N`` of this program with ``--worker``, each process
+writing its timings to a JSON file the driver reads) or a fresh process (in-process:
+``harness.spawn`` / ``harness.cell_main``, one tagged result line). The children run with
+glibc's adaptive mmap threshold (``harness.child_env(pin_malloc=False)``: the pin inflates these
+steps' times). Before timing, each process touches and frees an anonymous buffer and (saves)
+writes and unlinks a scratch file of its share of the bytes + 64 MiB, so the pages a timed step
+takes are host-backed. Cells rotate order between rounds. The systems are ``harness.System``
+classes; without jax the program prints why and exits 0 (multi-process runs need JAX). The
+ratios (multi-process / in-process, all-reduce and saves) go into the JSON as goals in
+``harness.goal`` shape, reported, not held to a limit (issue 10 names none).
 
 Usage::
 
@@ -60,17 +67,15 @@ import gc
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
+import harness
 import numpy as np
-
-from harness import MiB, fmt_ns, warm_free_pages
-from bench_distribute import machine_info, machine_line
+from harness import MiB, System, fmt_ns, warm_free_pages
 
 ELEMENTS = 1 << 20
 PROCESSES = (2, 4)
@@ -80,16 +85,46 @@ WARM_MARGIN = 64 * MiB
 POLICIES = {"NONE": "none", "EXPAND": "expand_distributed_variables"}
 
 
-def _jax_installed() -> bool:
-    import gpuvars_backends as backends
+class MultiProcess(System):
+    name = "mp"
+    note = ("N processes under python -m gpuvars launch, gv.MultiWorkerMirroredStrategy(['/cpu:0']), "
+            "one replica each")
+    requires = ("jax",)
 
-    return backends.installed("jax")
+
+class InProcess(System):
+    name = "inproc"
+    note = "one process, gv.MirroredStrategy over N logical CPU devices"
+
+
+class RawJax(System):
+    name = "raw"
+    note = "in the same N processes, jax.experimental.multihost_utils.process_allgather of the bytes"
+    requires = ("jax",)
+
+
+SYSTEMS: dict[str, type[System]] = {s.name: s for s in (MultiProcess, InProcess, RawJax)}
 
 
 # --- the worker (one process of a cell) ------------------------------------------------------------
 
 
 def _worker(cell: dict[str, Any]) -> None:
+    """One process of a multi-process launch: its record goes to ``out/result_<process>.json``."""
+    import gpuvars as gv
+
+    out = _work(cell)
+    with open(os.path.join(cell["out"], f"result_{out['process']}.json"), "w", encoding="utf-8") as fh:
+        json.dump(out, fh)
+    gv.distributed.barrier("done", 120)
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """The in-process cell, in the child of ``harness.spawn``."""
+    return {"processes": [_work(cell)]}
+
+
+def _work(cell: dict[str, Any]) -> dict[str, Any]:
     import gpuvars as gv
 
     mp = cell["mode"] == "mp"
@@ -118,9 +153,7 @@ def _worker(cell: dict[str, Any]) -> None:
             out.update(_allreduce(gv, cell, strategy, devices, me, mp, barrier))
         else:
             out.update(_save(gv, cell, strategy, me, mp, barrier))
-    with open(os.path.join(cell["out"], f"result_{me}.json"), "w", encoding="utf-8") as fh:
-        json.dump(out, fh)
-    barrier("done")
+    return out
 
 
 def _allreduce(gv: Any, cell: dict[str, Any], strategy: Any, devices: list[str], me: int, mp: bool,
@@ -141,15 +174,10 @@ def _allreduce(gv: Any, cell: dict[str, Any], strategy: Any, devices: list[str],
     gc.collect()
 
     def timed(fn: Any) -> list[float]:
-        for _ in range(cell["warmup"]):
-            fn()
+        """ns of each of ``samples`` calls, after ``warmup`` untimed ones and a barrier."""
+        harness.time_steps(fn, 0, warmup=cell["warmup"])
         barrier("timed")
-        samples: list[float] = []
-        for _ in range(cell["samples"]):
-            t0 = time.perf_counter_ns()
-            fn()
-            samples.append(time.perf_counter_ns() - t0)
-        return samples
+        return [t * 1e9 for t in harness.time_steps(fn, cell["samples"], warmup=0)]
 
     result: dict[str, Any] = {"ok": bool(ok), "ns": timed(lambda: run(step, args=(xs,)))}
     if mp:
@@ -178,29 +206,38 @@ def _save(gv: Any, cell: dict[str, Any], strategy: Any, me: int, mp: bool, barri
     share = (logical if me == 0 else 0) + (logical * (n if not mp else 1) if expand else 0)
     scratch = os.path.join(folder, f".warm-{me}")
     os.makedirs(scratch, exist_ok=True)
-    times, prefixes, file_bytes = [], [], 0
-    ok = True
-    for i in range(cell["repeats"]):
-        saver = gv.Saver(variables, max_to_keep=None)
+    prefixes: list[str] = []
+    state: dict[str, Any] = {"i": -1, "file_bytes": 0, "ok": True}
+    last = harness.WARMUP_STEPS + cell["repeats"] - 1
+
+    def before() -> None:
+        state["i"] += 1
+        state["saver"] = gv.Saver(variables, max_to_keep=None)
         warm_free_pages(share + WARM_MARGIN, scratch)
         gc.collect()
         barrier("save")
-        t0 = time.perf_counter()
-        prefix = saver.save(os.path.join(folder, f"model-{i}"), options=opts)
-        times.append(time.perf_counter() - t0)
+
+    def step() -> None:
+        state["prefix"] = state["saver"].save(os.path.join(folder, f"model-{state['i']}"), options=opts)
+
+    def after() -> None:
+        prefix = state["prefix"]
         prefixes.append(str(prefix))
         barrier("saved")
         if me == 0:
-            file_bytes = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
-            if i == cell["repeats"] - 1:
+            state["file_bytes"] = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+            if state["i"] == last:
                 bad = gv.CheckpointReader(prefix).verify()
-                ok &= not bad
-                ok &= file_bytes >= logical * (1 + n if expand else 1)
+                state["ok"] &= not bad
+                state["ok"] &= state["file_bytes"] >= logical * (1 + n if expand else 1)
             for e in os.scandir(folder):  # untimed: the next save starts from an empty folder
                 if e.is_file():
                     os.unlink(e.path)
         barrier("cleaned")
+
+    times = harness.time_steps(step, cell["repeats"], before=before, after=after)
     shutil.rmtree(scratch, ignore_errors=True)
+    ok, file_bytes = state["ok"], state["file_bytes"]
     return {"ok": bool(ok), "policy": cell["policy"], "save_s": times, "prefixes": prefixes,
             "logical_bytes": logical, "file_bytes": file_bytes, "share_bytes": share}
 
@@ -209,18 +246,18 @@ def _save(gv: Any, cell: dict[str, Any], strategy: Any, me: int, mp: bool, barri
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env["JAX_PLATFORMS"] = "cpu"
+    """``harness.child_env(pin_malloc=False)``, JAX on the CPU, one JAX CPU device per process,
+    ``bench/`` importable."""
+    env = harness.child_env({"JAX_PLATFORMS": "cpu"}, pin_malloc=False)
     env.pop("XLA_FLAGS", None)  # one JAX CPU device per process
     here = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     return env
 
 
-def run_cell(cell: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run ``cell`` (a fresh launch of n processes, or one fresh process) and read every
-    process's JSON; {"error": ...} when it failed."""
+def run_one(cell: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``cell``: a fresh launch of n processes (each writes its JSON, read here) or one
+    fresh process (``harness.spawn``); ``{"processes": [...]}``, or ``{"error": ...}``."""
     out = tempfile.mkdtemp(prefix="bench-mp-out-")
     folder = None
     try:
@@ -228,13 +265,14 @@ def run_cell(cell: dict[str, Any], timeout: float) -> dict[str, Any]:
         if cell["part"] == "save":
             folder = tempfile.mkdtemp(prefix="cell-", dir=cell["dir"])
             cell["dir"] = folder
+        if cell["mode"] != "mp":
+            r = harness.spawn(__file__, cell, timeout=timeout + 30, env=_env())
+            if "error" in r:
+                return {"error": r["error"], "tail": r.get("stderr_tail", [])}
+            return {"processes": r["processes"]}
         worker = [os.path.abspath(__file__), "--worker", json.dumps(cell)]
-        if cell["mode"] == "mp":
-            cmd = [sys.executable, "-m", "gpuvars", "launch", "-n", str(cell["n"]), "--timeout", str(timeout)] + worker
-            count = cell["n"]
-        else:
-            cmd = [sys.executable] + worker
-            count = 1
+        cmd = [sys.executable, "-m", "gpuvars", "launch", "-n", str(cell["n"]), "--timeout", str(timeout), *worker]
+        count = cell["n"]
         try:
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=_env(), timeout=timeout + 30)
         except subprocess.TimeoutExpired:
@@ -256,9 +294,10 @@ def run_cell(cell: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def _stats(per_process: list[list[float]]) -> dict[str, float]:
-    """The slowest process's median, and min/max over every sample."""
-    return {"median": max(statistics.median(s) for s in per_process),
-            "min": min(min(s) for s in per_process), "max": max(max(s) for s in per_process)}
+    """The slowest process's median, and min/max over every sample (``harness.summary``)."""
+    each = [harness.summary(s) for s in per_process]
+    return {"median": max(e["median"] for e in each), "min": min(e["min"] for e in each),
+            "max": max(e["max"] for e in each)}
 
 
 def allreduce_rows(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -273,7 +312,7 @@ def allreduce_rows(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list
             per_round = [_stats([p[key] for p in r["processes"]]) for r in rs]
             rows.append({"mode": mode if key == "ns" else "raw", "n": n, "rounds": len(rs),
                          "ok": all(p["ok"] for r in rs for p in r["processes"]),
-                         "median_ns": statistics.median(s["median"] for s in per_round),
+                         "median_ns": harness.summary([s["median"] for s in per_round])["median"],
                          "min_ns": min(s["min"] for s in per_round), "max_ns": max(s["max"] for s in per_round)})
     by = {(r["mode"], r["n"]): r for r in rows}
     for r in rows:
@@ -293,7 +332,7 @@ def save_rows(results: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict
         times = [max(ts) for r in rs for ts in zip(*(p["save_s"] for p in r["processes"]))]
         p0 = [p for r in rs for p in r["processes"] if p["process"] == 0]
         logical = p0[0]["logical_bytes"]
-        t = statistics.median(times)
+        t = harness.summary(times)["median"]
         rows.append({"policy": policy, "mode": mode, "n": rs[0]["processes"][0]["n"], "saves": len(times),
                      "ok": all(p["ok"] for r in rs for p in r["processes"]) and all(
                          len({p["prefixes"][i] for p in r["processes"]}) == 1 for r in rs for i in
@@ -362,10 +401,33 @@ def print_save(rows: list[dict[str, Any]]) -> None:
                   f"= {mp['mb_s'] / ip['mb_s']:.2f}x the throughput (time {mp['x_inproc']:.2f}x)")
 
 
+def check_goals(a_rows: list[dict[str, Any]], s_rows: list[dict[str, Any]], elements: int) -> list[dict[str, Any]]:
+    """The multi-process / in-process time ratios as goals (``harness.goal``, no limit: reported),
+    each printed as a goal line."""
+    goals = []
+    by = {(r["mode"], r["n"]): r for r in a_rows}
+    for (mode, n), r in sorted(by.items()):
+        base = by.get(("inproc", n))
+        if mode == "mp" and base:
+            goals.append(harness.goal(f"all_reduce SUM {harness.fmt_size(elements)} float32, {n} processes / {n} devices "
+                                      "in one process", r["median_ns"] / base["median_ns"], None, "x"))
+    saves = {(r["policy"], r["mode"]): r for r in s_rows}
+    for policy in POLICIES:
+        mp, one = saves.get((policy, "mp")), saves.get((policy, "inproc"))
+        if mp and one:
+            goals.append(harness.goal(f"save {policy}: time across {mp['n']} processes / 1 process, same bytes",
+                                      mp["median_s"] / one["median_s"], None, "x"))
+    for g in goals:
+        print(f"goal: {g['goal']}: {g['measured']:.2f}{g['unit']} (reported, no limit)")
+    if goals:
+        print()
+    return goals
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 round, 15 all-reduces, 64 MiB saves x 3")
+    ap.add_argument("--quick", action="store_true", help="1 round, 15 all-reduces, 64 MiB saves x 2 (+1 untimed)")
     ap.add_argument("--json", metavar="PATH", help="also write every process's timings and the machine here")
     ap.add_argument("--parts", default="allreduce,save", help="comma list of allreduce, save")
     ap.add_argument("--processes", default=",".join(map(str, PROCESSES)), help="allreduce: comma list of process counts")
@@ -374,16 +436,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, help="allreduce: timed calls per process (default 40; quick 15)")
     ap.add_argument("--warmup", type=int, help="allreduce: untimed calls first (default 5; quick 3)")
     ap.add_argument("--save-mib", type=int, help="save: MiB of variables (default 256; quick 64)")
-    ap.add_argument("--repeats", type=int, help="save: timed saves per launch (default 3; quick 3)")
+    ap.add_argument("--repeats", type=int, help="save: timed saves per launch after 1 untimed (default 3; quick 2)")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "gpuvars-bench-multiprocess"),
                     help="save: folder on local disk for the checkpoints (a sub-folder per cell, removed after)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per launch before it is killed")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if harness.cell_main(run_cell, argv):
+        return 0
     args = ap.parse_args(argv)
     if args.worker:
         _worker(json.loads(args.worker))
         return 0
-    defaults = (1, 15, 3, 64, 3) if args.quick else (3, 40, 5, 256, 3)
+    defaults = (1, 15, 3, 64, 2) if args.quick else (3, 40, 5, 256, 3)
     for name, value in zip(("rounds", "samples", "warmup", "save_mib", "repeats"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -396,16 +461,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("counts must be >= 1")
 
     os.makedirs(args.dir, exist_ok=True)
-    machine = machine_info(args.dir)
-    print(f"Machine: {machine_line(machine)}")
-    print(f"Command: python bench/bench_multiprocess.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
-    if not _jax_installed():
-        print("skipped: jax is not installed: multi-process runs need JAX's distributed runtime "
+    machine = harness.machine_record(args.dir)
+    print(f"Machine: {harness.machine_line(machine)}")
+    print(f"Command: python bench/bench_multiprocess.py {' '.join(argv)}".rstrip())
+    _, skipped = harness.available(SYSTEMS.values())
+    if MultiProcess.name in skipped:
+        print(f"skipped: {skipped[MultiProcess.name]}: multi-process runs need JAX's distributed runtime "
               "(pip install 'gpuvars[jax]'); nothing was measured")
+        if args.json:
+            harness.write_json(args.json, program="bench_multiprocess", machine=machine, cells=[], goals=[],
+                               args=vars(args), skipped=skipped, allreduce_rows=[], save_rows=[], failed=[])
+            print(f"wrote {args.json}")
         return 0
     print(f"Settings: {args.rounds} round(s) of fresh launches per cell; all-reduce: {args.warmup} untimed + "
           f"{args.samples} timed calls per process; saves: {args.save_mib} MiB in {N_VARS} variables, "
-          f"{args.repeats} timed saves per launch, files in {args.dir}; figures are medians")
+          f"1 untimed + {args.repeats} timed saves per launch, files in {args.dir}; figures are medians")
 
     cells: list[dict[str, Any]] = []
     if "allreduce" in parts:
@@ -426,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         for cell in (cells if rnd % 2 == 0 else cells[::-1]):
             t0 = time.perf_counter()
-            r = run_cell(cell, args.timeout)
+            r = run_one(cell, args.timeout)
             what = " ".join(str(cell[k]) for k in ("part", "mode", "n", "policy") if k in cell)
             status = "error: " + r["error"] if "error" in r else (
                 "ok" if all(p["ok"] for p in r["processes"]) else "WRONG VALUES")
@@ -464,15 +534,14 @@ def main(argv: list[str] | None = None) -> int:
     wrong = any(not r["ok"] for r in a_rows + s_rows)
     if wrong:
         print("FAILED: a cell computed wrong values (marked WRONG)")
+    goals = check_goals(a_rows, s_rows, args.elements)
     load_after = os.getloadavg()
     print(f"Total {elapsed:.0f} s; load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     if args.json:
-        payload = {"benchmark": "bench_multiprocess", "machine": machine, "args": vars(args),
-                   "allreduce_rows": a_rows, "save_rows": s_rows,
-                   "cells": [{"cell": c, **r} for c, r in results], "failed": failed, "elapsed_s": elapsed,
-                   "loadavg_before": load_before, "loadavg_after": load_after}
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
+        harness.write_json(args.json, program="bench_multiprocess", machine=machine,
+                           cells=[{"cell": c, **r} for c, r in results], goals=goals, args=vars(args),
+                           systems={n: c.note for n, c in SYSTEMS.items()}, allreduce_rows=a_rows, save_rows=s_rows,
+                           failed=failed, elapsed_s=elapsed, loadavg_before=load_before, loadavg_after=load_after)
         print(f"wrote {args.json}")
     return 1 if failed or wrong else 0
 
