@@ -115,7 +115,7 @@ GPU_SYSTEMS = ("base-cupy", "gpuvars-cupy", "base-jax", "gpuvars-jax")
 BASELINE = {"raw": "raw", "raw2": "raw2", "gpuvars": "raw2", "safetensors": "raw", "numpy": "raw", "torch": "raw",
             "base-cupy": "base-cupy", "gpuvars-cupy": "base-cupy",
             "base-jax": "base-jax", "gpuvars-jax": "base-jax",
-            "jaxcpu-put": "raw", "gpuvars-jaxcpu": "jaxcpu-put", "gpuvars-sharded": "raw"}
+            "jaxcpu-put": "raw", "gpuvars-jaxcpu": "jaxcpu-put", "gpuvars-sharded": "raw2"}
 WORKLOADS = ("big", "small", "tiny")
 PHASES = ("save", "restore", "verify", "load")
 GOAL_SAVE = 1.15
