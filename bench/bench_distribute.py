@@ -80,7 +80,7 @@ as many replicas as there are GPUs, the checkpoints on 1); what cannot run print
 
 Usage::
 
-    python bench/bench_distribute.py                  # ~3 min on a 2-core VM (3 rounds, 20 cells)
+    python bench/bench_distribute.py                  # ~5 min on a 2-core VM: 3 rounds of 20 cells
     python bench/bench_distribute.py --quick          # ~25 s: 1 round, 6 cells, short batches
     python bench/bench_distribute.py --json out.json  # also every cell, the rows, the goal and the machine
     python bench/bench_distribute.py --parts ops --backends numpy --sizes 16 --replicas 1,4
