@@ -34,8 +34,9 @@ d_k lives on replica k's device (as a per-replica gradient would). Replica 0 run
 calling thread, the others on the strategy's persistent threads; a rendezvous is one
 ``threading.Barrier`` wait per collective: at 16 elements the rows measure the hand-off and
 synchronization, not arithmetic. The goal printed at the end: ``run(noop)`` at 4 replicas
-under 100 us. "per replica" = per-call time / n. ``SUM - NONE`` is the price of the
-rendezvous plus the reduction; ``run(noop)`` the price of the threads alone.
+at most 100 us (the worst cell: backend and size). "per replica" = per-call time / n.
+``SUM - NONE`` is the price of the rendezvous plus the reduction; ``run(noop)`` the price of
+the threads alone.
 
 Part ``ckpt``. 16 mirrored float32 variables of 4 MiB (1024 x 1024; 64 MiB logical) on 2
 and 4 replicas: ``gv.Saver(vars, options=SaveOptions(policy)).save(prefix)`` (it fsyncs
@@ -48,30 +49,46 @@ logical bytes (64 MiB) and of the bytes the step really moved through ``write``/
 system calls (``wchar``/``rchar`` of ``/proc/self/io``), and EXPAND/NONE. Every restore is
 checked against the source on every component (untimed).
 
-Method (the house rules of bench/): every cell runs in a fresh process (this program
-re-invokes itself with ``--cell``) and prints one JSON line; the cells run for
-``--rounds`` rounds, the order reversed every other round, and the tables quote the
-median over rounds of each cell's own median. Before timing, a cell touches and frees an
+Systems (``harness.System``): ``gpuvars`` (every row above but the raw ones, and the
+checkpoints), ``raw_threads`` and ``raw_pool`` (the two raw baselines of ``run(noop)``); a
+system or backend whose module is missing is skipped with the reason.
+
+Method (``bench/harness.py``, the house rules of bench/): every cell runs in a fresh process
+(``harness.spawn`` re-invokes this program with ``--cell``; the child answers through
+``harness.cell_main``), JAX's CPU cells with ``--xla_force_host_platform_device_count=4``;
+the checkpoint cells run with glibc's mmap threshold pinned, the ops cells without (their
+calls reuse mid-size temporaries; ``harness.child_env``). The cells run for ``--rounds``
+rounds, the order of the cells reversed every other round and, inside an ops cell, the
+order of the systems rotating (``harness.rotated``); the tables quote the median over rounds
+of each cell's own median (``harness.summary``). Before timing, a cell touches and frees an
 anonymous buffer (and, before a save, writes and unlinks a scratch file) of the step's
-size + 64 MiB, so the pages the step takes are host-backed (first touch on these VMs
-runs at ~0.5 GB/s). Ops: each op is warmed up (>= 3 calls and >= ``--warmup-s``), then
-timed in ``--batches`` batches of ~``--batch-ms`` with ``time.perf_counter_ns``; a
-cell's figure is the median per-call time over its batches. JAX and GPU calls end with a
-wait for every device the call touched (``block_until_ready`` / a device synchronize),
-inside the timed call; numpy has nothing to wait for.
+size + 64 MiB, so the pages the step takes are host-backed (first touch on these VMs runs
+at ~0.5 GB/s). Ops (``harness.time_calls``): each op is warmed up (>= 1000 calls and >=
+``--warmup-s``, or 5x that time for slow calls), then timed in ``--batches`` batches of
+~``--batch-ms`` with ``time.perf_counter_ns``; a cell's figure is the median per-call time
+over its batches. JAX and GPU calls end with a wait for every device the call touched
+(``block_until_ready`` / a device synchronize), inside the timed call; numpy has nothing to
+wait for. Checkpoints: ``--repeats`` timed save+restore pairs per process (no untimed pair
+before them). ``--quick`` runs fewer cells: ops only at 16 elements and 4 replicas (the
+goal's cell), checkpoints only at 2 replicas, one round, shorter batches.
 
 ``--gpu`` runs the same cells on ``/gpu:0`` .. ``/gpu:{n-1}`` with CuPy
 (``gv.config.set_gpu_backend("cupy")``) and with JAX (``"jax"``) instead of the CPU
-cells, each replica count only where that many GPUs exist; what cannot run prints
+cells, each replica count only where that many GPUs exist (where none fits: the ops on
+as many replicas as there are GPUs, the checkpoints on 1); what cannot run prints
 ``skipped: <reason>``.
 
 Usage::
 
-    python bench/bench_distribute.py                  # ~3 min on a 2-core VM (3 rounds)
-    python bench/bench_distribute.py --quick          # ~1 min: 1 round, short batches
-    python bench/bench_distribute.py --json out.json  # also every cell and the machine
+    python bench/bench_distribute.py                  # ~5 min on a 2-core VM: 3 rounds of 20 cells
+    python bench/bench_distribute.py --quick          # ~25 s: 1 round, 6 cells, short batches
+    python bench/bench_distribute.py --json out.json  # also every cell, the rows, the goal and the machine
     python bench/bench_distribute.py --parts ops --backends numpy --sizes 16 --replicas 1,4
     python bench/bench_distribute.py --gpu --quick    # the GPU cells (bench/gpu.sh)
+
+The JSON (``harness.write_json``) has the shared keys (``program``, ``machine``, ``cells``,
+``goals``: the goal above as ``harness.goal``, in microseconds) and this program's
+``ops_rows``, ``run_goal``, ``ckpt_rows``, ``notes``, ``skipped`` and ``failed``.
 
 Speed is reported, never asserted; a cell that computes a wrong value is marked WRONG.
 """
@@ -80,49 +97,69 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
-import json
 import math
 import os
-import platform
 import queue
 import shutil
-import statistics
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import harness
 import numpy as np
-from harness import MiB, warm_free_pages
-from harness import fmt_ns as _fmt_ns, fmt_size as _fmt_size, version as _version
+from harness import GiB, MiB, Skip, System, warm_free_pages
+from harness import fmt_ns as _fmt_ns
+from harness import fmt_size as _fmt_size
 
 SIZES = (16, 1 << 20)
 REPLICAS = (1, 2, 4)
 CKPT_REPLICAS = (2, 4)
+#: --quick: the goal's cell (16 elements, 4 replicas) and the checkpoints at 2 replicas: 6 fresh processes, not 20
+QUICK_SIZES, QUICK_REPLICAS, QUICK_CKPT_REPLICAS = (16,), (4,), (2,)
 CPU_BACKENDS = ("numpy", "jax")
 GPU_BACKENDS = ("cupy", "jax")
+#: what must be importable for each backend's cells (else the backend is skipped, with the reason)
+BACKEND_REQUIRES = {"numpy": (), "jax": ("jax",), "cupy": ("cupy",)}
 CPU_DEVICES = 4  # logical CPU devices every CPU cell creates (JAX: its CPU device count)
 OPS = ("assign", "mirrored_assign", "assign_add", "run_noop", "run_none", "run_sum", "raw_threads_noop", "raw_pool_noop")
-RUN_GOAL_NS = 100_000  # fixed-costs issue: strategy.run of an empty step under 100 us at 4 replicas
+RUN_GOAL = "strategy.run of an empty step, 4 replicas (worst backend)"
+RUN_GOAL_US = 100.0  # fixed-costs issue: strategy.run of an empty step under 100 us at 4 replicas
 POLICIES = ("NONE", "EXPAND")
 N_VARS = 16
 VAR_SHAPE = (1024, 1024)  # float32: 4 MiB
-GiB = 1 << 30
 WARM_MARGIN = 64 * MiB
-RESULT_TAG = "BENCH-DISTRIBUTE-CELL "
 DELTA = 1.0 / 1024  # exact in float32: sums of deltas stay exact, so components agree bit for bit
 
 
-class Skip(Exception):
-    """The cell cannot run here (reported, not an error)."""
+# --- systems -------------------------------------------------------------------------------------
+
+
+class Gpuvars(System):
+    name = "gpuvars"
+    note = ("plain.assign / mirrored w.assign / plain.assign_add / strategy.run(noop) / strategy.run(step) with "
+            "w NONE and SUM; Saver.save / restore with policy NONE and EXPAND_DISTRIBUTED_VARIABLES")
+    requires = ("gpuvars",)
+
+
+class RawThreads(System):
+    name = "raw_threads"
+    note = "the empty step, raw Python: start and join n threading.Thread per call"
+
+
+class RawPool(System):
+    name = "raw_pool"
+    note = ("the empty step, raw Python: n - 1 persistent threads fed by queue.SimpleQueue, the caller runs one "
+            "inline and waits on one lock")
+
+
+SYSTEMS: dict[str, type[System]] = {s.name: s for s in (Gpuvars, RawThreads, RawPool)}
+#: the ops of part ``ops`` each system's code does (the checkpoints are gpuvars' alone)
+OPS_OF = {"gpuvars": OPS[:6], "raw_threads": ("raw_threads_noop",), "raw_pool": ("raw_pool_noop",)}
 
 
 # --- helpers shared by the cells ------------------------------------------------------------------
-
-
 
 
 def proc_io() -> dict[str, int]:
@@ -136,12 +173,14 @@ def proc_io() -> dict[str, int]:
 
 def _setup(platform_: str, lib: str) -> Any:
     """Configure gpuvars for ``lib`` on ``platform_`` (before any placement) and return it."""
+    Gpuvars.require()
+    why = harness.missing(BACKEND_REQUIRES[lib])
+    if why:
+        raise Skip(f"{lib}: {why}")
     import gpuvars as gv
 
     if platform_ == "cpu":
         if lib == "jax":
-            if importlib.util.find_spec("jax") is None:
-                raise Skip("jax is not installed")
             gv.config.set_cpu_backend("jax")
         gv.config.set_logical_devices("cpu", CPU_DEVICES)
     else:
@@ -210,27 +249,6 @@ def _syncer(lib: str, variables: list[Any]) -> Callable[[], None]:
 
 
 # --- part ops ------------------------------------------------------------------------------------
-
-
-def _time_op(body: Callable[[int], None], batches: int, batch_ms: float, warmup_s: float) -> dict[str, Any]:
-    """Warm ``body`` up, size a batch to ~``batch_ms``, return the median ns/call over ``batches``."""
-    t0 = time.perf_counter_ns()
-    calls, n = 0, 1
-    while True:
-        body(n)
-        calls += n
-        elapsed = time.perf_counter_ns() - t0
-        if calls >= 3 and elapsed >= warmup_s * 1e9:
-            break
-        n = min(n * 2, 4096)
-    size = max(1, round(batch_ms * 1e6 / (elapsed / calls)))
-    samples = []
-    for _ in range(batches):
-        t = time.perf_counter_ns()
-        body(size)
-        samples.append((time.perf_counter_ns() - t) / size)
-    return {"ns": statistics.median(samples), "min_ns": min(samples), "max_ns": max(samples),
-            "batch": size, "batches": batches, "warmup_calls": calls}
 
 
 class _RawPool:
@@ -367,11 +385,14 @@ def run_ops_cell(cell: dict[str, Any]) -> dict[str, Any]:
                   "raw_threads_noop": b_raw_threads_noop, "raw_pool_noop": b_raw_pool_noop}
         warm_free_pages(8 * n * size * 4 + WARM_MARGIN)
         gc.collect()
-        results = {op: _time_op(bodies[op], cell["batches"], cell["batch_ms"], cell["warmup_s"]) for op in OPS}
+        timed: dict[str, Any] = {}
+        for system in harness.rotated(cell["systems"], cell.get("round", 0)):  # who goes first rotates by round
+            for op in OPS_OF[system]:
+                timed[op] = harness.time_calls(bodies[op], cell["batches"], cell["batch_ms"], cell["warmup_s"])
         ok &= w_sum.components_agree() and w_assign.components_agree()
         raw_pool.close()
-    return {"kind": "ops", "platform": platform_, "lib": lib, "size": size, "replicas": n, "devices": devices,
-            "ok": bool(ok), "ops": results}
+    return {**cell, "devices": devices, "ok": bool(ok), "loop_ns": harness.loop_ns(cell["batch_ms"]),
+            "ops": {op: timed[op] for op in OPS if op in timed}}
 
 
 # --- part ckpt -----------------------------------------------------------------------------------
@@ -435,8 +456,7 @@ def run_ckpt_cell(cell: dict[str, Any]) -> dict[str, Any]:
                     os.unlink(e.path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return {"kind": "ckpt", "platform": platform_, "lib": lib, "replicas": n, "policy": policy,
-            "devices": devices, "ok": bool(ok), "logical_bytes": logical, "file_bytes": file_bytes,
+    return {**cell, "devices": devices, "ok": bool(ok), "logical_bytes": logical, "file_bytes": file_bytes,
             "save_s": saves, "restore_s": restores, "save_wchar": wrote, "restore_rchar": read,
             "io_counted": bool(proc_io())}
 
@@ -453,87 +473,39 @@ def probe_gpus() -> dict[str, dict[str, Any]]:
 
 
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
-    try:
-        if cell["kind"] == "ops":
-            return run_ops_cell(cell)
-        return run_ckpt_cell(cell)
-    except Skip as why:
-        return {**cell, "skip": str(why)}
+    """Run one cell in this process (the child of ``harness.spawn``; a cell that cannot run
+    here raises ``Skip``, which ``harness.cell_main`` reports)."""
+    if cell["kind"] == "ops":
+        return run_ops_cell(cell)
+    return run_ckpt_cell(cell)
 
 
 # --- the driver ----------------------------------------------------------------------------------
 
 
-def _child_env(platform_: str, lib: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+def cell_env(platform_: str, lib: str, kind: str) -> dict[str, str]:
+    """``harness.child_env`` for one cell: JAX's CPU cells get ``CPU_DEVICES`` CPU devices and
+    never start a GPU; glibc's mmap threshold is pinned for the checkpoint cells (big arrays
+    freed between repeats) and left adaptive for the ops cells, whose calls allocate and free
+    the same mid-size temporaries over and over (see ``harness.child_env``)."""
+    extra: dict[str, str] = {}
     if lib == "jax" and platform_ == "cpu":
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={CPU_DEVICES}"])
-        env["JAX_PLATFORMS"] = "cpu"  # a CPU cell never starts a GPU, even where there is one
-    return env
-
-
-def spawn(cell: dict[str, Any], args: list[str] | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__)] + (args or ["--cell", json.dumps(cell)])
-    env = _child_env(cell.get("platform", "gpu"), cell.get("lib", ""))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    except subprocess.TimeoutExpired:
-        return {**cell, "error": "timed out after 600 s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()
-        return {**cell, "error": (tail[-1] if tail else f"exit status {proc.returncode}"), "stderr_tail": tail[-15:]}
-    out: dict[str, Any] = json.loads(lines[-1][len(RESULT_TAG):])
-    return out
-
-
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        extra["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={CPU_DEVICES}"])
+        extra["JAX_PLATFORMS"] = "cpu"  # a CPU cell never starts a GPU, even where there is one
+    return harness.child_env(extra, pin_malloc=kind == "ckpt")
 
 
 def machine_info(folder: str) -> dict[str, Any]:
-    """CPU, cores, RAM, kernel, the filesystem of ``folder``, library versions, the commit
-    (read-only git queries); imports neither CuPy nor JAX."""
-    info: dict[str, Any] = {"python": platform.python_version(), "kernel": platform.release(),
-                            "cores": os.cpu_count(), "numpy": np.__version__, "jax": _version("jax"),
-                            "cupy": next((v for v in map(_version, ("cupy", "cupy-cuda12x", "cupy-cuda13x")) if v), None),
-                            "gpuvars": _version("gpuvars"), "cpu": platform.processor() or "?"}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), info["cpu"])
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            info["ram_gib"] = round(int(f.readline().split()[1]) / (1 << 20), 1)
-        best = ("", "?", "?")
-        real = os.path.realpath(folder)
-        with open("/proc/mounts", encoding="utf-8") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                    best = (mnt, fstype, dev)
-        info["filesystem"] = f"{best[1]} on {best[2]}"
-    except (OSError, StopIteration, ValueError):
-        pass
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-        changed = subprocess.run(["git", "--no-optional-locks", "-C", here, "status", "--porcelain", "--",
-                                  "gpuvars", "backends"], capture_output=True, text=True, timeout=10).stdout.strip()
-        info["commit"] = (commit + "+uncommitted changes") if commit and changed else commit
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
+    """The shared machine record (``harness.machine_record``) for ``folder``, with the load
+    average at start (per-call figures are what a busy machine moves most). Also used by
+    bench_multiprocess."""
+    info: dict[str, Any] = harness.machine_record(folder)
+    info["loadavg_at_start"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return info
 
 
-def machine_line(m: dict[str, Any]) -> str:
-    libs = [f"Python {m['python']}", f"numpy {m['numpy']}"] + [f"{k} {m[k]}" for k in ("jax", "cupy") if m.get(k)]
-    return (f"{m.get('cpu', '?')}, {m['cores']} cores, {m.get('ram_gib', '?')} GiB RAM, Linux {m['kernel']}, "
-            f"files on {m.get('filesystem', '?')}; {', '.join(libs)}; gpuvars {m['gpuvars']} @ {m.get('commit') or '?'}")
-
-
-
-
+machine_line = harness.machine_line  # bench_multiprocess imports it from here
 
 
 def ops_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -544,10 +516,10 @@ def ops_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             groups.setdefault((c["platform"], c["lib"], c["size"], c["replicas"]), []).append(c)
     rows = []
     for (plat, lib, size, n), cs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "numpy", kv[0][1], kv[0][2], kv[0][3])):
-        med = {op: statistics.median(c["ops"][op]["ns"] for c in cs) for op in OPS}
-        spread = max(
-            (max(c["ops"][op]["ns"] for c in cs) - min(c["ops"][op]["ns"] for c in cs)) / med[op] for op in OPS
-        ) if len(cs) > 1 else None
+        timed = [op for op in OPS if all(op in c["ops"] for c in cs)]  # a skipped system's ops are missing
+        stats = {op: harness.summary([c["ops"][op]["ns"] for c in cs]) for op in timed}
+        med = {op: st["median"] for op, st in stats.items()}
+        spread = max((st["max"] - st["min"]) / st["median"] for st in stats.values()) if len(cs) > 1 else None
         rows.append({
             "platform": plat, "lib": lib, "size": size, "replicas": n, "rounds": len(cs),
             "ok": all(c["ok"] for c in cs), "ns": med, "spread": spread,
@@ -575,11 +547,12 @@ def ckpt_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for phase, key, io_key in (("save", "save_s", "save_wchar"), ("restore", "restore_s", "restore_rchar")):
             times = [t for c in cs for t in c[key]]
             moved = [b for c in cs for b in c[io_key]]
-            t = statistics.median(times)
-            b = statistics.median(moved) if all(c["io_counted"] for c in cs) else None
+            st = harness.summary(times)
+            t = st["median"]
+            b = harness.summary(moved)["median"] if all(c["io_counted"] for c in cs) else None
             rows.append({"platform": plat, "lib": lib, "replicas": n, "policy": policy, "phase": phase,
-                         "ok": all(c["ok"] for c in cs), "median_s": t, "min_s": min(times), "max_s": max(times),
-                         "samples": len(times), "logical_bytes": cs[0]["logical_bytes"],
+                         "ok": all(c["ok"] for c in cs), "median_s": t, "min_s": st["min"], "max_s": st["max"],
+                         "samples": st["n"], "logical_bytes": cs[0]["logical_bytes"],
                          "file_bytes": cs[0]["file_bytes"], "io_bytes": b,
                          "logical_gib_s": cs[0]["logical_bytes"] / GiB / t,
                          "io_gib_s": None if b is None else b / GiB / t})
@@ -622,8 +595,13 @@ def print_ops(rows: list[dict[str, Any]]) -> None:
               f"{_fmt_ns(r['rendezvous_reduce_ns'])} | {spread} |")
 
 
-def print_run_floor(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Table (d), the empty step against its raw baselines, and the goal; returns the goal."""
+def _x(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def print_run_floor(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Table (d), the empty step against its raw baselines, and the goal: returns the run_goal
+    record of the JSON and the goals (``harness.goal``) measured."""
     print("(d) strategy.run of an empty step against raw Python threads doing the same hand-off")
     print()
     print("| backend | elements | replicas | run(noop) | raw threads (start+join n) | raw pool (n - 1 persistent) | "
@@ -631,18 +609,18 @@ def print_run_floor(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ns = r["ns"]
+        threads, pool = ns.get("raw_threads_noop"), ns.get("raw_pool_noop")
         print(f"| {r['lib']} {r['platform']} | {_fmt_size(r['size'])} | {r['replicas']} | {_fmt_ns(ns['run_noop'])} | "
-              f"{_fmt_ns(ns['raw_threads_noop'])} | {_fmt_ns(ns['raw_pool_noop'])} | "
-              f"{ns['run_noop'] / ns['raw_threads_noop']:.2f}x | {ns['run_noop'] / ns['raw_pool_noop']:.2f}x |")
+              f"{_fmt_ns(threads)} | {_fmt_ns(pool)} | {_x(ns['run_noop'], threads)} | {_x(ns['run_noop'], pool)} |")
     at4 = [r["ns"]["run_noop"] for r in rows if r["replicas"] == 4]
     if not at4:
         print("\ngoal: strategy.run of an empty step at 4 replicas: not measured (needs --replicas 4)")
-        return None
+        return None, []
     worst = max(at4)
-    met = worst < RUN_GOAL_NS
+    goal = harness.goal(RUN_GOAL, worst / 1e3, RUN_GOAL_US, "us")
     print(f"\ngoal: strategy.run of an empty step at 4 replicas costs {_fmt_ns(worst)} (the worst cell; "
-          f"target < {_fmt_ns(RUN_GOAL_NS)}): {'MET' if met else 'NOT MET'}")
-    return {"target_ns": RUN_GOAL_NS, "worst_ns": worst, "met": met}
+          f"target <= {_fmt_ns(RUN_GOAL_US * 1e3)}): {'MET' if goal['met'] else 'NOT MET'}")
+    return {"target_ns": RUN_GOAL_US * 1e3, "worst_ns": worst, "met": goal["met"]}, [goal]
 
 
 def print_ckpt(rows: list[dict[str, Any]]) -> None:
@@ -665,34 +643,41 @@ def print_ckpt(rows: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 round, 5 batches of 15 ms, 0.05 s warm-up, 1 checkpoint repeat")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"1 round, 5 batches of 15 ms, 0.05 s warm-up, ops at {_fmt_size(QUICK_SIZES[0])} elements "
+                         f"and {','.join(map(str, QUICK_REPLICAS))} replicas, checkpoints at "
+                         f"{','.join(map(str, QUICK_CKPT_REPLICAS))} replicas, 1 checkpoint repeat")
     ap.add_argument("--json", metavar="PATH", help="also write every cell, the rows and the machine here")
     ap.add_argument("--gpu", action="store_true", help="the cells on /gpu:N with CuPy and JAX instead of the CPU cells")
     ap.add_argument("--parts", default="ops,ckpt", help="comma list of ops, ckpt")
     ap.add_argument("--backends", help=f"comma list (CPU: {','.join(CPU_BACKENDS)}; --gpu: {','.join(GPU_BACKENDS)})")
-    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="ops: comma list of element counts")
-    ap.add_argument("--replicas", default=",".join(map(str, REPLICAS)), help="ops: comma list of replica counts (<= 4 on CPU)")
-    ap.add_argument("--ckpt-replicas", default=",".join(map(str, CKPT_REPLICAS)), help="ckpt: comma list of replica counts")
+    ap.add_argument("--sizes", help=f"ops: comma list of element counts (default {','.join(map(str, SIZES))}; "
+                                    f"quick {','.join(map(str, QUICK_SIZES))})")
+    ap.add_argument("--replicas", help=f"ops: comma list of replica counts, <= {CPU_DEVICES} on CPU (default "
+                                       f"{','.join(map(str, REPLICAS))}; quick {','.join(map(str, QUICK_REPLICAS))})")
+    ap.add_argument("--ckpt-replicas", help=f"ckpt: comma list of replica counts (default "
+                                            f"{','.join(map(str, CKPT_REPLICAS))}; quick "
+                                            f"{','.join(map(str, QUICK_CKPT_REPLICAS))})")
     ap.add_argument("--rounds", type=int, help="fresh-process rounds per cell (default 3; quick 1)")
     ap.add_argument("--batches", type=int, help="ops: timed batches per op (default 7; quick 5)")
     ap.add_argument("--batch-ms", type=float, help="ops: target batch duration (default 30; quick 15)")
     ap.add_argument("--warmup-s", type=float, help="ops: minimum warm-up per op (default 0.1; quick 0.05)")
     ap.add_argument("--repeats", type=int, help="ckpt: timed save+restore pairs per process (default 2; quick 1)")
     ap.add_argument("--dir", default="/tmp/gpuvars-bench-distribute", help="ckpt: folder for the checkpoint files")
-    ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--probe-gpu", action="store_true", help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if harness.cell_main(run_cell, argv):
+        return 0
     args = ap.parse_args(argv)
-    defaults = (1, 5, 15.0, 0.05, 1) if args.quick else (3, 7, 30.0, 0.1, 2)
-    for name, value in zip(("rounds", "batches", "batch_ms", "warmup_s", "repeats"), defaults):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-
-    if args.cell:
-        print(RESULT_TAG + json.dumps(run_cell(json.loads(args.cell))), flush=True)
-        return 0
     if args.probe_gpu:
-        print(RESULT_TAG + json.dumps(probe_gpus()), flush=True)
+        harness.emit(probe_gpus())
         return 0
+    defaults = ((1, 5, 15.0, 0.05, 1, QUICK_SIZES, QUICK_REPLICAS, QUICK_CKPT_REPLICAS) if args.quick else
+                (3, 7, 30.0, 0.1, 2, SIZES, REPLICAS, CKPT_REPLICAS))
+    for name, value in zip(("rounds", "batches", "batch_ms", "warmup_s", "repeats", "sizes", "replicas",
+                            "ckpt_replicas"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, ",".join(map(str, value)) if isinstance(value, tuple) else value)
 
     platform_ = "gpu" if args.gpu else "cpu"
     known = GPU_BACKENDS if args.gpu else CPU_BACKENDS
@@ -714,37 +699,53 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.dir, exist_ok=True)
 
     machine = machine_info(args.dir)
+    command = " ".join(["python", "bench/bench_distribute.py", *argv])
     print(f"Machine: {machine_line(machine)}")
-    print(f"Command: python bench/bench_distribute.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"Command: {command}")
     notes: list[str] = []
+    systems, skipped = harness.available(SYSTEMS.values())
+    for name, why in skipped.items():
+        notes.append(f"skipped: system {name}: {why}")
+    if "gpuvars" in skipped:
+        libs = []  # every cell times gpuvars
+    for lib in list(libs):
+        why = harness.missing(BACKEND_REQUIRES[lib])
+        if why:
+            skipped[lib] = why
+            extra = f" (pip install 'gpuvars[{lib}]')" if lib == "jax" else ""
+            notes.append(f"skipped: {lib} on {platform_.upper()}: {why}{extra}")
+            libs.remove(lib)
     counts: dict[str, int] = {}
-    if args.gpu:
-        probe = spawn({"kind": "probe"}, ["--probe-gpu"])
+    if args.gpu and libs:
+        probe = harness.spawn(__file__, {"kind": "probe"}, args=["--probe-gpu"], timeout=300, env=harness.child_env())
         for lib in libs:
             info = probe.get(lib) if "error" not in probe else None
             if info is None:
-                notes.append(f"skipped: {lib} on GPU: the GPU probe failed: {probe.get('error')}")
+                skipped[lib] = f"the GPU probe failed: {probe.get('error')}"
             elif info["count"] < 1:
-                notes.append(f"skipped: {lib} on GPU: {info['reason']}")
+                skipped[lib] = str(info["reason"])
             else:
                 counts[lib] = info["count"]
+                continue
+            notes.append(f"skipped: {lib} on GPU: {skipped[lib]}")
         libs = [lib for lib in libs if lib in counts]
-    elif "jax" in libs and importlib.util.find_spec("jax") is None:
-        notes.append("skipped: jax on CPU: jax is not installed (pip install 'gpuvars[jax]')")
-        libs.remove("jax")
 
+    system_names = [s.name for s in systems]
     cells: list[dict[str, Any]] = []
     for lib in libs:
         have = counts.get(lib, CPU_DEVICES)
         if "ops" in parts:
             fits = [n for n in replicas if n <= have]
             if len(fits) < len(replicas):
+                instead = min(have, max(replicas))
                 notes.append(f"skipped: {lib} ops with {[n for n in replicas if n > have]} replicas: "
-                             f"this machine has {have} GPU(s)")
+                             f"this machine has {have} GPU(s)" + ("" if fits else f"; {instead} replica(s) instead"))
+                fits = fits or [instead]
             for size in sizes:
                 for n in fits:
                     cells.append({"kind": "ops", "platform": platform_, "lib": lib, "size": size, "replicas": n,
-                                  "batches": args.batches, "batch_ms": args.batch_ms, "warmup_s": args.warmup_s})
+                                  "systems": system_names, "batches": args.batches, "batch_ms": args.batch_ms,
+                                  "warmup_s": args.warmup_s})
         if "ckpt" in parts:
             fits = [n for n in ckpt_replicas if n <= have]
             if len(fits) < len(ckpt_replicas):
@@ -758,8 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu and not libs:
         notes.append("skipped: no GPU cells can run here")
     print(f"Settings: {args.rounds} round(s) of fresh processes per cell; ops: {args.batches} batches of "
-          f"~{args.batch_ms:g} ms per op after >= {args.warmup_s:g} s of warm-up; checkpoints: {args.repeats} "
-          f"save+restore pair(s) per process, files in {args.dir}; figures are medians")
+          f"~{args.batch_ms:g} ms per op after >= {harness.WARMUP_CALLS} calls and >= {args.warmup_s:g} s of warm-up, "
+          f"sizes {args.sizes}, replicas {args.replicas}; checkpoints: {args.repeats} save+restore pair(s) per "
+          f"process, replicas {args.ckpt_replicas}, files in {args.dir}; figures are medians")
     for note in notes:
         print(note)
     print("Note: replica 0 runs on the calling thread, the others on the strategy's persistent threads, and a "
@@ -768,13 +770,16 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     load_before = os.getloadavg()
+    records: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     for rnd in range(args.rounds):
         order = cells if rnd % 2 == 0 else cells[::-1]
         for cell in order:
             t0 = time.perf_counter()
-            r = spawn(cell)
+            r = harness.spawn(__file__, {**cell, "round": rnd}, timeout=600,
+                              env=cell_env(platform_, cell["lib"], cell["kind"]))
+            records.append(r)
             what = " ".join(str(cell[k]) for k in ("lib", "size", "replicas", "policy") if k in cell)
             status = r.get("error") or r.get("skip") or ("ok" if r.get("ok") else "WRONG VALUES")
             print(f"  round {rnd + 1}/{args.rounds} [{time.perf_counter() - t0:5.1f} s] {cell['kind']:4} {what}: {status}",
@@ -790,18 +795,21 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     run_goal: dict[str, Any] | None = None
+    goals: list[dict[str, Any]] = []
     o_rows = ops_rows(results)
     c_rows = ckpt_rows(results)
     print()
     if o_rows:
         print_ops(o_rows)
         print()
-        print("ns per call include the Python loop and, for JAX/GPU, the wait for every touched device. "
+        loops = [c["loop_ns"] for c in results if "loop_ns" in c]
+        loop = f" (~{harness.summary(loops)['median']:.0f} ns of it the empty loop, not subtracted)" if loops else ""
+        print(f"ns per call include the Python loop{loop} and, for JAX/GPU, the wait for every touched device. "
               "'per replica' = per call / replicas; 'threads' = strategy.run of an empty function; "
               "'SUM - NONE' = what the rendezvous (one barrier wait) and the all-reduce add to a step; "
               "spread = (max - min) / median over rounds, the worst op of the row.")
         print()
-        run_goal = print_run_floor(o_rows)
+        run_goal, goals = print_run_floor(o_rows)
         print()
     if c_rows:
         print_ckpt(c_rows)
@@ -819,11 +827,12 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     print(f"Total {elapsed:.0f} s; load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     if args.json:
-        payload = {"benchmark": "bench_distribute", "machine": machine, "args": vars(args), "notes": notes,
-                   "ops_rows": o_rows, "run_goal": run_goal, "ckpt_rows": c_rows, "cells": results, "failed": failed,
-                   "elapsed_s": elapsed, "loadavg_before": load_before, "loadavg_after": load_after}
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
+        harness.write_json(
+            args.json, program="bench_distribute", machine=machine, cells=records, goals=goals, command=command,
+            args=vars(args), systems={name: cls.note for name, cls in SYSTEMS.items()}, skipped=skipped, notes=notes,
+            ops_rows=o_rows, run_goal=run_goal, ckpt_rows=c_rows, failed=failed, elapsed_s=elapsed,
+            loadavg_before=load_before, loadavg_after=load_after,
+        )
         print(f"wrote {args.json}")
     return 1 if failed or any(not r["ok"] for r in o_rows + c_rows) else 0
 
