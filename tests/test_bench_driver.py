@@ -183,3 +183,57 @@ def test_the_harness_rules() -> None:
     assert ok == [Present] and skipped == {"missing": "no_such_module_here is not installed"}
     with pytest.raises(harness.Skip, match="missing: no_such_module_here is not installed"):
         Missing.require()
+
+
+def test_every_scenario_program_runs_on_the_one_harness() -> None:
+    """No program keeps its own copy of what the harness owns (they once had two warm-up
+    rules, three machine records, two result tags and two Skip classes)."""
+    programs = sorted({program for program, *_ in _driver().SCENARIOS.values()})
+    assert len(programs) == 6
+    for program in programs:
+        src = (BENCH / program).read_text()
+        assert "import harness" in src, program
+        for own_copy in ("RESULT_TAG =", "class Skip", "def machine_record", "def warm_free_pages", "def _time_op",
+                         '"--cell", json.dumps'):
+            assert own_copy not in src, f"{program} defines its own {own_copy!r}: use bench/harness.py"
+
+
+def _run_program(tmp_path: pathlib.Path, program: str, *args: str) -> dict[str, Any]:
+    out = tmp_path / f"{program}.json"
+    done = subprocess.run([sys.executable, str(BENCH / program), *args, "--json", str(out)], cwd=BENCH.parent,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    payload: dict[str, Any] = json.loads(out.read_text())
+    assert payload["machine"]["cores"] and isinstance(payload["cells"], list)
+    assert all(set(g) == {"goal", "measured", "limit", "unit", "met"} for g in payload["goals"])
+    return payload
+
+
+@pytest.mark.slow
+def test_a_checkpoint_run_end_to_end_writes_what_the_figures_read(tmp_path: pathlib.Path) -> None:
+    """A real (tiny) run: fresh processes, real files, the cells plot.py draws from."""
+    payload = _run_program(tmp_path, "bench_checkpoint.py", "--workloads", "count-40,count-400,bytes-1", "--systems",
+                           "raw2,gpuvars", "--phases", "save,restore,verify", "--repeats", "1",
+                           "--dir", str(tmp_path / "files"))
+    cells = {(c["system"], c["workload"], c["phase"]): c for c in payload["cells"]}
+    workloads = ("count-40", "count-400", "bytes-1")
+    assert set(cells) == {(s, w, p) for s in ("raw2", "gpuvars") for w in workloads
+                          for p in ("save", "restore")} | {("gpuvars", w, "verify") for w in workloads}
+    for cell in cells.values():
+        assert cell["ok"] and cell["median_s"] > 0 and cell["gib_s"] > 0, cell
+        assert cell["n_tensors"] in (4, 40, 400) and cell["data_bytes"] > 0
+        assert len(cell["times_s"]) == 1 and len(cell["warmup_extra_rss_kib"]) == 1  # the harness's one warm-up
+    assert {"gpuvars save", "raw2 restore"} <= set(payload["fits"])  # 3 growth cells each: fitted
+    assert not list((tmp_path / "files").iterdir())  # every cell cleaned up after itself
+
+
+@pytest.mark.slow
+def test_an_ops_run_end_to_end_has_rows_for_both_systems(tmp_path: pathlib.Path) -> None:
+    payload = _run_program(tmp_path, "bench_ops.py", "--backends", "numpy", "--sizes", "16", "--rounds", "1",
+                           "--batches", "2", "--batch-ms", "2", "--warmup-s", "0")
+    rows = payload["rows"]
+    assert sorted(r["op"] for r in rows) == ["assign", "assign_add", "scatter_add", "scatter_update"]
+    for row in rows:
+        assert row["gpuvars_ns"] > 0 and row["raw_ns"] > 0 and row["ratio"] == pytest.approx(
+            row["gpuvars_ns"] / row["raw_ns"])
+    assert {c["system"] for c in payload["cells"]} == {"gpuvars", "raw"}
