@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -74,6 +75,10 @@ def request_cpu_devices(count: int) -> None:
         config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # the backends are initialized: the count can no longer change
         pass
+    except AttributeError:  # JAX < 0.5 has no such option: XLA's flag, read when the CPU client starts
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 class JaxBackend:

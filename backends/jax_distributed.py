@@ -9,6 +9,7 @@ arrays (gloo on CPU), so numpy, CuPy and JAX variables all reduce the same way.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Sequence
 
@@ -59,12 +60,15 @@ def initialize(address: str, num_processes: int, process_id: int, timeout_s: flo
     config: Any = jax.config  # jax.config.update is untyped
     config.update("jax_cpu_collectives_implementation", "gloo")
     seconds = max(1, int(round(timeout_s)))
-    jax.distributed.initialize(
+    start: Any = jax.distributed.initialize  # its keyword set depends on the JAX version
+    bounds: dict[str, int] = {"initialization_timeout": seconds}
+    if "shutdown_timeout_seconds" in inspect.signature(start).parameters:
+        bounds["shutdown_timeout_seconds"] = seconds  # JAX >= 0.8.1; older ones wait their default
+    start(
         coordinator_address=address,
         num_processes=num_processes,
         process_id=process_id,
-        initialization_timeout=seconds,
-        shutdown_timeout_seconds=seconds,
+        **bounds,
     )
 
 

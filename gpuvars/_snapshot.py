@@ -26,12 +26,9 @@ import math
 import threading
 from typing import Any, Iterator
 
-__all__ = ["Pin", "Snapshot", "holds_arrays"]
+__all__ = ["Pin", "Snapshot"]
 
 _PENDING, _CAPTURED, _DONE = 0, 1, 2
-
-_holding = 0  # snapshots alive that keep arrays of a rebinding backend (JAX)
-_holding_lock = threading.Lock()
 
 
 class _HostPool:
@@ -86,12 +83,6 @@ def _host_copy(storage: Any) -> Any:
     return out
 
 
-def holds_arrays() -> bool:
-    """Whether a save in flight keeps old arrays of a rebinding backend: then no update may
-    donate (delete) a variable's buffer (JAX ``donate_argnums``)."""
-    return _holding > 0
-
-
 class Snapshot:
     """The pins of one save, their copy-on-write budget and the writer's urgent queue.
 
@@ -113,7 +104,6 @@ class Snapshot:
         self._uncaptured = 0
         self._urgent: list[Pin] = []
         self._released = False
-        self._holds = False
 
     def pin(self, storage: Any, backend: Any, device_index: int, name: str) -> Pin:
         """A pin of ``storage`` (the caller holds the variable's lock); captured at once
@@ -128,11 +118,6 @@ class Snapshot:
                 self._uncaptured += 1
             else:
                 p.state = _CAPTURED
-                if not self._holds:
-                    global _holding
-                    with _holding_lock:
-                        _holding += 1
-                    self._holds = True
         finally:
             lock.release()
         return p
@@ -201,11 +186,6 @@ class Snapshot:
         """End the snapshot (after the commit, or a failure): every pin is done, every copy
         freed, every waiting mutation goes on. Idempotent."""
         with self.cond:
-            if self._holds:
-                global _holding
-                with _holding_lock:
-                    _holding -= 1
-                self._holds = False
             self._released = True
             for p in self.pins:
                 if p.state != _DONE:

@@ -1,6 +1,6 @@
 """gv.optim on GPUs: the CuPy kernels and the JAX-GPU jit follow the published rules, slots
-live on the variable's GPU, and a save in flight keeps the values of its call (the JAX
-path never donates a buffer a snapshot holds). Run by ``bash bench/gpu.sh``."""
+live on the variable's GPU, a save in flight keeps the values of its call, and the JAX path
+never deletes an array someone else holds (no buffer donation). Run by ``bash bench/gpu.sh``."""
 
 from __future__ import annotations
 
@@ -58,9 +58,27 @@ def test_an_async_save_keeps_the_gpu_values_of_its_call_across_optimizer_steps(g
     before = {v.name: v.numpy() for v in [w, *opt.variables()]}
     fut = gv.Saver().save(tmp_path / "m", blocking=False)
     for _ in range(3):
-        opt.apply_gradients([(np.ones(1 << 20, np.float32), w)])  # JAX: no donation while the save holds arrays
+        opt.apply_gradients([(np.ones(1 << 20, np.float32), w)])  # JAX: no donation, the save's arrays stay
     gate.set()
     with gv.CheckpointReader(fut.result()) as reader:
         reader.verify()
         for name, value in before.items():
             np.testing.assert_array_equal(reader.get_tensor(name), value)
+
+
+def test_a_jax_gpu_optimizer_step_deletes_no_array_anyone_holds(gpu_lib: str) -> None:
+    """Donation would delete the caller's array a variable adopted, a value() kept from before
+    the step, and fail outright on a buffer two variables share."""
+    if gpu_lib != "jax":
+        pytest.skip("CuPy updates in place: nothing is donated or rebound")
+    import jax
+
+    mine = jax.device_put(np.ones(1024, np.float32), jax.devices("gpu")[0])
+    a = gv.Variable(mine, name="a", device="/gpu:0")  # may adopt the caller's array as it is
+    b = gv.Variable(np.zeros(1024, np.float32), name="b", device="/gpu:0")
+    b.assign(a.value())  # two variables on one buffer
+    kept = a.value()
+    gv.optim.Adam(0.1).apply_gradients([(np.ones(1024, np.float32), a), (np.ones(1024, np.float32), b)])
+    np.testing.assert_array_equal(np.asarray(mine), 1.0)
+    np.testing.assert_array_equal(np.asarray(kept), 1.0)
+    assert float(a.numpy()[0]) == pytest.approx(0.9) and float(b.numpy()[0]) == pytest.approx(0.9)

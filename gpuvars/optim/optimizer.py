@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from gpuvars import _shapes, _snapshot, _transfer
+from gpuvars import _shapes, _transfer
 from gpuvars._backend_errors import backend_errors
 from gpuvars._creator import plain_variables
 from gpuvars.distribute import MirroredVariable, ShardedVariable, SyncOnReadVariable
@@ -508,12 +508,16 @@ class Optimizer:
 
     def _jax_step(self, device: PhysicalDevice, items: list[tuple[_Leaf, Any]], hyper: tuple[float, ...]) -> None:
         """One jitted call updates every variable of ``device`` (a rebinding backend: the new
-        arrays are adopted). Buffers are donated on GPUs only, and never while a save in
-        flight holds old arrays (donation deletes them)."""
+        arrays are adopted).
+
+        No buffer donation, on any platform: a variable's array may also be the caller's
+        (``gv.Variable(x)`` and ``assign(x)`` adopt a JAX array without copying it), another
+        variable's (``v2.assign(v1.value())``), a ``value()`` the user kept, or a snapshot's;
+        donating would delete it under its holder (or fail: one buffer donated twice). The
+        price is one step's new arrays beside the old ones at the peak."""
         backend: Any = device.backend
         xp = backend.xp
-        donate = device.backend.platform == "gpu" and not _snapshot.holds_arrays()
-        key = (donate, len(self.slot_names))
+        key = (len(self.slot_names),)
         fn = self._jitted.get(key)
         if fn is None:
             names = self.slot_names
@@ -526,7 +530,7 @@ class Optimizer:
                     out_s.append([new_s[n].astype(p.dtype) for n in names])
                 return out_p, out_s
 
-            fn = self._jitted[key] = backend.jit(step, donate_argnums=(0, 2) if donate else ())
+            fn = self._jitted[key] = backend.jit(step)
         what = f"optimizer '{self.name}' updating {len(items)} variable(s) on {device.name}"
         locks = []
         try:
