@@ -4,7 +4,11 @@ coordination service and its cross-process collectives; raises builtins only.
 Every wait here is bounded: barriers and key-value reads take a timeout and a deadline
 becomes :class:`BarrierTimeout` / :class:`TimeoutError`. ``multihost_utils.sync_global_devices``
 (no timeout) is never used. Collectives run over JAX CPU arrays made from host numpy
-arrays (gloo on CPU), so numpy, CuPy and JAX variables all reduce the same way.
+arrays (gloo on CPU), so numpy, CuPy and JAX variables all reduce the same way; they are
+built on the CPU devices by name, not with ``multihost_utils.process_allgather`` /
+``broadcast_one_to_all``, which use the default backend's devices: with JAX's CUDA plugin
+installed those are the GPUs (NCCL, a copy on every local GPU, a JAX GPU client started beside
+CuPy's).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 try:
     import jax
     from jax._src import distributed as _distributed
-    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("multi-process runs need jax: pip install 'gpuvars[jax]'") from err
 
@@ -169,11 +173,38 @@ def _as_bytes(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
 
 
+# module-level functions, so each jit below finds its compiled executable again
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _first_axis_sum(x: Any) -> Any:
+    return x.sum(axis=0, dtype=x.dtype)
+
+
+_Spec: Any = PartitionSpec  # its constructor is untyped
+
+
+def _across_processes(rows: np.ndarray[Any, Any], fn: Any) -> np.ndarray[Any, Any]:
+    """``fn`` over the global ``(process_count, n)`` uint8 array whose row K is process K's
+    ``rows`` (shape ``(1, n)``), replicated back to every process, on the CPU devices."""
+    devices = np.array(jax.devices("cpu")).reshape(jax.process_count(), -1)
+    mesh = Mesh(devices, ("processes", "local"))
+    by_process = NamedSharding(mesh, _Spec("processes"))
+    local = [d for d in devices.flat if d.process_index == jax.process_index()]
+    shards = [jax.device_put(rows, d) for d in local]
+    whole = jax.make_array_from_single_device_arrays((devices.shape[0], rows.shape[1]), by_process, shards)
+    out = jax.jit(fn, out_shardings=NamedSharding(mesh, _Spec()))(whole)
+    return np.asarray(out.addressable_data(0))
+
+
 def allgather(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Every process's ``value`` (same shape and dtype everywhere), stacked in process order."""
     value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value[None].copy()
     try:
-        out = np.asarray(multihost_utils.process_allgather(_as_bytes(value)))
+        out = _across_processes(_as_bytes(value)[None], _identity)
     except jax.errors.JaxRuntimeError as exc:
         raise RuntimeError(str(exc)) from exc
     return np.ascontiguousarray(out).view(value.dtype).reshape((out.shape[0],) + value.shape)
@@ -182,8 +213,13 @@ def allgather(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 def broadcast_from_first(value: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Process 0's ``value`` on every process (same shape and dtype everywhere)."""
     value = np.asarray(value)
+    if jax.process_count() == 1:
+        return value.copy()
+    mine = _as_bytes(value)[None]
+    if jax.process_index() != 0:
+        mine = np.zeros_like(mine)  # the others add nothing to the sum
     try:
-        out = np.asarray(multihost_utils.broadcast_one_to_all(_as_bytes(value)))
+        out = _across_processes(mine, _first_axis_sum)
     except jax.errors.JaxRuntimeError as exc:
         raise RuntimeError(str(exc)) from exc
     return np.ascontiguousarray(out).view(value.dtype).reshape(value.shape)
