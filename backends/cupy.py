@@ -10,6 +10,7 @@ instead of waiting, so no thread ever waits for staging another holds.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from typing import Any, Callable, Generator, Iterator, Sequence
 
@@ -28,6 +29,43 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 _elementwise: dict[tuple[str, str, str, str], Any] = {}  # ElementwiseKernels of engine kernels
 
+#: the dtypes CuPy computes with (``cupy/_core/_dtype.pyx``): no long double, no byte-swapped
+_CUPY_CHARS = frozenset("?bhilqBHILQefdFD")
+#: the dtypes cupyx's atomic scatter kernels take (CuPy 13.6-14.0; int64 only from 14.1):
+#: others go round by round, each index once per round
+_ATOMIC_SCATTER = {
+    "add": frozenset(np.dtype(t) for t in ("int32", "uint32", "uint64", "float16", "float32", "float64")),
+    "min": frozenset(np.dtype(t) for t in ("int32", "uint32", "uint64", "float32", "float64")),
+}
+_ATOMIC_SCATTER["sub"] = _ATOMIC_SCATTER["add"]
+_ATOMIC_SCATTER["max"] = _ATOMIC_SCATTER["min"]
+
+
+def _optional_errors() -> tuple[type[BaseException], ...]:
+    """CuPy's error classes that live in optional modules: cuRAND (``random``), NVRTC and the
+    kernel compiler (an ElementwiseKernel's first call)."""
+    found: list[type[BaseException]] = []
+    for module, name in (("cupy_backends.cuda.libs.curand", "CURANDError"), ("cupy.cuda.compiler", "CompileException"),
+                         ("cupy_backends.cuda.libs.nvrtc", "NVRTCError"), ("cupy.cuda.nvrtc", "NVRTCError")):
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _after_source_work(array: Any) -> None:
+    """Wait for the work queued on ``array``'s own GPU (its current stream): a copy to another
+    GPU runs on the destination's stream, which is not ordered with the source's."""
+    with cupy.cuda.Device(array.device.id):
+        cupy.cuda.get_current_stream().synchronize()
+
+_ROUND_OPS: dict[str, Any] = {"add": cupy.add, "sub": cupy.subtract, "min": cupy.minimum, "max": cupy.maximum,
+                              "mul": cupy.multiply, "div": cupy.true_divide}
+
+
 class CupyBackend:
     """cupy.ndarray storage on ``/gpu:N``."""
 
@@ -40,6 +78,7 @@ class CupyBackend:
     errors: tuple[type[BaseException], ...] = (
         cupy.cuda.runtime.CUDARuntimeError,
         cupy.cuda.driver.CUDADriverError,
+        *_optional_errors(),
     )
 
     def __init__(self) -> None:
@@ -52,8 +91,9 @@ class CupyBackend:
         return cupy.cuda.Device(device)
 
     def check_dtype(self, dtype: np.dtype[Any]) -> None:
-        if dtype.kind not in "biufc":  # bfloat16 / float8 (ml_dtypes), objects, strings
-            raise TypeError(f"CuPy has no {dtype} arrays (it holds bool, int, uint, float and complex)")
+        if dtype.char not in _CUPY_CHARS or not dtype.isnative:  # bfloat16 / float8 (ml_dtypes), long double, ...
+            raise TypeError(f"CuPy has no {dtype} arrays (it holds native-order bool, int, uint, float16/32/64 and "
+                            "complex64/128)")
 
     def owns(self, array: object) -> bool:
         return isinstance(array, cupy.ndarray)
@@ -65,10 +105,11 @@ class CupyBackend:
         with cupy.cuda.Device(device):
             if isinstance(value, cupy.ndarray):
                 if value.device.id == device:
-                    return value.astype(dtype, copy=True)
+                    return value.astype(dtype, order="C", copy=True)
                 # cupy.copy allocates on the current device and copies across devices (peer
                 # or staged); kernels and copyto with casting refuse operands on another GPU
-                return cupy.copy(value).astype(dtype, copy=False)
+                _after_source_work(value)
+                return cupy.copy(value, order="C").astype(dtype, copy=False)
             return cupy.array(np.asarray(value, dtype=dtype), copy=True)
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype[Any], device: int) -> Any:
@@ -102,16 +143,17 @@ class CupyBackend:
             upd = cupy.asarray(updates, dtype=dst.dtype)
             if op == "update":
                 dst[idx] = upd
-            elif op == "add":
-                cupyx.scatter_add(dst, idx, upd)
-            elif op == "sub":
-                cupyx.scatter_add(dst, idx, -upd)
-            elif op == "min":
-                cupyx.scatter_min(dst, idx, upd)
-            elif op == "max":
-                cupyx.scatter_max(dst, idx, upd)
-            else:  # mul/div: no atomic kernel; one round per repeat of an index
-                fn = cupy.multiply if op == "mul" else cupy.true_divide
+            elif dst.dtype in _ATOMIC_SCATTER.get(op, ()):
+                if op == "add":
+                    cupyx.scatter_add(dst, idx, upd)
+                elif op == "sub":
+                    cupyx.scatter_add(dst, idx, -upd)
+                elif op == "min":
+                    cupyx.scatter_min(dst, idx, upd)
+                else:
+                    cupyx.scatter_max(dst, idx, upd)
+            else:  # mul/div, and dtypes the atomic kernels lack: one round per repeat of an index
+                fn = _ROUND_OPS[op]
                 for rows in unique_rounds(cupy.asnumpy(idx)):
                     pos = cupy.asarray(rows)
                     sel = idx[pos]
@@ -208,6 +250,8 @@ class CupyBackend:
             for chunk in fill([memoryview(bytearray(size))]):
                 with cupy.cuda.Device(device):
                     flat[done : done + chunk.nbytes].set(np.frombuffer(chunk, np.uint8))
+                    # set() is asynchronous on the current stream; the next chunk reuses the buffer
+                    cupy.cuda.get_current_stream().synchronize()
                 done += chunk.nbytes
         else:
             try:

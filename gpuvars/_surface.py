@@ -219,7 +219,10 @@ class VariableSurface(ReadOperators):
     # --- scatter -------------------------------------------------------------------------------
 
     def scatter_update(self, indices: Any, updates: Any) -> Any:
-        """Set rows ``indices`` (along axis 0) to ``updates`` (shape ``indices.shape + shape[1:]``)."""
+        """Set rows ``indices`` (along axis 0) to ``updates`` (shape ``indices.shape + shape[1:]``).
+
+        A repeated index gets one of its updates: the last on numpy (and JAX on the CPU); on a
+        GPU (CuPy, JAX) which one is undefined, as in TensorFlow."""
         return self._scatter("update", indices, updates)
 
     def scatter_add(self, indices: Any, updates: Any) -> Any:
