@@ -68,6 +68,14 @@ def _jit_scatter(body: Callable[[Any, Any], Any]) -> Callable[[Any, Any, Any], A
 _SCATTER: dict[str, Callable[[Any, Any, Any], Any]] = {op: _jit_scatter(f) for op, f in _SCATTER_BODIES.items()}
 
 
+def _host_device() -> Any:
+    """JAX's first CPU device, or None when JAX runs without its CPU client."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return None
+
+
 def request_cpu_devices(count: int) -> None:
     """Set JAX's CPU device count if JAX has not started yet (afterwards it is fixed)."""
     config: Any = jax.config  # jax.config.update is untyped
@@ -149,6 +157,13 @@ class JaxBackend:
         return jnp.broadcast_to(src, shape)  # computed on the device from a committed operand
 
     def to_numpy(self, array: Any) -> np.ndarray[Any, Any]:
+        if self.platform == "gpu":
+            # through a CPU array of its own: np.array of a GPU array keeps the host copy on that
+            # array (jax's _npy_value) while it lives, so a variable's storage would carry a
+            # second, host copy of itself after every read
+            host = _host_device()
+            if host is not None:
+                array = jax.device_put(array, host)
         return np.array(array, copy=True)
 
     def apply(self, op: str, dst: Any, src: Any, device: int) -> Any:
@@ -192,7 +207,8 @@ class JaxBackend:
 
     def from_dlpack(self, obj: Any, device: int) -> Any:
         dev = self._devices[device]
-        if isinstance(obj, np.ndarray) and obj.dtype.kind not in "iufc":
+        if isinstance(obj, np.ndarray) and (self.platform == "gpu" or obj.dtype.kind not in "iufc"):
+            # to a GPU a host array is copied anyway: straight there, no CPU client needed (JAX_PLATFORMS=cuda);
             # DLPack has no bfloat16 / float8 (ml_dtypes), and bool is not taken everywhere: a plain copy
             return jax.device_put(obj, dev)
         # a host array JAX's CPU client can adopt (aligned, C-contiguous) is not copied
