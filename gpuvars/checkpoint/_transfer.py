@@ -80,23 +80,26 @@ def _device_chunks(device: PhysicalDevice, value: Any, what: str) -> Iterator[np
                 yield chunk
         finally:
             chunks.close()  # hands the pinned buffers back now, also when the writer stops early
-    # JAX on a GPU: device slices whose host copies start one chunk ahead (copy_to_host_async), so
-    # the next chunk crosses while this one is written; each slice and its host copy die after
-    # its write (the variable's own array never caches a whole host copy).
+    # JAX on a GPU: blocks of whole rows (slices along axis 0: no copy of the whole tensor on
+    # the device, which an eager reshape(-1) would make) whose host copies start one chunk ahead
+    # (copy_to_host_async), so the next block crosses while this one is written; each slice and
+    # its host copy die after its write (the variable's own array never caches a host copy).
     with backend_errors(device, what):
-        flat = value.reshape(-1)
-        per = max(1, CHUNK_BYTES // max(1, flat.dtype.itemsize))
-        count = int(flat.shape[0])
-        starts = range(0, count, per)
-        ahead = flat[0:per] if count else None
+        if value.ndim == 0:
+            value = value.reshape(1)  # one element: the copy is the element
+        rows = int(value.shape[0])
+        row_bytes = value.dtype.itemsize * math.prod(int(d) for d in value.shape[1:])
+        per = max(1, CHUNK_BYTES // max(1, row_bytes))  # a row bigger than a chunk is a chunk
+        starts = range(0, rows, per)
+        ahead = value[0:per] if rows else None
         if ahead is not None and hasattr(ahead, "copy_to_host_async"):
             ahead.copy_to_host_async()
     for start in starts:
         with backend_errors(device, what):
-            part, ahead = ahead, (flat[start + per : start + 2 * per] if start + per < count else None)
+            part, ahead = ahead, (value[start + per : start + 2 * per] if start + per < rows else None)
             if ahead is not None and hasattr(ahead, "copy_to_host_async"):
                 ahead.copy_to_host_async()
-            chunk = np.asarray(part) if hasattr(part, "copy_to_host_async") else backend.to_numpy(part)
+            chunk = (np.asarray(part) if hasattr(part, "copy_to_host_async") else backend.to_numpy(part)).reshape(-1)
         yield chunk
         del part, chunk
 
