@@ -259,6 +259,8 @@ class CupyBackend:
                 h2d = cupy.cuda.runtime.memcpyHostToDevice
 
                 def copy_in(i: int, view: memoryview, offset: int) -> None:
+                    if offset + view.nbytes > total:  # never past the end of dst, whatever fill yields
+                        raise ValueError(f"expected {total} bytes for the device array, received more")
                     host = np.frombuffer(view, np.uint8).ctypes.data  # the buffer fill chose
                     with cupy.cuda.Device(device):
                         cupy.cuda.runtime.memcpyAsync(base + offset, host, view.nbytes, h2d, stager.stream.ptr)
