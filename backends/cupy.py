@@ -62,6 +62,9 @@ def _after_source_work(array: Any) -> None:
     with cupy.cuda.Device(array.device.id):
         cupy.cuda.get_current_stream().synchronize()
 
+
+#: the ufunc each scatter op applies round by round (mul/div always; the others in dtypes the
+#: atomic kernels lack)
 _ROUND_OPS: dict[str, Any] = {"add": cupy.add, "sub": cupy.subtract, "min": cupy.minimum, "max": cupy.maximum,
                               "mul": cupy.multiply, "div": cupy.true_divide}
 
